@@ -1,0 +1,105 @@
+"""What every command-line tool shares: model/plan/device flags, multi-host start-up, and the error contract
+(bad input -> one line on stderr, exit code 2, no traceback)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+
+from lpjax.errors import LPJaxError
+
+EXIT_BAD_INPUT = 2
+
+
+def add_model_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
+    p.add_argument("--model", required=model_required,
+                   help="HF Llama directory, converted lpjax directory, or random:NAME "
+                        "(llama2-7b, llama3-8b, llama3.2-3b, tiny)")
+    p.add_argument("--lp", default="", metavar="START:END[,...]",
+                   help="layers to run as LP pairs, e.g. 16:30 (even length) or 4:6,10:16; empty = sequential")
+    p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), default=None,
+                   help="compute/weight dtype (default: the checkpoint's)")
+    p.add_argument("--devices", type=int, default=None, help="number of devices to use (default: all visible)")
+    p.add_argument("--max-len", type=int, default=None, help="context length limit (default: the model's)")
+    p.add_argument("--json", action="store_true", help="end stdout with one JSON line of results")
+    g = p.add_argument_group("multi-host (one process per host; see README)")
+    g.add_argument("--coordinator", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                   help="HOST:PORT of process 0 (env JAX_COORDINATOR_ADDRESS)")
+    g.add_argument("--num-processes", type=int, default=_env_int("JAX_NUM_PROCESSES"),
+                   help="number of processes (env JAX_NUM_PROCESSES)")
+    g.add_argument("--process-id", type=int, default=_env_int("JAX_PROCESS_ID"),
+                   help="this process's index (env JAX_PROCESS_ID)")
+    g.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() with auto-detection (TPU pods, SLURM, ...)")
+
+
+def _env_int(name: str) -> int | None:
+    v = os.environ.get(name)
+    return int(v) if v and v.isdigit() else None
+
+
+def init_distributed(args: argparse.Namespace) -> None:
+    """Join the other processes (if any) so the mesh spans every device of every host."""
+    import jax
+
+    explicit = args.coordinator is not None or args.num_processes is not None
+    if not (explicit or args.distributed):
+        return
+    if explicit and None in (args.coordinator, args.num_processes, args.process_id):
+        raise LPJaxError("multi-host: give --coordinator, --num-processes and --process-id together")
+    try:
+        if explicit:
+            jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        else:
+            jax.distributed.initialize()
+    except (RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise LPJaxError(f"multi-host start-up failed: {first}") from None
+
+
+def is_main_process() -> bool:
+    import jax
+
+    return jax.process_index() == 0
+
+
+def say(*parts, file=None, end="\n", flush=True) -> None:
+    """print() on process 0 only."""
+    if is_main_process():
+        print(*parts, file=file or sys.stdout, end=end, flush=flush)
+
+
+def emit_json(obj: dict) -> None:
+    say(json.dumps(obj, sort_keys=True))
+
+
+def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
+    """Run a CLI's main with the error contract."""
+    try:
+        code = main(argv)
+    except LPJaxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)
+
+
+def read_text_file(path: str) -> str:
+    """A text file's content, or a one-line reason it cannot be used."""
+    if not os.path.exists(path):
+        raise LPJaxError(f"--text {path}: no such file")
+    if os.path.isdir(path):
+        raise LPJaxError(f"--text {path}: is a directory")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise LPJaxError(f"--text {path}: not UTF-8 text") from None
+    if not text.strip():
+        raise LPJaxError(f"--text {path}: the file is empty")
+    return text

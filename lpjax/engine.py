@@ -1,0 +1,312 @@
+"""The inference engine: a loaded model on a mesh, jitted prefill and decode over a static KV cache.
+
+- Forward: the local `LlamaLM` inside `shard_map` over the ("pair", "tp") mesh, params and cache sharded per
+  `ShardingRules`; logits come out replicated.
+- Prefill: one compile per prompt-length bucket (powers of two); rows are left-padded to a common length so every
+  row writes the cache at the same slot; only the last position's logits are computed.
+- Decode: one jitted `lax.while_loop` that feeds the last token, samples on device and stops at EOS or the token
+  budget; the host only sees the loop's result (or a chunk of it, for streaming). The cache is donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lpjax.config import ModelConfig, round_up
+from lpjax.errors import LPJaxError
+from lpjax.model import LlamaLM, Positions
+from lpjax.plan import LPPlan
+from lpjax.sampling import Sampling, sample
+from lpjax.sharding import RULES, Layout, describe_mesh, make_mesh, named
+from lpjax.weights import DTYPES, WeightSource, load_params, open_source, param_shardings, progress_bar, source_dtype
+
+MIN_BUCKET = 16
+CACHE_MULTIPLE = 128
+
+
+def prefill_bucket(n: int) -> int:
+    """Power-of-two prompt bucket (at least MIN_BUCKET): one compile serves every prompt up to its size."""
+    return max(MIN_BUCKET, 1 << (max(n, 1) - 1).bit_length())
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # new tokens of each prompt (EOS included when reached)
+    prompt_tokens: int  # tokens of the longest prompt
+    prefill_s: float
+    decode_s: float
+    decode_steps: int  # forward passes of the decode loop (new tokens after the first)
+    compile_s: float
+    batch: int
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.batch * self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
+    def decode_ms_per_step(self) -> float:
+        return 1000 * self.decode_s / self.decode_steps if self.decode_steps else 0.0
+
+
+class Engine:
+    """A model with an LP plan, loaded onto a mesh."""
+
+    def __init__(self, source: WeightSource, plan: LPPlan, mesh: Mesh, dtype: str, params: dict | None = None,
+                 attention: str = "auto", show_progress: bool = False):
+        self.source, self.config, self.plan, self.mesh = source, source.config, plan, mesh
+        self.dtype_name = dtype
+        self.dtype = DTYPES[dtype]
+        self.layout = Layout.build(self.config, plan, mesh)
+        platform = mesh.devices.flat[0].platform
+        if attention == "auto":
+            attention = "cudnn" if platform == "gpu" and dtype in ("bfloat16", "float16") else "xla"
+        self.attention = attention
+        if params is None:
+            bar = progress_bar(f"loading {len(self.layout.stages)} stages") if show_progress else None
+            params = load_params(source, self.layout, mesh, self.dtype, bar)
+        self.params = params
+        self.param_specs = RULES.param_specs(params, self.layout)
+        self.cache_specs = RULES.cache_specs(self.layout)
+        self._compiled: dict = {}
+        self._tokenizer = None
+
+    # ---------------------------------------------------------------- construction
+
+    @classmethod
+    def load(cls, model: str, lp: str | None = None, devices: int | None = None, dtype: str | None = None,
+             seed: int = 0, attention: str = "auto", show_progress: bool = False) -> Engine:
+        source = open_source(model, seed)
+        mesh = make_mesh(devices)
+        if dtype is None:  # the checkpoint's; random weights: bfloat16, but float32 on CPUs (no fast bf16 there)
+            dtype = source_dtype(source)
+            if source.directory is None and mesh.devices.flat[0].platform == "cpu":
+                dtype = "float32"
+        if dtype not in DTYPES:
+            raise LPJaxError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+        plan = LPPlan.parse(lp, source.config.n_layers)
+        return cls(source, plan, mesh, dtype, attention=attention, show_progress=show_progress)
+
+    def with_plan(self, lp: str | LPPlan) -> Engine:
+        """The same weights under another plan (re-read from the source; checkpoints are plan-independent)."""
+        plan = lp if isinstance(lp, LPPlan) else LPPlan.parse(lp, self.config.n_layers)
+        return Engine(self.source, plan, self.mesh, self.dtype_name, attention=self.attention)
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from lpjax.tokenizer import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.source.directory, self.config.vocab_size, self.config.eos_token_ids)
+        return self._tokenizer
+
+    def describe(self) -> str:
+        return (f"{self.source.description}; {self.config.n_layers} layers, {self.config.n_params / 1e9:.3g}B params, "
+                f"{self.dtype_name}; LP plan {self.plan.describe()}; {describe_mesh(self.mesh)}")
+
+    # ---------------------------------------------------------------- sharded forward
+
+    def _forward(self, mode: str, cached: bool, one_position: bool):
+        """The model's forward as a function of global arrays, run per device inside `shard_map`."""
+        local = LlamaLM(self.layout, local=True, param_dtype=self.dtype, attention_impl=self.attention)
+
+        def body(params, tokens, pos, cache, logits_index):
+            return local.apply({"params": params}, tokens, pos, cache, mode, logits_index if one_position else None)
+
+        cache_spec = self.cache_specs if cached else P()
+        return jax.shard_map(
+            body, mesh=self.mesh, in_specs=(self.param_specs, P(), P(), cache_spec, P()),
+            out_specs=(P(), cache_spec), check_vma=False,
+        )
+
+    def _put(self, x) -> jax.Array:
+        """A host array as a replicated global array (works in multi-process runs too)."""
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, NamedSharding(self.mesh, P()), lambda idx: x[idx])
+
+    @staticmethod
+    def _get(x: jax.Array) -> np.ndarray:
+        """A replicated global array on the host."""
+        return np.asarray(x.addressable_data(0))
+
+    def _compile(self, key, build: Callable[[], Callable], *args):
+        if key not in self._compiled:
+            t0 = time.perf_counter()
+            self._compiled[key] = build().lower(*args).compile()
+            self.compile_s += time.perf_counter() - t0
+        return self._compiled[key]
+
+    compile_s = 0.0
+
+    # ---------------------------------------------------------------- full forward (eval, tests)
+
+    def _full(self, tokens, pad, name: str, post: Callable) -> np.ndarray:
+        """Full causal forward over left-padded rows (no cache), then `post(logits, tokens)` on device."""
+        tokens = np.asarray(tokens, np.int32)
+        B, T = tokens.shape
+        padded = pad is not None and bool(np.any(pad))
+        pad = np.zeros(B, np.int32) if pad is None else np.asarray(pad, np.int32)
+        positions = np.maximum(np.arange(T)[None, :] - pad[:, None], 0).astype(np.int32)
+        args = (self.params, self._put(tokens), Positions(self._put(positions), self._put(pad), self._put(np.int32(0))))
+        fwd = self._forward("padded" if padded else "full", cached=False, one_position=False)
+        fn = self._compile((name, B, T, padded), lambda: jax.jit(lambda p, t, q: post(fwd(p, t, q, None, 0)[0], t)),
+                           *args)
+        return self._get(fn(*args))
+
+    def logits(self, tokens: np.ndarray, pad: np.ndarray | None = None) -> np.ndarray:
+        """Logits [B, T, V] (float32) of a full causal forward."""
+        return self._full(tokens, pad, "logits", lambda logits, t: logits)
+
+    def token_nll(self, tokens: np.ndarray) -> np.ndarray:
+        """Negative log-likelihood [B, T-1] of tokens[:, 1:] given their prefixes, computed on device."""
+
+        def nll(logits, t):
+            logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+            return -jnp.take_along_axis(logp, t[:, 1:, None], axis=-1)[..., 0]
+
+        return self._full(tokens, None, "nll", nll)
+
+    # ---------------------------------------------------------------- cache, prefill, decode
+
+    def init_cache(self, batch: int, max_len: int) -> dict:
+        c = self.config
+        shardings = named(self.mesh, self.cache_specs)
+
+        def zeros():
+            return {s.name: {kv: jnp.zeros((s.stack, batch, s.kv_heads, max_len, c.head_dim), self.dtype)
+                             for kv in ("k", "v")} for s in self.layout.stages}
+
+        return self._compile(("cache", batch, max_len), lambda: jax.jit(zeros, out_shardings=shardings))()
+
+    def cache_length(self, prompt_len: int, max_new_tokens: int, max_len: int | None) -> int:
+        """Static cache length: room for the prompt bucket and every new token, within the context."""
+        limit = max_len or self.config.max_seq_len
+        if prompt_len + max_new_tokens > limit:
+            raise LPJaxError(
+                f"prompt of {prompt_len} tokens plus --max-new-tokens {max_new_tokens} does not fit the context of "
+                f"{limit} tokens" + ("" if max_len else " (the model's max_position_embeddings)")
+            )
+        return min(limit, round_up(max(prefill_bucket(prompt_len), prompt_len + max_new_tokens), CACHE_MULTIPLE))
+
+    def prefill(self, cache: dict, prompts: list[list[int]], pad_id: int = 0):
+        """Run the prompts (left-padded) through the model, filling the cache. Returns (last logits [B, V],
+        cache, n, pad): n is the padded prompt length (the next cache slot), pad the left padding per row."""
+        B = len(prompts)
+        n = max(len(p) for p in prompts)
+        L = cache[self.layout.stages[0].name]["k"].shape[3]
+        bucket = min(prefill_bucket(n), L)
+        tokens = np.full((B, bucket), pad_id, np.int32)
+        pad = np.array([n - len(p) for p in prompts], np.int32)
+        for b, p in enumerate(prompts):
+            tokens[b, pad[b]:n] = p
+        padded = bool(pad.any())
+        fwd = self._forward("prefill_padded" if padded else "prefill", cached=True, one_position=True)
+
+        def run(params, cache, tokens, pad, last):
+            positions = jnp.maximum(jnp.arange(tokens.shape[1])[None, :] - pad[:, None], 0)
+            pos = Positions(positions, pad, jnp.int32(0))
+            return fwd(params, tokens, pos, cache, last)
+
+        args = (self.params, cache, self._put(tokens), self._put(pad), self._put(np.int32(n - 1)))
+        fn = self._compile(("prefill", B, bucket, L, padded), lambda: jax.jit(run, donate_argnums=1), *args)
+        logits, cache = fn(*args)
+        return logits, cache, n, pad
+
+    def _decode_loop(self, sampling: Sampling, steps: int, eos: tuple[int, ...], pad_id: int):
+        fwd = self._forward("decode", cached=True, one_position=False)
+        eos_ids = jnp.array(eos or (-1,), jnp.int32)
+
+        def loop(params, cache, state):
+            def cond(carry):
+                _, st, i = carry
+                return (i < steps) & (st["count"] < st["out"].shape[1]) & ~jnp.all(st["done"])
+
+            def body(carry):
+                cache, st, i = carry
+                token = jax.lax.dynamic_index_in_dim(st["out"], st["count"] - 1, axis=1, keepdims=False)
+                index = st["index"]
+                pos = Positions((index - st["pad"])[:, None], st["pad"], index)
+                logits, cache = fwd(params, token[:, None], pos, cache, 0)
+                key, sub = jax.random.split(st["key"])
+                nxt = jnp.where(st["done"], pad_id, sample(logits[:, 0], sub, sampling))
+                out = jax.lax.dynamic_update_slice_in_dim(st["out"], nxt[:, None], st["count"], axis=1)
+                done = st["done"] | jnp.isin(nxt, eos_ids)
+                st = dict(st, out=out, done=done, key=key, count=st["count"] + 1, index=index + 1)
+                return cache, st, i + 1
+
+            cache, state, _ = jax.lax.while_loop(cond, body, (cache, state, jnp.int32(0)))
+            return cache, state
+
+        return loop
+
+    def start_state(self, logits, n: int, pad: np.ndarray, max_new_tokens: int, sampling: Sampling, seed: int,
+                    eos: tuple[int, ...]) -> dict:
+        """Decode-loop state after prefill: the first new token sampled from the prefill logits."""
+        B = logits.shape[0]
+
+        def start(logits, key_data, pad, n):
+            key, sub = jax.random.split(jax.random.wrap_key_data(key_data))
+            first = sample(logits, sub, sampling)
+            out = jnp.zeros((B, max_new_tokens), jnp.int32).at[:, 0].set(first)
+            done = jnp.isin(first, jnp.array(eos or (-1,), jnp.int32))
+            return dict(out=out, done=done, key=key, count=jnp.int32(1), index=n, pad=pad)
+
+        args = (logits, self._put(jax.random.key_data(jax.random.key(seed))), self._put(pad), self._put(np.int32(n)))
+        fn = self._compile(("start", B, max_new_tokens, sampling, tuple(eos)), lambda: jax.jit(start), *args)
+        return fn(*args)
+
+    def decode(self, cache: dict, state: dict, sampling: Sampling, steps: int, eos: tuple[int, ...], pad_id: int):
+        """Run up to `steps` decode steps on device (stopping early when every row hit EOS or the budget)."""
+        args = (self.params, cache, state)
+        key = ("decode", sampling, steps, tuple(eos), pad_id, state["out"].shape,
+               cache[self.layout.stages[0].name]["k"].shape)
+        fn = self._compile(key, lambda: jax.jit(self._decode_loop(sampling, steps, eos, pad_id), donate_argnums=(1, 2)),
+                           *args)
+        return fn(*args)
+
+    # ---------------------------------------------------------------- generation
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(), seed: int = 0,
+                 max_len: int | None = None, eos: tuple[int, ...] | None = None, pad_id: int = 0,
+                 on_tokens: Callable[[list[list[int]]], None] | None = None, chunk: int | None = None) -> GenerationResult:
+        """Generate up to `max_new_tokens` for each prompt (token ids). `on_tokens` streams each row's tokens so far
+        after every chunk of `chunk` decode steps (default: the whole generation in one on-device loop)."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise LPJaxError("every prompt needs at least one token")
+        if max_new_tokens < 1:
+            raise LPJaxError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+        eos = tuple(self.config.eos_token_ids if eos is None else eos)
+        steps = chunk or max_new_tokens
+        L = self.cache_length(max(len(p) for p in prompts), max_new_tokens, max_len)
+        compile_start = self.compile_s
+        cache = self.init_cache(len(prompts), L)
+        # Compiles happen synchronously on the host inside these calls; their time is measured and taken out.
+        t0, c0 = time.perf_counter(), self.compile_s
+        logits, cache, n, pad = self.prefill(cache, prompts, pad_id)
+        state = self.start_state(logits, n, pad, max_new_tokens, sampling, seed, eos)
+        jax.block_until_ready(state["out"])
+        t1, c1 = time.perf_counter(), self.compile_s
+        while True:
+            count, done = int(self._get(state["count"])), self._get(state["done"])
+            if on_tokens:
+                on_tokens([list(map(int, r)) for r in self._get(state["out"])[:, :count]])
+            if count >= max_new_tokens or bool(np.all(done)):
+                break
+            cache, state = self.decode(cache, state, sampling, steps, eos, pad_id)
+        t2, c2 = time.perf_counter(), self.compile_s
+        out, count = self._get(state["out"]), int(self._get(state["count"]))
+        tokens = []
+        for row in out[:, :count]:
+            row = list(map(int, row))
+            stop = next((i for i, t in enumerate(row) if t in eos), None)
+            tokens.append(row[: stop + 1] if stop is not None else row)
+        return GenerationResult(tokens, n, (t1 - t0) - (c1 - c0), (t2 - t1) - (c2 - c1), count - 1,
+                                self.compile_s - compile_start, len(prompts))

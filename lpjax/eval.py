@@ -1,0 +1,118 @@
+"""`python -m lpjax.eval`: perplexity of a model (with or without LP) on the user's text files.
+
+Each file is tokenised as `tokenizer(text)["input_ids"]` (the tokenizer's default special tokens, e.g. BOS). A text
+longer than the window is scored in sliding windows of `--window` tokens that start `--stride` tokens apart: each
+window scores only the tokens no earlier window scored, each predicted from everything before it inside its window.
+So every token after the text's first is scored exactly once, with at least `window - stride` tokens of context
+(except near the start). PPL = exp(total NLL / scored tokens), over all files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Iterator
+
+import numpy as np
+
+from lpjax import cli
+from lpjax.errors import LPJaxError
+
+DEFAULT_WINDOW = 1024
+
+
+def windows(n: int, window: int, stride: int) -> Iterator[tuple[int, int, int]]:
+    """(begin, end, first_scored) for a text of n tokens: the window is tokens[begin:end], and tokens
+    first_scored..end-1 are scored in it (first_scored >= begin + 1)."""
+    prev_end = 0
+    begin = 0
+    while True:
+        end = min(begin + window, n)
+        yield begin, end, max(prev_end, begin + 1)
+        prev_end = end
+        if end == n:
+            return
+        begin += stride
+
+
+def perplexity(engine, texts: list[list[int]], window: int, stride: int, batch_size: int = 1,
+               progress=None) -> dict:
+    """Total NLL and token count over `texts` (token id lists), scored as the module docstring says."""
+    if not 0 < stride <= window - 1 and window > 1:
+        raise LPJaxError(f"--stride {stride}: must be between 1 and --window - 1 ({window - 1})")
+    jobs = [(k, w) for k, t in enumerate(texts) for w in windows(len(t), window, stride)]
+    pad_id = 0
+    total, count, per_text = 0.0, 0, [[0.0, 0] for _ in texts]
+    for start in range(0, len(jobs), batch_size):
+        group = jobs[start:start + batch_size]
+        tokens = np.full((len(group), window), pad_id, np.int32)
+        for r, (k, (b, e, _)) in enumerate(group):
+            tokens[r, : e - b] = texts[k][b:e]
+        nll = engine.token_nll(tokens)  # nll[r, j] scores tokens[r, j+1]
+        for r, (k, (b, e, first)) in enumerate(group):
+            part = nll[r, first - b - 1 : e - b - 1].astype(np.float64)
+            total += float(part.sum())
+            count += part.size
+            per_text[k][0] += float(part.sum())
+            per_text[k][1] += part.size
+        if progress:
+            progress(min(start + batch_size, len(jobs)), len(jobs))
+    return {"nll": total / count, "ppl": math.exp(total / count), "tokens": count, "windows": len(jobs),
+            "per_text": [{"nll": s / c, "ppl": math.exp(s / c), "tokens": c} for s, c in per_text]}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m lpjax.eval", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1])
+    cli.add_model_args(p)
+    p.add_argument("--text", nargs="+", required=True, metavar="FILE", help="UTF-8 text file(s) to score")
+    p.add_argument("--window", type=int, default=None,
+                   help=f"tokens per window (default: --max-len, else min(model context, {DEFAULT_WINDOW}))")
+    p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: window / 2)")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cli.init_distributed(args)
+    from lpjax.engine import Engine
+    from lpjax.weights import progress_bar
+
+    contents = [cli.read_text_file(f) for f in args.text]
+    engine = Engine.load(args.model, args.lp, args.devices, args.dtype, show_progress=cli.is_main_process())
+    context = engine.config.max_seq_len
+    window = args.window or args.max_len or min(context, DEFAULT_WINDOW)
+    if window > context:
+        raise LPJaxError(f"--window {window}: longer than the model's context of {context} tokens")
+    if window < 2:
+        raise LPJaxError(f"--window {window}: needs at least 2 tokens")
+    stride = args.stride or max(1, window // 2)
+    if args.batch_size < 1:
+        raise LPJaxError(f"--batch-size {args.batch_size}: must be at least 1")
+    tok = engine.tokenizer
+    texts = []
+    for path, text in zip(args.text, contents):
+        ids = tok.encode(text)
+        if len(ids) < 2:
+            raise LPJaxError(f"--text {path}: has fewer than 2 tokens, nothing to score")
+        texts.append(ids)
+    cli.say(f"[{engine.describe()}]", file=sys.stderr)
+    bar = progress_bar("scoring windows") if cli.is_main_process() else None
+    res = perplexity(engine, texts, window, stride, args.batch_size, bar)
+    cli.say(f"perplexity {res['ppl']:.4f} (NLL {res['nll']:.5f} nats/token) over {res['tokens']} tokens in "
+            f"{res['windows']} window(s) of {window}, stride {stride}; LP plan {engine.plan.describe()}; "
+            f"{engine.layout.n_devices} device(s)")
+    if args.json:
+        cli.emit_json({
+            "ppl": res["ppl"], "nll": res["nll"], "tokens": res["tokens"], "windows": res["windows"],
+            "window": window, "stride": stride, "lp": engine.plan.spec(), "delta": engine.plan.delta,
+            "devices": engine.layout.n_devices, "dtype": engine.dtype_name, "model": engine.source.description,
+            "files": [dict(r, file=f) for f, r in zip(args.text, res["per_text"])],
+        })
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,307 @@
+"""Pure-functional Flax (linen) Llama with Layer Parallelism.
+
+Every layer runs as a *stage* whose weights carry a leading stack axis: 1 for a sequential layer, 2 for an LP pair
+(design.md section 1). A stage vmaps the same attention block and MLP block over that axis, each returning only its
+*delta*, and sums the deltas:
+
+    h   = x + sum_s A_s(n1_s(x))
+    out = h + sum_s M_s(n2_s(h))
+
+With a stack of 1 this is the ordinary pre-norm Llama layer, so one piece of code serves both.
+
+The modules never see a mesh. `LlamaLM(local=True)` is built with per-device sizes and runs inside `shard_map`:
+each block's output is a partial sum (its heads / MLP columns, its layer of the pair), and one `psum` over all
+devices per half-stage finishes both the tensor-parallel sum and the pair sum. `local=False` builds the whole model
+(for `init` and shape checks) with no collectives.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from lpjax.config import ModelConfig
+from lpjax.sharding import ALL, Layout, StageLayout
+
+INIT_STD = 0.02
+
+
+@struct.dataclass
+class Positions:
+    """Where the tokens of one call sit.
+
+    `positions` [B, T]: RoPE positions (left padding does not count). `pad` [B]: left-padding slots of each row;
+    those keys are never attended. `index`: the cache slot of the call's first token (all rows share it, which is
+    why batches are left-padded).
+    """
+
+    positions: jax.Array
+    pad: jax.Array
+    index: jax.Array
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Per-pair rotation frequencies, with HF's `llama3` and `linear` scaling."""
+    hd = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    rs = config.rope_scaling
+    if rs is None:
+        return inv.astype(np.float32)
+    if rs.kind == "linear":
+        return (inv / rs.factor).astype(np.float32)
+    low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / rs.factor, inv)
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate-half RoPE (HF layout, so q/k weights need no permutation). x: [B, T, heads, head_dim]."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, hd/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """HF's RMSNorm: normalise in float32, cast back, then scale."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight * xf.astype(x.dtype)
+
+
+def _fresh_attention(q, k, v, pad, impl: str):
+    """Causal attention of a call's tokens over themselves (prefill / full forward; the cache starts empty).
+
+    Padding keys are masked for real queries; padding queries attend among themselves so no row is empty.
+    """
+    B, T = q.shape[:2]
+    if impl == "cudnn" and pad is None:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    t = jnp.arange(T)
+    mask = t[None, :] <= t[:, None]  # [Tq, Tk]
+    if pad is not None:
+        real_key = t[None, None, :] >= pad[:, None, None]  # [B, 1, Tk]
+        pad_query = t[None, :, None] < pad[:, None, None]  # [B, Tq, 1]
+        mask = mask[None] & (real_key | pad_query)
+    else:
+        mask = jnp.broadcast_to(mask, (B, T, T))
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=impl)
+
+
+def _cached_attention(q, k_cache, v_cache, pos: Positions):
+    """Attention of new queries over the whole static cache [B, K, L, hd]; keys past the query or in the left
+    padding are masked. Head-major cache layout makes (batch, kv-head) the leading batch dims of both matmuls."""
+    B, T, H, hd = q.shape
+    K, L = k_cache.shape[1], k_cache.shape[2]
+    qg = q.reshape(B, T, K, H // K, hd)
+    scores = jnp.einsum("btkgd,bkld->bkgtl", qg, k_cache, preferred_element_type=jnp.float32) / math.sqrt(hd)
+    j = jnp.arange(L)
+    i = pos.index + jnp.arange(T)
+    valid = (j[None, None, :] <= i[None, :, None]) & (j[None, None, :] >= pos.pad[:, None, None])  # [B, T, L]
+    scores = jnp.where(valid[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+    out = jnp.einsum("bkgtl,bkld->btkgd", probs, v_cache, preferred_element_type=jnp.float32)
+    return out.reshape(B, T, H, hd).astype(q.dtype)
+
+
+def _param(module: nn.Module, name: str, shape, init=None):
+    return module.param(name, init or nn.initializers.normal(INIT_STD), shape, module.param_dtype)
+
+
+class AttentionBlock(nn.Module):
+    """One layer's attention half: norm, q/k/v, RoPE, cache write, attention, output projection (no residual,
+    no output bias: the stage adds those once, after the all-reduce)."""
+
+    config: ModelConfig
+    heads: int
+    kv_heads: int
+    param_dtype: jnp.dtype = jnp.float32
+    attention_impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x, cache, pos: Positions, mode: str):
+        c = self.config
+        D, hd = c.dim, c.head_dim
+        norm = _param(self, "norm", (D,), nn.initializers.ones)
+        h = rms_norm(x, norm, c.norm_eps)
+        q = jnp.einsum("btd,dhk->bthk", h, _param(self, "wq", (D, self.heads, hd)))
+        k = jnp.einsum("btd,dhk->bthk", h, _param(self, "wk", (D, self.kv_heads, hd)))
+        v = jnp.einsum("btd,dhk->bthk", h, _param(self, "wv", (D, self.kv_heads, hd)))
+        if c.attention_bias:
+            zeros = nn.initializers.zeros
+            q = q + _param(self, "bq", (self.heads, hd), zeros)
+            k = k + _param(self, "bk", (self.kv_heads, hd), zeros)
+            v = v + _param(self, "bv", (self.kv_heads, hd), zeros)
+        inv_freq = rope_inv_freq(c)
+        q, k = apply_rope(q, pos.positions, inv_freq), apply_rope(k, pos.positions, inv_freq)
+        if mode == "decode":
+            k_cache = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.transpose(0, 2, 1, 3), pos.index, axis=2)
+            v_cache = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.transpose(0, 2, 1, 3), pos.index, axis=2)
+            cache = {"k": k_cache, "v": v_cache}
+            out = _cached_attention(q, k_cache, v_cache, pos)
+        else:
+            padded = mode in ("padded", "prefill_padded")
+            out = _fresh_attention(q, k, v, pos.pad if padded else None, self.attention_impl)
+            if cache is not None:  # prefill: the cache is empty, write this call's keys at slot 0
+                cache = {
+                    "k": jax.lax.dynamic_update_slice_in_dim(cache["k"], k.transpose(0, 2, 1, 3).astype(cache["k"].dtype), 0, axis=2),
+                    "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v.transpose(0, 2, 1, 3).astype(cache["v"].dtype), 0, axis=2),
+                }
+        delta = jnp.einsum("bthk,hkd->btd", out, _param(self, "wo", (self.heads, hd, D)))
+        return delta, cache
+
+
+class MLPBlock(nn.Module):
+    """One layer's SwiGLU half: norm, gate/up, down (no residual, no output bias)."""
+
+    config: ModelConfig
+    ffn: int
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        h = rms_norm(x, _param(self, "norm", (c.dim,), nn.initializers.ones), c.norm_eps)
+        gate = h @ _param(self, "w_gate", (c.dim, self.ffn))
+        up = h @ _param(self, "w_up", (c.dim, self.ffn))
+        if c.mlp_bias:
+            gate = gate + _param(self, "b_gate", (self.ffn,), nn.initializers.zeros)
+            up = up + _param(self, "b_up", (self.ffn,), nn.initializers.zeros)
+        return (jax.nn.silu(gate) * up) @ _param(self, "w_down", (self.ffn, c.dim))
+
+
+def _stacked(block, size: int):
+    """`block` vmapped over the stage's stack axis: weights and cache stacked, input shared, deltas stacked."""
+    return nn.vmap(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=None if block is MLPBlock else (None, 0, None, None),
+        out_axes=0,
+        axis_size=size,
+    )
+
+
+class Stage(nn.Module):
+    """A sequential layer (stack 1) or an LP pair (stack 2)."""
+
+    config: ModelConfig
+    stack: int  # layers in the stage (1 or 2); output biases are replicated, so they keep this size
+    local_stack: int  # layers of the stage held here (1 on each half of a "pair" mesh axis of 2)
+    heads: int
+    kv_heads: int
+    ffn: int
+    collective: bool = False
+    param_dtype: jnp.dtype = jnp.float32
+    attention_impl: str = "xla"
+
+    def _reduce(self, deltas):
+        total = deltas.sum(axis=0)  # the pair sum (a no-op for a stack of one)
+        return jax.lax.psum(total, ALL) if self.collective else total
+
+    @nn.compact
+    def __call__(self, x, cache, pos: Positions, mode: str):
+        c = self.config
+        attn = _stacked(AttentionBlock, self.local_stack)(c, self.heads, self.kv_heads, self.param_dtype, self.attention_impl, name="attn")
+        deltas, cache = attn(x, cache, pos, mode)
+        a = self._reduce(deltas)
+        if c.attention_bias:
+            a = a + _param(self, "attn_out_bias", (self.stack, c.dim), nn.initializers.zeros).sum(0)
+        h = x + a.astype(x.dtype)
+        m = self._reduce(_stacked(MLPBlock, self.local_stack)(c, self.ffn, self.param_dtype, name="mlp")(h))
+        if c.mlp_bias:
+            m = m + _param(self, "mlp_out_bias", (self.stack, c.dim), nn.initializers.zeros).sum(0)
+        return h + m.astype(h.dtype), cache
+
+
+class Embed(nn.Module):
+    """Token embedding, split over the vocabulary when `collective`: each device looks up the ids it owns and
+    one psum assembles the rows. `attend` is the tied LM head."""
+
+    vocab: int
+    dim: int
+    collective: bool = False
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        self.embedding = _param(self, "embedding", (self.vocab, self.dim))
+
+    def __call__(self, tokens):
+        if not self.collective:
+            return jnp.take(self.embedding, tokens, axis=0)
+        local = tokens - jax.lax.axis_index(ALL) * self.vocab
+        owned = (local >= 0) & (local < self.vocab)
+        rows = jnp.take(self.embedding, jnp.clip(local, 0, self.vocab - 1), axis=0)
+        return jax.lax.psum(jnp.where(owned[..., None], rows, 0).astype(rows.dtype), ALL)
+
+    def attend(self, x):
+        return x @ self.embedding.T
+
+
+class Norm(nn.Module):
+    eps: float
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        return rms_norm(x, _param(self, "scale", (x.shape[-1],), nn.initializers.ones), self.eps)
+
+
+class LlamaLM(nn.Module):
+    """Llama decoder with an LP plan baked into its stages (`layout`).
+
+    `local=True`: per-device sizes and live collectives (run inside `shard_map` over the layout's mesh).
+    Modes: "full" (no cache, causal over the call), "padded" (same, rows left-padded), "prefill" /
+    "prefill_padded" (the same, also writing keys/values into an empty cache), "decode" (append to the cache at
+    `pos.index` and attend over it). `logits_index` picks one position's logits (prefill needs only the last).
+    Returns float32 logits over the real vocabulary and the new cache.
+    """
+
+    layout: Layout
+    local: bool = False
+    param_dtype: jnp.dtype = jnp.float32
+    attention_impl: str = "xla"
+
+    def _sizes(self, s: StageLayout) -> tuple[int, int, int, int]:
+        """(layers, heads, KV heads, MLP width) of stage `s` held on one device (or the whole, if not local)."""
+        c, d = self.layout.config, (s.split if self.local else 1)
+        layers = s.stack // self.layout.pair_size if self.local and s.stage.is_pair else s.stack
+        return layers, c.n_heads // d, s.kv_heads // d, c.ffn_dim // d
+
+    @nn.compact
+    def __call__(self, tokens, pos: Positions, cache=None, mode: str = "full", logits_index=None):
+        c, lay = self.layout.config, self.layout
+        n = lay.n_devices if self.local else 1
+        vocab = lay.vocab_padded // n
+        embed = Embed(vocab, c.dim, self.local, self.param_dtype, name="embed")
+        x = embed(tokens)
+        new_cache = {}
+        for s in lay.stages:
+            layers, heads, kv_heads, ffn = self._sizes(s)
+            stage = Stage(c, s.stack, layers, heads, kv_heads, ffn, self.local, self.param_dtype,
+                          self.attention_impl, name=s.name)
+            x, new_cache[s.name] = stage(x, None if cache is None else cache[s.name], pos, mode)
+        x = Norm(c.norm_eps, self.param_dtype, name="norm")(x)
+        if logits_index is not None:
+            x = jax.lax.dynamic_index_in_dim(x, logits_index, axis=1, keepdims=False)  # [B, D]
+        if c.tied_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = x @ self.param("lm_head", nn.initializers.normal(INIT_STD), (c.dim, vocab), self.param_dtype)
+        logits = logits.astype(jnp.float32)
+        if self.local and n > 1:
+            logits = jax.lax.all_gather(logits, ALL, axis=logits.ndim - 1, tiled=True)
+        return logits[..., : c.vocab_size], (new_cache if cache is not None else None)

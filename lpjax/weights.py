@@ -1,0 +1,311 @@
+"""Weights: the canonical per-layer format, where weights come from, and how a plan stacks them onto a mesh.
+
+Canonical format (plan-independent, what checkpoints store): globals `embedding` [V, D], `norm` [D], `lm_head`
+[D, V] (untied only), and for each layer i `wq` [D, H, hd], `wk`/`wv` [D, K, hd], `wo` [H, hd, D], `w_gate`/`w_up`
+[D, F], `w_down` [F, D], norms [D] and optional biases. Keys are `name` for globals and `name@i` for layer i.
+
+Sources: an HF directory (lazy memory-mapped safetensors), a converted lpjax directory (Orbax, one checkpoint per
+layer), or random weights at a preset's shape. Every source hands out one layer at a time, already placed on the
+devices that need it; `load_params` then stacks each stage under `jit` with the stage's output sharding, so pairs
+are restacked on device and no model is ever whole in host memory or on one device.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import zlib
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lpjax.config import ModelConfig, preset, read_hf_config
+from lpjax.errors import LPJaxError
+from lpjax.model import INIT_STD
+from lpjax.sharding import RULES, Layout, StageLayout
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# model-tree path inside a stage -> (canonical name, axis of KV heads to repeat, config flag that enables it)
+STAGE_LEAVES: tuple[tuple[str, str, int | None, str | None], ...] = (
+    ("attn/norm", "attn_norm", None, None),
+    ("attn/wq", "wq", None, None),
+    ("attn/wk", "wk", 1, None),
+    ("attn/wv", "wv", 1, None),
+    ("attn/wo", "wo", None, None),
+    ("attn/bq", "bq", None, "attention_bias"),
+    ("attn/bk", "bk", 0, "attention_bias"),
+    ("attn/bv", "bv", 0, "attention_bias"),
+    ("attn_out_bias", "bo", None, "attention_bias"),
+    ("mlp/norm", "mlp_norm", None, None),
+    ("mlp/w_gate", "w_gate", None, None),
+    ("mlp/w_up", "w_up", None, None),
+    ("mlp/w_down", "w_down", None, None),
+    ("mlp/b_gate", "b_gate", None, "mlp_bias"),
+    ("mlp/b_up", "b_up", None, "mlp_bias"),
+    ("mlp_out_bias", "b_down", None, "mlp_bias"),
+)
+
+
+def _enabled(config: ModelConfig, flag: str | None) -> bool:
+    return flag is None or getattr(config, flag)
+
+
+def layer_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical shapes of one layer's weights."""
+    D, H, K, hd, F = config.dim, config.n_heads, config.n_kv_heads, config.head_dim, config.ffn_dim
+    shapes = {
+        "attn_norm": (D,), "wq": (D, H, hd), "wk": (D, K, hd), "wv": (D, K, hd), "wo": (H, hd, D),
+        "bq": (H, hd), "bk": (K, hd), "bv": (K, hd), "bo": (D,),
+        "mlp_norm": (D,), "w_gate": (D, F), "w_up": (D, F), "w_down": (F, D),
+        "b_gate": (F,), "b_up": (F,), "b_down": (D,),
+    }
+    return {c: shapes[c] for _, c, _, flag in STAGE_LEAVES if _enabled(config, flag)}
+
+
+def global_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    shapes = {"embedding": (config.vocab_size, config.dim), "norm": (config.dim,)}
+    if not config.tied_embeddings:
+        shapes["lm_head"] = (config.dim, config.vocab_size)
+    return shapes
+
+
+def canonical_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every canonical weight of the model, keyed `name` or `name@layer`."""
+    out = dict(global_shapes(config))
+    for i in range(config.n_layers):
+        out.update({f"{n}@{i}": s for n, s in layer_shapes(config).items()})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sources
+
+
+class WeightSource:
+    """Hands out canonical weights already placed with the given shardings."""
+
+    config: ModelConfig
+    description: str
+    directory: Path | None = None
+
+    def read(self, keys: dict[str, NamedSharding], dtype) -> dict[str, jax.Array]:
+        raise NotImplementedError
+
+
+class HFSource(WeightSource):
+    """An HF directory: each device's shard is sliced straight out of the memory-mapped safetensors."""
+
+    def __init__(self, directory: Path):
+        from lpjax.hf import HFCheckpoint
+
+        self.directory = directory
+        self.config, self.hf_config = read_hf_config(directory)
+        self.checkpoint = HFCheckpoint(directory, self.config, canonical_shapes(self.config))
+        self.description = f"Hugging Face checkpoint {directory}"
+
+    def read(self, keys, dtype):
+        out = {}
+        for key, sharding in keys.items():
+            view = self.checkpoint.views[key]
+            out[key] = jax.make_array_from_callback(
+                view.shape, sharding, lambda idx, view=view: np.asarray(view[idx]).astype(dtype)
+            )
+        return out
+
+
+class RandomSource(WeightSource):
+    """Random weights at a preset's shape, generated on device in the target dtype (speed does not depend on the
+    values). A weight's random key depends only on its canonical key, so every plan and mesh sees the same model.
+    One jitted generator per layer layout: compiled once, called per layer."""
+
+    def __init__(self, name: str, seed: int = 0):
+        self.config = preset(name)
+        self.hf_config = None
+        self.seed = seed
+        self.description = f"random:{name} (random weights at real shapes)"
+        self._makers: dict = {}
+
+    def read(self, keys, dtype):
+        by_layer: dict[str, dict[str, NamedSharding]] = {}
+        for key, sharding in keys.items():
+            name, _, layer = key.partition("@")
+            by_layer.setdefault(layer, {})[name] = sharding
+        out = {}
+        for layer, shardings in by_layer.items():
+            shapes = (layer_shapes if layer else global_shapes)(self.config)
+            names = tuple(sorted(shardings))
+            sig = (names, tuple(shardings[n] for n in names), jnp.dtype(dtype).name)
+            if sig not in self._makers:
+                self._makers[sig] = jax.jit(partial(_random_weights, {n: shapes[n] for n in names}, dtype),
+                                            out_shardings=dict(shardings))
+            rng = jax.random.fold_in(jax.random.key(self.seed), int(layer) + 1 if layer else 0)
+            got = self._makers[sig](rng)
+            out.update({f"{n}@{layer}" if layer else n: v for n, v in got.items()})
+        return out
+
+
+def _random_weights(shapes: dict[str, tuple[int, ...]], dtype, rng) -> dict[str, jax.Array]:
+    """Norms 1, biases 0, matrices N(0, INIT_STD); each weight's key folds in a hash of its name."""
+    out = {}
+    for name, shape in shapes.items():
+        if "norm" in name:
+            out[name] = jnp.ones(shape, dtype)
+        elif name.startswith("b"):
+            out[name] = jnp.zeros(shape, dtype)
+        else:
+            key = jax.random.fold_in(rng, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+            out[name] = (INIT_STD * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    return out
+
+
+def open_source(model: str, seed: int = 0) -> WeightSource:
+    """`random:NAME`, a converted lpjax directory, or an HF directory."""
+    if model.startswith("random:"):
+        return RandomSource(model.split(":", 1)[1], seed)
+    path = Path(model)
+    if not path.exists():
+        raise LPJaxError(f"--model {model}: no such file or directory")
+    if not path.is_dir():
+        raise LPJaxError(f"--model {model}: not a directory (expected an HF or lpjax model directory, or random:NAME)")
+    from lpjax.checkpoint import OrbaxSource, is_converted
+
+    if is_converted(path):
+        return OrbaxSource(path)
+    return HFSource(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Placement
+
+
+def _drop_stack(spec: P) -> P:
+    return P(*tuple(spec)[1:])
+
+
+def _layer_shardings(s: StageLayout, mesh: Mesh, config: ModelConfig) -> dict[str, NamedSharding]:
+    """Where each canonical weight of one of `s`'s layers goes before stacking: its stage spec less the stack
+    axis (an LP layer is thus held by both halves of the "pair" axis until stacking keeps one). KV weights that
+    will be repeated arrive replicated."""
+    stage_axes = dict(RULES.stage_params)
+    out = {}
+    for path, name, kv_axis, flag in STAGE_LEAVES:
+        if not _enabled(config, flag):
+            continue
+        spec = _drop_stack(RULES._spec(stage_axes[path], s))
+        if kv_axis is not None and s.kv_repeat > 1:
+            spec = P()
+        out[name] = NamedSharding(mesh, spec)
+    return out
+
+
+def assemble_stage(s: StageLayout, config: ModelConfig, layers: list[dict[str, jax.Array]]) -> dict:
+    """The stage's model-tree parameters from its layers' canonical weights: stacked, KV heads repeated."""
+    tree: dict = {}
+    for path, name, kv_axis, flag in STAGE_LEAVES:
+        if not _enabled(config, flag):
+            continue
+        xs = [w[name] for w in layers]
+        if kv_axis is not None and s.kv_repeat > 1:
+            xs = [jnp.repeat(x, s.kv_repeat, axis=kv_axis) for x in xs]
+        node = tree
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = jnp.stack(xs)
+    return tree
+
+
+def assemble_globals(layout: Layout, g: dict[str, jax.Array]) -> dict:
+    pad = layout.vocab_padded - layout.config.vocab_size
+    tree = {"embed": {"embedding": jnp.pad(g["embedding"], ((0, pad), (0, 0)))}, "norm": {"scale": g["norm"]}}
+    if "lm_head" in g:
+        tree["lm_head"] = jnp.pad(g["lm_head"], ((0, 0), (0, pad)))
+    return tree
+
+
+def _global_shardings(layout: Layout, mesh: Mesh) -> dict[str, NamedSharding]:
+    # Vocabulary-split when the real vocabulary divides; otherwise replicated until padded under jit.
+    split = layout.config.vocab_size % layout.n_devices == 0
+    vocab = RULES.vocab if split else None
+    out = {"embedding": NamedSharding(mesh, P(vocab, None)), "norm": NamedSharding(mesh, P())}
+    if not layout.config.tied_embeddings:
+        out["lm_head"] = NamedSharding(mesh, P(None, vocab))
+    return out
+
+
+def abstract_params(layout: Layout, dtype) -> dict:
+    """Shapes and dtypes of the model tree for `layout` (global sizes)."""
+    c = layout.config
+    layer = {k: jax.ShapeDtypeStruct(v, dtype) for k, v in layer_shapes(c).items()}
+    g = {k: jax.ShapeDtypeStruct(v, dtype) for k, v in global_shapes(c).items()}
+    tree = jax.eval_shape(lambda g: assemble_globals(layout, g), g)
+    for s in layout.stages:
+        tree[s.name] = jax.eval_shape(lambda ls, s=s: assemble_stage(s, c, ls), [layer] * s.stack)
+    return tree
+
+
+def param_shardings(layout: Layout, mesh: Mesh, dtype) -> dict:
+    specs = RULES.param_specs(abstract_params(layout, dtype), layout)
+    return jax.tree.map(lambda sp: NamedSharding(mesh, sp), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def load_params(source: WeightSource, layout: Layout, mesh: Mesh, dtype,
+                progress: Callable[[int, int], None] | None = None) -> dict:
+    """Read `source` stage by stage into the model tree of `layout`, sharded over `mesh`."""
+    c = layout.config
+    targets = param_shardings(layout, mesh, dtype)
+    g = source.read(_global_shardings(layout, mesh), dtype)
+    g_targets = {k: targets[k] for k in ("embed", "norm", "lm_head") if k in targets}
+    params = jax.jit(lambda g: assemble_globals(layout, g), out_shardings=g_targets)(g)
+    del g
+    assemblers: dict = {}
+    for n, s in enumerate(layout.stages):
+        shardings = _layer_shardings(s, mesh, c)
+        layers = []
+        for i in s.stage.layers:
+            got = source.read({f"{k}@{i}": sh for k, sh in shardings.items()}, dtype)
+            layers.append({k.partition("@")[0]: v for k, v in got.items()})
+        kind = (s.stack, s.kv_repeat)
+        if kind not in assemblers:
+            assemblers[kind] = jax.jit(lambda ls, s=s: assemble_stage(s, c, ls), out_shardings=targets[s.name])
+        params[s.name] = assemblers[kind](layers)
+        del layers
+        if progress:
+            progress(n + 1, len(layout.stages))
+    return params
+
+
+def progress_bar(label: str, min_interval_s: float = 0.5) -> Callable[[int, int], None]:
+    """A progress bar on stderr: redrawn in place on a terminal, a line at most every few seconds otherwise."""
+    tty = sys.stderr.isatty()
+    last = [0.0]
+
+    def show(done: int, total: int):
+        now = time.monotonic()
+        if done < total and now - last[0] < (min_interval_s if tty else 5.0):
+            return
+        last[0] = now
+        filled = 30 * done // total
+        line = f"{label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}"
+        sys.stderr.write(("\r" + line if tty else line + "\n") + ("\n" if tty and done == total else ""))
+        sys.stderr.flush()
+
+    return show
+
+
+def source_dtype(source: WeightSource) -> str:
+    """The dtype a checkpoint was saved in, as a DTYPES key (bfloat16 for random weights)."""
+    dt = getattr(source, "dtype", None) or getattr(getattr(source, "checkpoint", None), "dtype", None)
+    name = np.dtype(dt).name if dt is not None else "bfloat16"
+    return name if name in DTYPES else "float32"
+
+
+def save_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
