@@ -220,6 +220,23 @@ class Engine:
         logits, cache = fn(*args)
         return logits, cache, n, pad
 
+    def decode_step(self, cache: dict, tokens, index: int, pad) -> tuple[np.ndarray, dict]:
+        """One decode step called from the host: feed `tokens` [B] at cache slot `index`; returns (logits [B, V]
+        on the host, new cache). The engine's own loop never does this per token; tests and latency probes do."""
+        fwd = self._forward("decode", cached=True, one_position=False)
+
+        def step(params, cache, tokens, index, pad):
+            pos = Positions((index - pad)[:, None], pad, index)
+            logits, cache = fwd(params, tokens[:, None], pos, cache, 0)
+            return logits[:, 0], cache
+
+        args = (self.params, cache, self._put(np.asarray(tokens, np.int32)), self._put(np.int32(index)),
+                self._put(np.asarray(pad, np.int32)))
+        fn = self._compile(("step", len(tokens), cache[self.layout.stages[0].name]["k"].shape),
+                           lambda: jax.jit(step, donate_argnums=1), *args)
+        logits, cache = fn(*args)
+        return self._get(logits), cache
+
     def _decode_loop(self, sampling: Sampling, steps: int, eos: tuple[int, ...], pad_id: int):
         fwd = self._forward("decode", cached=True, one_position=False)
         eos_ids = jnp.array(eos or (-1,), jnp.int32)

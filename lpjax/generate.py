@@ -48,11 +48,11 @@ class Streamer:
 def run_once(engine, args, prompts: list[str]) -> dict:
     from lpjax.sampling import Sampling
 
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
     tok = engine.tokenizer
     ids = [tok.encode(p) for p in prompts]
     if any(len(i) == 0 for i in ids):
         raise LPJaxError("a prompt encodes to no tokens")
-    sampling = Sampling(args.temperature, args.top_k, args.top_p)
     stream = Streamer(tok, enabled=len(prompts) == 1)
     if len(prompts) == 1:
         cli.say(prompts[0], end="")
@@ -87,6 +87,11 @@ def run_once(engine, args, prompts: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from lpjax.sampling import Sampling
+
+    Sampling(args.temperature, args.top_k, args.top_p)  # bad values fail before the model loads
+    if args.max_new_tokens < 1:
+        raise LPJaxError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
     cli.init_distributed(args)
     from lpjax.engine import Engine
 

@@ -39,7 +39,13 @@ def make_mesh(n_devices: int | None = None, devices: list | None = None) -> Mesh
     if n > 1 and n % 2:
         raise LPJaxError(f"--devices {n}: use 1 or an even number of devices (LP puts one layer of a pair on each half)")
     shape = (1, 1) if n == 1 else (2, n // 2)
-    return Mesh(np.array(devices[:n]).reshape(shape), MESH_AXES)
+    try:  # topology-aware order (TPU slices, NVLink islands), as JAX lays meshes out itself
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(shape, devices[:n])
+    except (ValueError, AssertionError, NotImplementedError):
+        grid = np.array(devices[:n]).reshape(shape)
+    return Mesh(grid, MESH_AXES)
 
 
 def mesh_shape(mesh: Mesh) -> tuple[int, int]:

@@ -1,0 +1,134 @@
+"""The command-line tools end to end, as a user runs them (subprocesses)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, devices: int = 1, timeout: int = 300):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    p = subprocess.run([sys.executable, "-m", *map(str, args)], capture_output=True, text=True, env=env,
+                       timeout=timeout, cwd=ROOT)
+    return p.returncode, p.stdout, p.stderr
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def assert_clean_error(rc, stderr, words):
+    lines = [x for x in stderr.strip().splitlines() if x.strip()]
+    assert rc == 2, stderr
+    assert "Traceback" not in stderr
+    assert lines[-1].startswith("error:") and words in lines[-1], stderr
+    assert sum(x.startswith("error:") for x in lines) == 1
+
+
+def test_generate_json_with_and_without_lp(checkpoints):
+    directory, _ = checkpoints("gqa_head_dim")
+    rc, out, err = run("lpjax.generate", "--model", directory, "--prompt", "The quick brown", "--max-new-tokens", 8,
+                       "--json", "--dtype", "float32")
+    assert rc == 0, err
+    seq = last_json(out)
+    assert {"text", "tokens", "prefill_ms", "decode_tokens_per_s", "lp"} <= seq.keys()
+    assert len(seq["tokens"]) >= 1 and seq["lp"] == "" and seq["devices"] == 1
+    assert out.startswith("The quick brown")  # streamed: prompt, then new text
+    rc, out, err = run("lpjax.generate", "--model", directory, "--prompt", "The quick brown", "--max-new-tokens", 8,
+                       "--lp", "2:6", "--json", "--temperature", "0.7", "--top-k", "20", "--top-p", "0.9",
+                       "--seed", "3")
+    assert rc == 0, err
+    lp = last_json(out)
+    assert lp["lp"] == "2:6" and lp["delta"] == 4 and lp["depth"] == 4 and "mesh" in lp
+
+
+def test_generate_without_arguments_runs_the_embedded_default():
+    rc, out, err = run("lpjax.generate", "--max-new-tokens", 8, "--json")
+    assert rc == 0, err
+    assert "RANDOM weights" in out and "sequential" in out
+    res = last_json(out)
+    assert [r["lp"] for r in res["runs"]] == ["", "2:6"] and all(r["decode_tokens_per_s"] > 0 for r in res["runs"])
+
+
+def test_eval_json_and_windows(checkpoints, text_file):
+    directory, _ = checkpoints("mha")
+    rc, out, err = run("lpjax.eval", "--model", directory, "--text", text_file, "--window", 64, "--stride", 48,
+                       "--json")
+    assert rc == 0, err
+    seq = last_json(out)
+    assert {"ppl", "nll", "tokens", "lp", "devices"} <= seq.keys() and seq["devices"] == 1 and seq["windows"] > 1
+    rc, out, err = run("lpjax.eval", "--model", directory, "--text", text_file, "--window", 64, "--stride", 48,
+                       "--lp", "0:2", "--json")
+    assert rc == 0, err
+    lp = last_json(out)
+    assert lp["tokens"] == seq["tokens"] and lp["ppl"] != seq["ppl"] and lp["lp"] == "0:2"
+
+
+def test_convert_then_generate_from_converted(checkpoints, tmp_path):
+    directory, _ = checkpoints("tied")
+    out_dir = tmp_path / "conv"
+    rc, out, err = run("convert", "--hf", directory, "--out", out_dir, "--dtype", "float32")
+    assert rc == 0, err
+    hf = last_json(run("lpjax.generate", "--model", directory, "--prompt", "fox", "--max-new-tokens", 5, "--json")[1])
+    conv = last_json(run("lpjax.generate", "--model", out_dir, "--prompt", "fox", "--max-new-tokens", 5, "--json")[1])
+    assert hf["tokens"] == conv["tokens"]
+    assert_clean_error(*run("convert", "--hf", directory, "--out", out_dir)[::2], "already exists")
+
+
+@pytest.fixture(scope="module")
+def bad_dirs(checkpoints, tmp_path_factory):
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    src, _ = checkpoints("mha")
+    root = tmp_path_factory.mktemp("bad")
+    (root / "noconfig").mkdir()
+    made = {"noconfig": root / "noconfig"}
+    for name, edit in {
+        "malformed": lambda d: (d / "config.json").write_text("{not json"),
+        "gpt2": lambda d: (d / "config.json").write_text(
+            (d / "config.json").read_text().replace('"model_type": "llama"', '"model_type": "gpt2"')),
+        "missing": lambda d: save_file({k: v for k, v in load_file(d / "model.safetensors").items()
+                                        if k != "model.norm.weight"}, d / "model.safetensors"),
+        "misshapen": lambda d: save_file(dict(load_file(d / "model.safetensors"),
+                                              **{"model.layers.0.self_attn.q_proj.weight":
+                                                 __import__("numpy").zeros((3, 3), "float32")}),
+                                         d / "model.safetensors"),
+    }.items():
+        shutil.copytree(src, root / name)
+        edit(root / name)
+        made[name] = root / name
+    return made
+
+
+@pytest.mark.parametrize("case,args,words", [
+    ("missing path", ["lpjax.generate", "--model", "/nonexistent/model"], "no such file"),
+    ("no config", ["lpjax.generate", "--model", "{noconfig}"], "no config.json"),
+    ("malformed config", ["lpjax.eval", "--model", "{malformed}", "--text", "{text}"], "malformed JSON"),
+    ("non-llama", ["lpjax.generate", "--model", "{gpt2}"], "model_type"),
+    ("missing tensor", ["lpjax.generate", "--model", "{missing}"], "model.norm.weight is missing"),
+    ("misshapen tensor", ["lpjax.generate", "--model", "{misshapen}"], "has shape (3, 3)"),
+    ("odd lp", ["lpjax.generate", "--model", "{good}", "--lp", "1:4"], "odd number"),
+    ("lp out of range", ["lpjax.eval", "--model", "{good}", "--lp", "2:6", "--text", "{text}"], "0 <= START"),
+    ("prompt too long", ["lpjax.generate", "--model", "{good}", "--max-new-tokens", "300"], "does not fit"),
+    ("empty text", ["lpjax.eval", "--model", "{good}", "--text", "{empty}"], "empty"),
+    ("bad device count", ["lpjax.generate", "--model", "{good}", "--devices", "3"], "even number"),
+    ("too many devices", ["lpjax.generate", "--model", "{good}", "--devices", "16"], "visible"),
+    ("bad sampling", ["lpjax.generate", "--model", "{good}", "--top-p", "0"], "top-p"),
+    ("convert missing", ["convert", "--hf", "/nonexistent", "--out", "{tmp}/x"], "no such directory"),
+])
+def test_bad_input_gets_one_line_and_exit_2(checkpoints, bad_dirs, text_file, tmp_path, case, args, words):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    names = dict(bad_dirs, good=checkpoints("mha")[0], text=text_file, empty=empty, tmp=tmp_path)
+    args = [a.format(**names) for a in args]
+    if args[0] == "lpjax.generate":
+        args += ["--prompt", "hello"]
+    rc, _, err = run(*args, devices=4)
+    assert_clean_error(rc, err, words)

@@ -1,0 +1,53 @@
+"""Multi-host: two processes on localhost (JAX's CPU collectives) form one 4-device mesh and agree with one process."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(module_args, processes=2, local_devices=2, timeout=300):
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=f"--xla_force_host_platform_device_count={local_devices}",
+               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes))
+    procs = [subprocess.Popen([sys.executable, "-m", *map(str, module_args)], cwd=ROOT, text=True,
+                              env=dict(env, JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for i in range(processes)]
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+    return [o for o, _ in outs]
+
+
+def test_two_processes_equal_one(checkpoints, engines, text_file):
+    from lpjax.eval import perplexity
+
+    directory = checkpoints("shardable")[0]
+    outs = launch(["lpjax.eval", "--model", directory, "--lp", "2:6", "--text", text_file, "--window", 48,
+                   "--dtype", "float32", "--json"])
+    ours = [x for x in outs[1].splitlines() if x.strip() and not x.startswith("[Gloo]")]  # gloo's own chatter
+    assert ours == []  # only process 0 prints
+    got = json.loads(outs[0].strip().splitlines()[-1])
+    assert got["devices"] == 4
+    engine = engines("shardable", "2:6", 4)
+    ids = engine.tokenizer.encode(text_file.read_text())
+    ref = perplexity(engine, [ids], 48, 24)
+    assert got["tokens"] == ref["tokens"]
+    assert abs(got["nll"] - ref["nll"]) <= 1e-5 * abs(ref["nll"])
+
+    outs = launch(["lpjax.generate", "--model", directory, "--lp", "2:6", "--prompt", "The quick brown fox",
+                   "--max-new-tokens", 6, "--dtype", "float32", "--json"])
+    gen = json.loads(outs[0].strip().splitlines()[-1])
+    single = engine.generate([engine.tokenizer.encode("The quick brown fox")], 6, eos=engine.tokenizer.eos_ids,
+                             pad_id=engine.tokenizer.pad_id)
+    assert gen["devices"] == 4 and gen["tokens"] == single.tokens[0]

@@ -1,0 +1,92 @@
+"""Multi-device: every device count gives the single-device result; the collectives are the designed ones."""
+
+import re
+
+import numpy as np
+import pytest
+
+from lpjax.errors import LPJaxError
+
+PROMPTS = [[1, 60, 61, 62, 63, 64, 65, 66, 67, 68], [1, 90, 91, 92, 93]]
+STEPS = 4
+
+
+def rel_err(got, ref):
+    return float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
+def run_all(engine):
+    """Prefill logits, cached-decode logits and greedy tokens for PROMPTS (left-padded batch)."""
+    cache = engine.init_cache(len(PROMPTS), 32)
+    logits, cache, n, pad = engine.prefill(cache, PROMPTS)
+    prefill = np.asarray(logits)
+    tokens = prefill.argmax(-1)
+    decode = []
+    for t in range(STEPS):
+        step, cache = engine.decode_step(cache, tokens, n + t, pad)
+        decode.append(step)
+        tokens = step.argmax(-1)
+    greedy = engine.generate(PROMPTS, 8, eos=(), max_len=32).tokens  # same cache length: prefill is reused
+    return prefill, np.stack(decode), greedy
+
+
+@pytest.fixture(scope="module")
+def reference(engines):
+    return {lp: run_all(engines("shardable", lp, 1)) for lp in ("", "2:6")}
+
+
+@pytest.mark.parametrize("devices", [2, 4, 8])
+@pytest.mark.parametrize("lp", ["", "2:6"])
+def test_equal_to_single_device(engines, reference, devices, lp):
+    engine = engines("shardable", lp, devices)
+    assert engine.layout.n_devices == devices
+    prefill, decode, greedy = run_all(engine)
+    ref_prefill, ref_decode, ref_greedy = reference[lp]
+    assert rel_err(prefill, ref_prefill) <= 1e-5
+    assert rel_err(decode, ref_decode) <= 1e-5
+    assert greedy == ref_greedy
+
+
+def count_collectives(engine) -> tuple[int, int]:
+    cache = engine.init_cache(2, 32)  # the shapes run_all compiled already
+    engine.decode_step(cache, np.array([5, 6]), 12, np.array([0, 5]))
+    hlo = next(c for k, c in engine._compiled.items() if k[0] == "step").as_text()
+    all_reduce = len(re.findall(r"\ball-reduce(?:-start)?\(", hlo))
+    all_gather = len(re.findall(r"\ball-gather(?:-start)?\(", hlo))
+    return all_reduce, all_gather
+
+
+@pytest.mark.parametrize("devices", [2, 4])
+def test_collectives_two_per_layer_and_two_per_pair(engines, devices):
+    """Optimised HLO of one decode step: 2 all-reduces per stage (a sequential layer or an LP pair), plus 1 for
+    the vocabulary-split embedding lookup; 1 all-gather of the vocabulary-split logits."""
+    seq = engines("shardable", "", devices)
+    lp = engines("shardable", "2:6", devices)
+    assert count_collectives(seq) == (2 * 8 + 1, 1)
+    assert count_collectives(lp) == (2 * (8 - 2) + 1, 1)
+
+
+def test_each_device_holds_one_layer_of_each_pair(engines):
+    engine = engines("shardable", "2:6", 4)  # mesh pair=2 x tp=2
+    wq = engine.params["pair_2_3"]["attn"]["wq"]  # [2, D, H, hd]
+    assert tuple(wq.sharding.spec) == ("pair", None, "tp", None)
+    for shard in wq.addressable_shards:
+        assert shard.data.shape == (1, 64, 4, 8)  # one layer, half the heads
+    seq = engine.params["layer_0"]["mlp"]["w_gate"]  # [1, D, F]: MLP columns over all 4 devices
+    assert {s.data.shape for s in seq.addressable_shards} == {(1, 64, 32)}
+    # 2 KV heads over 4 devices: repeated to 4 (sequential) / 2 heads per pair half split over tp=2 (no repeat)
+    assert engine.params["layer_0"]["attn"]["wk"].shape[2] == 4 and engine.layout.stages[0].kv_repeat == 2
+    k_cache = engine.init_cache(1, 32)["pair_2_3"]["k"]
+    assert tuple(k_cache.sharding.spec) == ("pair", None, "tp", None, None)
+
+
+def test_bad_splits_are_explained(checkpoints):
+    from lpjax.engine import Engine
+
+    directory = str(checkpoints("mha")[0])  # 4 heads
+    with pytest.raises(LPJaxError, match="attention heads 4 of sequential layers .* not divisible by 8"):
+        Engine.load(directory, "", 8, "float32")
+    with pytest.raises(LPJaxError, match="even number"):
+        Engine.load(directory, "", 3, "float32")
+    with pytest.raises(LPJaxError, match="only 8 CPU"):
+        Engine.load(directory, "", 16, "float32")
