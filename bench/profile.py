@@ -1,0 +1,94 @@
+"""Where decode time goes: trace one on-device decode loop with the JAX profiler and summarise the GPU kernels.
+
+    python -m bench.profile --model random:llama2-7b --lp 16:30 --devices 2 [--tokens 128] [--summary FILE]
+
+Prints, per device: wall time per token, kernel time per token (the rest is gaps between kernels), kernels per
+token, and the kernels that take the most time. The raw trace stays in a temp dir for TensorBoard / xprof.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import re
+import sys
+import tempfile
+import time
+
+import jax
+
+from lpjax.engine import Engine
+
+
+def kernel_events(path: str) -> dict[str, list[tuple[str, int, int]]]:
+    """(name, start_ns, duration_ns) of device kernels, per GPU plane, from an .xplane.pb trace."""
+    from jax.profiler import ProfileData
+
+    out = {}
+    for plane in ProfileData.from_file(path).planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        events = []
+        for line in plane.lines:
+            if not line.name.startswith("Stream"):
+                continue
+            events += [(ev.name, int(ev.start_ns), int(ev.duration_ns)) for ev in line.events]
+        out[plane.name] = sorted(events, key=lambda e: e[1])
+    return out
+
+
+def summarise(events: list[tuple[str, int, int]], tokens: int, top: int) -> dict:
+    span = (events[-1][1] + events[-1][2] - events[0][1]) if events else 0
+    busy = sum(d for _, _, d in events)
+    by_name = collections.defaultdict(lambda: [0, 0])
+    for name, _, d in events:
+        key = re.sub(r"\.\d+$", "", name)[:90]
+        by_name[key][0] += d
+        by_name[key][1] += 1
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+    return {
+        "span_ms_per_token": span / tokens / 1e6, "kernel_ms_per_token": busy / tokens / 1e6,
+        "kernels_per_token": len(events) / tokens,
+        "top": [{"kernel": k, "ms_per_token": v[0] / tokens / 1e6, "calls_per_token": v[1] / tokens} for k, v in ranked],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="random:llama2-7b")
+    p.add_argument("--lp", default="")
+    p.add_argument("--devices", type=int, default=None)
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--summary", default=None, help="write the summary JSON here (the trace stays in a temp dir)")
+    args = p.parse_args()
+    engine = Engine.load(args.model, args.lp, args.devices, "bfloat16")
+    prompt = [1] + [100 + (i % 150) for i in range(127)]
+    engine.generate([prompt], args.tokens + 1, eos=())  # compile and warm up
+    out = tempfile.mkdtemp(prefix="lpjax-trace-")
+    jax.profiler.start_trace(out)
+    t0 = time.perf_counter()
+    res = engine.generate([prompt], args.tokens + 1, eos=())
+    wall = time.perf_counter() - t0
+    jax.profiler.stop_trace()
+    trace = glob.glob(f"{out}/**/*.xplane.pb", recursive=True)[0]
+    report = {"model": args.model, "lp": engine.plan.spec(), "devices": engine.layout.n_devices,
+              "decode_ms_per_token": res.decode_ms_per_step, "wall_s": wall, "jax": jax.__version__,
+              "devices_report": {k: summarise(v, args.tokens, args.top) for k, v in kernel_events(trace).items()}}
+    print(f"{engine.describe()}\ndecode {res.decode_ms_per_step:.3f} ms/token (traced run)")
+    for dev, s in report["devices_report"].items():
+        print(f"{dev}: span {s['span_ms_per_token']:.3f} ms/token, kernels {s['kernel_ms_per_token']:.3f} ms/token, "
+              f"{s['kernels_per_token']:.0f} kernels/token")
+        for row in s["top"]:
+            print(f"   {row['ms_per_token'] * 1000:8.1f} us/token  x{row['calls_per_token']:5.1f}  {row['kernel']}")
+        break  # one device is representative; all are in the JSON
+    if args.summary:
+        with open(args.summary, "w") as f:
+            json.dump(report, f, indent=1)
+    print(f"trace in {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
