@@ -8,15 +8,16 @@ from lpjax.engine import Engine
 p = argparse.ArgumentParser()
 p.add_argument("--model", default="random:llama2-7b")
 p.add_argument("--lp", default=",16:30")
-p.add_argument("--devices", type=int, default=None)
+p.add_argument("--devices", default="", help="comma-separated device counts (default: all)")
 p.add_argument("--repeats", type=int, default=5)
 p.add_argument("--prefill", default="1024,4096")
 args = p.parse_args()
-base = Engine.load(args.model, "", args.devices, "bfloat16")
-print(base.describe(), jax.__version__, file=sys.stderr)
 prompt = [1] + [100 + (i % 150) for i in range(127)]
 out = []
-for lp in args.lp.split(";") if ";" in args.lp else args.lp.split(","):
+for devices in [int(d) for d in args.devices.split(",") if d] or [None]:
+  base = Engine.load(args.model, "", devices, "bfloat16")
+  print(base.describe(), jax.__version__, file=sys.stderr)
+  for lp in args.lp.split(";") if ";" in args.lp else args.lp.split(","):
     e = base if lp == "" else base.with_plan(lp)
     t = time.perf_counter(); e.generate([prompt], 8, eos=()); warm = time.perf_counter() - t
     dec = [e.generate([prompt], 129, eos=()).decode_ms_per_step for _ in range(args.repeats)]
@@ -31,3 +32,4 @@ for lp in args.lp.split(";") if ";" in args.lp else args.lp.split(","):
     out.append(rec)
     if e is not base:
         del e
+  del base

@@ -135,16 +135,17 @@ class AttentionBlock(nn.Module):
     def __call__(self, x, cache, pos: Positions, mode: str):
         c = self.config
         D, hd = c.dim, c.head_dim
+        B, T = x.shape[:2]
+        G = self.heads // self.kv_heads  # query heads per KV head
         norm = _param(self, "norm", (D,), nn.initializers.ones)
         h = rms_norm(x, norm, c.norm_eps)
-        q = jnp.einsum("btd,dhk->bthk", h, _param(self, "wq", (D, self.heads, hd)))
-        k = jnp.einsum("btd,dhk->bthk", h, _param(self, "wk", (D, self.kv_heads, hd)))
-        v = jnp.einsum("btd,dhk->bthk", h, _param(self, "wv", (D, self.kv_heads, hd)))
+        # One fused projection, grouped per KV head: [its G query heads, its key, its value]. Splitting the KV-head
+        # axis over devices keeps every group whole, so q/k/v need no communication and one matmul reads them.
+        qkv = jnp.einsum("btd,dkgh->btkgh", h, _param(self, "wqkv", (D, self.kv_heads, G + 2, hd)))
         if c.attention_bias:
-            zeros = nn.initializers.zeros
-            q = q + _param(self, "bq", (self.heads, hd), zeros)
-            k = k + _param(self, "bk", (self.kv_heads, hd), zeros)
-            v = v + _param(self, "bv", (self.kv_heads, hd), zeros)
+            qkv = qkv + _param(self, "bqkv", (self.kv_heads, G + 2, hd), nn.initializers.zeros)
+        q = qkv[:, :, :, :G].reshape(B, T, self.heads, hd)
+        k, v = qkv[:, :, :, G], qkv[:, :, :, G + 1]
         inv_freq = rope_inv_freq(c)
         q, k = apply_rope(q, pos.positions, inv_freq), apply_rope(k, pos.positions, inv_freq)
         if mode == "decode":
@@ -175,12 +176,10 @@ class MLPBlock(nn.Module):
     def __call__(self, x):
         c = self.config
         h = rms_norm(x, _param(self, "norm", (c.dim,), nn.initializers.ones), c.norm_eps)
-        gate = h @ _param(self, "w_gate", (c.dim, self.ffn))
-        up = h @ _param(self, "w_up", (c.dim, self.ffn))
+        gate_up = jnp.einsum("btd,dcf->btcf", h, _param(self, "w_gate_up", (c.dim, 2, self.ffn)))  # one matmul
         if c.mlp_bias:
-            gate = gate + _param(self, "b_gate", (self.ffn,), nn.initializers.zeros)
-            up = up + _param(self, "b_up", (self.ffn,), nn.initializers.zeros)
-        return (jax.nn.silu(gate) * up) @ _param(self, "w_down", (self.ffn, c.dim))
+            gate_up = gate_up + _param(self, "b_gate_up", (2, self.ffn), nn.initializers.zeros)
+        return (jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]) @ _param(self, "w_down", (self.ffn, c.dim))
 
 
 def _stacked(block, size: int):

@@ -123,22 +123,24 @@ class ShardingRules:
     # Stage parameters, keyed "attn/NAME", "mlp/NAME" or "NAME" (stage-level), leading axis = the pair stack.
     stage_params: tuple[tuple[str, tuple], ...] = (
         ("attn/norm", ("stack", None)),
-        ("attn/wq", ("stack", None, "heads", None)),
-        ("attn/wk", ("stack", None, "kv_heads", None)),
-        ("attn/wv", ("stack", None, "kv_heads", None)),
+        ("attn/wqkv", ("stack", None, "kv_heads", None, None)),  # [S, D, KV, G+2, hd]: per KV head, G q + k + v
+        ("attn/bqkv", ("stack", "kv_heads", None, None)),
         ("attn/wo", ("stack", "heads", None, None)),
-        ("attn/bq", ("stack", "heads", None)),
-        ("attn/bk", ("stack", "kv_heads", None)),
-        ("attn/bv", ("stack", "kv_heads", None)),
         ("mlp/norm", ("stack", None)),
-        ("mlp/w_gate", ("stack", None, "mlp")),
-        ("mlp/w_up", ("stack", None, "mlp")),
+        ("mlp/w_gate_up", ("stack", None, None, "mlp")),  # [S, D, 2, F]
+        ("mlp/b_gate_up", ("stack", None, "mlp")),
         ("mlp/w_down", ("stack", "mlp", None)),
-        ("mlp/b_gate", ("stack", "mlp")),
-        ("mlp/b_up", ("stack", "mlp")),
         # Output biases are added once, after the all-reduce, so every device holds all of them.
         ("attn_out_bias", (None, None)),
         ("mlp_out_bias", (None, None)),
+    )
+    # Canonical (checkpoint) weights of one layer, before a stage stacks and fuses them.
+    layer_weights: tuple[tuple[str, tuple], ...] = (
+        ("attn_norm", (None,)), ("wq", (None, "heads", None)), ("wk", (None, "kv_heads", None)),
+        ("wv", (None, "kv_heads", None)), ("wo", ("heads", None, None)), ("bq", ("heads", None)),
+        ("bk", ("kv_heads", None)), ("bv", ("kv_heads", None)), ("bo", (None,)), ("mlp_norm", (None,)),
+        ("w_gate", (None, "mlp")), ("w_up", (None, "mlp")), ("w_down", ("mlp", None)), ("b_gate", ("mlp",)),
+        ("b_up", ("mlp",)), ("b_down", (None,)),
     )
     global_params: tuple[tuple[str, tuple], ...] = (
         ("embed/embedding", ("vocab", None)),
@@ -167,6 +169,14 @@ class ShardingRules:
             return self._spec(global_axes[path], None)
 
         return _map_named(params, spec)
+
+    def layer_spec(self, name: str, stage: StageLayout) -> P:
+        """Where a canonical weight of one of `stage`'s layers sits before stacking (an LP layer is held by both
+        halves of the "pair" axis until stacking keeps one; KV weights to be repeated arrive replicated)."""
+        logical = dict(self.layer_weights)[name]
+        if stage.kv_repeat > 1 and "kv_heads" in logical:
+            return P()
+        return self._spec(logical, stage)
 
     def cache_specs(self, layout: Layout) -> dict:
         return {s.name: {"k": self._spec(self.cache, s), "v": self._spec(self.cache, s)} for s in layout.stages}

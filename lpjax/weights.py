@@ -32,29 +32,8 @@ from lpjax.sharding import RULES, Layout, StageLayout
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
-# model-tree path inside a stage -> (canonical name, axis of KV heads to repeat, config flag that enables it)
-STAGE_LEAVES: tuple[tuple[str, str, int | None, str | None], ...] = (
-    ("attn/norm", "attn_norm", None, None),
-    ("attn/wq", "wq", None, None),
-    ("attn/wk", "wk", 1, None),
-    ("attn/wv", "wv", 1, None),
-    ("attn/wo", "wo", None, None),
-    ("attn/bq", "bq", None, "attention_bias"),
-    ("attn/bk", "bk", 0, "attention_bias"),
-    ("attn/bv", "bv", 0, "attention_bias"),
-    ("attn_out_bias", "bo", None, "attention_bias"),
-    ("mlp/norm", "mlp_norm", None, None),
-    ("mlp/w_gate", "w_gate", None, None),
-    ("mlp/w_up", "w_up", None, None),
-    ("mlp/w_down", "w_down", None, None),
-    ("mlp/b_gate", "b_gate", None, "mlp_bias"),
-    ("mlp/b_up", "b_up", None, "mlp_bias"),
-    ("mlp_out_bias", "b_down", None, "mlp_bias"),
-)
-
-
-def _enabled(config: ModelConfig, flag: str | None) -> bool:
-    return flag is None or getattr(config, flag)
+ATTENTION_BIASES = ("bq", "bk", "bv", "bo")
+MLP_BIASES = ("b_gate", "b_up", "b_down")
 
 
 def layer_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -66,7 +45,8 @@ def layer_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         "mlp_norm": (D,), "w_gate": (D, F), "w_up": (D, F), "w_down": (F, D),
         "b_gate": (F,), "b_up": (F,), "b_down": (D,),
     }
-    return {c: shapes[c] for _, c, _, flag in STAGE_LEAVES if _enabled(config, flag)}
+    skip = (() if config.attention_bias else ATTENTION_BIASES) + (() if config.mlp_bias else MLP_BIASES)
+    return {k: v for k, v in shapes.items() if k not in skip}
 
 
 def global_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -185,40 +165,35 @@ def open_source(model: str, seed: int = 0) -> WeightSource:
 # Placement
 
 
-def _drop_stack(spec: P) -> P:
-    return P(*tuple(spec)[1:])
-
-
 def _layer_shardings(s: StageLayout, mesh: Mesh, config: ModelConfig) -> dict[str, NamedSharding]:
-    """Where each canonical weight of one of `s`'s layers goes before stacking: its stage spec less the stack
-    axis (an LP layer is thus held by both halves of the "pair" axis until stacking keeps one). KV weights that
-    will be repeated arrive replicated."""
-    stage_axes = dict(RULES.stage_params)
-    out = {}
-    for path, name, kv_axis, flag in STAGE_LEAVES:
-        if not _enabled(config, flag):
-            continue
-        spec = _drop_stack(RULES._spec(stage_axes[path], s))
-        if kv_axis is not None and s.kv_repeat > 1:
-            spec = P()
-        out[name] = NamedSharding(mesh, spec)
-    return out
+    return {name: NamedSharding(mesh, RULES.layer_spec(name, s)) for name in layer_shapes(config)}
+
+
+def _fuse_qkv(w: dict[str, jax.Array], repeat: int, bias: bool = False) -> jax.Array:
+    """[D, H, hd] q and [D, K, hd] k/v (or their [.., hd] biases) -> [D, K*r, G/r + 2, hd]: per (repeated) KV head,
+    its query heads, its key, its value."""
+    q, k, v = (w["bq"], w["bk"], w["bv"]) if bias else (w["wq"], w["wk"], w["wv"])
+    lead = q.shape[:-2]
+    k, v = jnp.repeat(k, repeat, axis=-2), jnp.repeat(v, repeat, axis=-2)
+    kv = k.shape[-2]
+    q = q.reshape(*lead, kv, q.shape[-2] // kv, q.shape[-1])
+    return jnp.concatenate([q, k[..., None, :], v[..., None, :]], axis=-2)
 
 
 def assemble_stage(s: StageLayout, config: ModelConfig, layers: list[dict[str, jax.Array]]) -> dict:
-    """The stage's model-tree parameters from its layers' canonical weights: stacked, KV heads repeated."""
-    tree: dict = {}
-    for path, name, kv_axis, flag in STAGE_LEAVES:
-        if not _enabled(config, flag):
-            continue
-        xs = [w[name] for w in layers]
-        if kv_axis is not None and s.kv_repeat > 1:
-            xs = [jnp.repeat(x, s.kv_repeat, axis=kv_axis) for x in xs]
-        node = tree
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = jnp.stack(xs)
+    """The stage's model-tree parameters from its layers' canonical weights: fused, KV heads repeated, stacked."""
+    stack = lambda f: jnp.stack([f(w) for w in layers])  # noqa: E731
+    attn = {"norm": stack(lambda w: w["attn_norm"]), "wqkv": stack(lambda w: _fuse_qkv(w, s.kv_repeat)),
+            "wo": stack(lambda w: w["wo"])}
+    mlp = {"norm": stack(lambda w: w["mlp_norm"]), "w_gate_up": stack(lambda w: jnp.stack([w["w_gate"], w["w_up"]], 1)),
+           "w_down": stack(lambda w: w["w_down"])}
+    tree = {"attn": attn, "mlp": mlp}
+    if config.attention_bias:
+        attn["bqkv"] = stack(lambda w: _fuse_qkv(w, s.kv_repeat, bias=True))
+        tree["attn_out_bias"] = stack(lambda w: w["bo"])
+    if config.mlp_bias:
+        mlp["b_gate_up"] = stack(lambda w: jnp.stack([w["b_gate"], w["b_up"]]))
+        tree["mlp_out_bias"] = stack(lambda w: w["b_down"])
     return tree
 
 

@@ -67,15 +67,16 @@ def test_collectives_two_per_layer_and_two_per_pair(engines, devices):
 
 
 def test_each_device_holds_one_layer_of_each_pair(engines):
-    engine = engines("shardable", "2:6", 4)  # mesh pair=2 x tp=2
-    wq = engine.params["pair_2_3"]["attn"]["wq"]  # [2, D, H, hd]
-    assert tuple(wq.sharding.spec) == ("pair", None, "tp", None)
-    for shard in wq.addressable_shards:
-        assert shard.data.shape == (1, 64, 4, 8)  # one layer, half the heads
-    seq = engine.params["layer_0"]["mlp"]["w_gate"]  # [1, D, F]: MLP columns over all 4 devices
-    assert {s.data.shape for s in seq.addressable_shards} == {(1, 64, 32)}
-    # 2 KV heads over 4 devices: repeated to 4 (sequential) / 2 heads per pair half split over tp=2 (no repeat)
-    assert engine.params["layer_0"]["attn"]["wk"].shape[2] == 4 and engine.layout.stages[0].kv_repeat == 2
+    engine = engines("shardable", "2:6", 4)  # mesh pair=2 x tp=2; 8 heads, 2 KV heads, head_dim 8
+    wqkv = engine.params["pair_2_3"]["attn"]["wqkv"]  # [2, D, KV, G+2, hd]
+    assert tuple(wqkv.sharding.spec) == ("pair", None, "tp", None, None)
+    for shard in wqkv.addressable_shards:
+        assert shard.data.shape == (1, 64, 1, 6, 8)  # one layer of the pair, one KV group (4 q heads + k + v)
+    gate_up = engine.params["layer_0"]["mlp"]["w_gate_up"]  # [1, D, 2, F]: MLP columns over all 4 devices
+    assert {s.data.shape for s in gate_up.addressable_shards} == {(1, 64, 2, 32)}
+    # sequential layers split 4 ways: the 2 KV heads are repeated to 4, each device one group of 2 q heads
+    assert engine.layout.stages[0].kv_repeat == 2
+    assert {s.data.shape for s in engine.params["layer_0"]["attn"]["wqkv"].addressable_shards} == {(1, 64, 1, 4, 8)}
     k_cache = engine.init_cache(1, 32)["pair_2_3"]["k"]
     assert tuple(k_cache.sharding.spec) == ("pair", None, "tp", None, None)
 

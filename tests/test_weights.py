@@ -91,6 +91,6 @@ def test_random_presets_are_plan_independent():
     """Random weights depend only on the canonical weight, so LP and sequential runs compare the same model."""
     a = Engine.load("random:tiny", "", 1, "float32")
     b = a.with_plan("2:4")
-    la, lb = a.params["layer_2"]["attn"]["wq"][0], b.params["pair_2_3"]["attn"]["wq"][0]
+    la, lb = a.params["layer_2"]["attn"]["wqkv"][0], b.params["pair_2_3"]["attn"]["wqkv"][0]
     assert np.array_equal(np.asarray(la), np.asarray(lb))
-    assert not np.array_equal(np.asarray(b.params["pair_2_3"]["attn"]["wq"][1]), np.asarray(la))
+    assert not np.array_equal(np.asarray(b.params["pair_2_3"]["attn"]["wqkv"][1]), np.asarray(la))
