@@ -48,7 +48,12 @@ def summarise(events: list[tuple[str, int, int]], tokens: int, top: int) -> dict
         by_name[key][0] += d
         by_name[key][1] += 1
     ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+    per_token = round(len(events) / tokens) if tokens else 0
+    middle = events[(tokens // 2) * per_token: (tokens // 2 + 1) * per_token]
+    sequence = [(n, round(d / 1e3, 2), round((s - (middle[i - 1][1] + middle[i - 1][2])) / 1e3, 2) if i else 0.0)
+                for i, (n, s, d) in enumerate(middle)]
     return {
+        "sequence_one_token": sequence,  # (kernel, duration us, gap before us), one token from the middle
         "span_ms_per_token": span / tokens / 1e6, "kernel_ms_per_token": busy / tokens / 1e6,
         "kernels_per_token": len(events) / tokens,
         "top": [{"kernel": k, "ms_per_token": v[0] / tokens / 1e6, "calls_per_token": v[1] / tokens} for k, v in ranked],

@@ -19,7 +19,7 @@ for devices in [int(d) for d in args.devices.split(",") if d] or [None]:
   print(base.describe(), jax.__version__, file=sys.stderr)
   for lp in args.lp.split(";") if ";" in args.lp else args.lp.split(","):
     e = base if lp == "" else base.with_plan(lp)
-    t = time.perf_counter(); e.generate([prompt], 8, eos=()); warm = time.perf_counter() - t
+    t = time.perf_counter(); e.generate([prompt], 129, eos=()); warm = time.perf_counter() - t
     dec = [e.generate([prompt], 129, eos=()).decode_ms_per_step for _ in range(args.repeats)]
     pre = {}
     for n in [int(x) for x in args.prefill.split(",") if x]:
