@@ -82,7 +82,7 @@ HF_NAMES: dict[str, tuple[str, str]] = {
     "wq": ("model.layers.{i}.self_attn.q_proj.weight", "in_heads"),
     "wk": ("model.layers.{i}.self_attn.k_proj.weight", "in_heads"),
     "wv": ("model.layers.{i}.self_attn.v_proj.weight", "in_heads"),
-    "wo": ("model.layers.{i}.self_attn.o_proj.weight", "heads_out"),
+    "wo": ("model.layers.{i}.self_attn.o_proj.weight", "T"),
     "bq": ("model.layers.{i}.self_attn.q_proj.bias", "heads"),
     "bk": ("model.layers.{i}.self_attn.k_proj.bias", "heads"),
     "bv": ("model.layers.{i}.self_attn.v_proj.bias", "heads"),
@@ -104,8 +104,6 @@ def hf_shape(name: str, shape: tuple[int, ...], config: ModelConfig) -> tuple[in
         return shape[::-1]
     if kind == "in_heads":  # [D, n, hd] <- [n*hd, D]
         return (shape[1] * shape[2], shape[0])
-    if kind == "heads_out":  # [H, hd, D] <- [D, H*hd]
-        return (shape[2], shape[0] * shape[1])
     if kind == "heads":  # [n, hd] <- [n*hd]
         return (shape[0] * shape[1],)
     return shape
@@ -117,8 +115,6 @@ def to_canonical(name: str, tensor: np.ndarray, shape: tuple[int, ...]) -> np.nd
     if kind == "T":
         return tensor.T
     if kind == "in_heads":
-        return tensor.T.reshape(shape)
-    if kind == "heads_out":
         return tensor.T.reshape(shape)
     return tensor.reshape(shape)
 

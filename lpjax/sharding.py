@@ -125,7 +125,7 @@ class ShardingRules:
         ("attn/norm", ("stack", None)),
         ("attn/wqkv", ("stack", None, "kv_heads", None, None)),  # [S, D, KV, G+2, hd]: per KV head, G q + k + v
         ("attn/bqkv", ("stack", "kv_heads", None, None)),
-        ("attn/wo", ("stack", "heads", None, None)),
+        ("attn/wo", ("stack", "heads", None)),  # [S, H*hd, D]: rows are whole heads, split like them
         ("mlp/norm", ("stack", None)),
         ("mlp/w_gate_up", ("stack", None, None, "mlp")),  # [S, D, 2, F]
         ("mlp/b_gate_up", ("stack", None, "mlp")),
@@ -137,7 +137,7 @@ class ShardingRules:
     # Canonical (checkpoint) weights of one layer, before a stage stacks and fuses them.
     layer_weights: tuple[tuple[str, tuple], ...] = (
         ("attn_norm", (None,)), ("wq", (None, "heads", None)), ("wk", (None, "kv_heads", None)),
-        ("wv", (None, "kv_heads", None)), ("wo", ("heads", None, None)), ("bq", ("heads", None)),
+        ("wv", (None, "kv_heads", None)), ("wo", ("heads", None)), ("bq", ("heads", None)),
         ("bk", ("kv_heads", None)), ("bv", ("kv_heads", None)), ("bo", (None,)), ("mlp_norm", (None,)),
         ("w_gate", (None, "mlp")), ("w_up", (None, "mlp")), ("w_down", ("mlp", None)), ("b_gate", ("mlp",)),
         ("b_up", ("mlp",)), ("b_down", (None,)),

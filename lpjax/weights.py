@@ -1,7 +1,7 @@
 """Weights: the canonical per-layer format, where weights come from, and how a plan stacks them onto a mesh.
 
 Canonical format (plan-independent, what checkpoints store): globals `embedding` [V, D], `norm` [D], `lm_head`
-[D, V] (untied only), and for each layer i `wq` [D, H, hd], `wk`/`wv` [D, K, hd], `wo` [H, hd, D], `w_gate`/`w_up`
+[D, V] (untied only), and for each layer i `wq` [D, H, hd], `wk`/`wv` [D, K, hd], `wo` [H*hd, D], `w_gate`/`w_up`
 [D, F], `w_down` [F, D], norms [D] and optional biases. Keys are `name` for globals and `name@i` for layer i.
 
 Sources: an HF directory (lazy memory-mapped safetensors), a converted lpjax directory (Orbax, one checkpoint per
@@ -40,7 +40,7 @@ def layer_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Canonical shapes of one layer's weights."""
     D, H, K, hd, F = config.dim, config.n_heads, config.n_kv_heads, config.head_dim, config.ffn_dim
     shapes = {
-        "attn_norm": (D,), "wq": (D, H, hd), "wk": (D, K, hd), "wv": (D, K, hd), "wo": (H, hd, D),
+        "attn_norm": (D,), "wq": (D, H, hd), "wk": (D, K, hd), "wv": (D, K, hd), "wo": (H * hd, D),
         "bq": (H, hd), "bk": (K, hd), "bv": (K, hd), "bo": (D,),
         "mlp_norm": (D,), "w_gate": (D, F), "w_up": (D, F), "w_down": (F, D),
         "b_gate": (F,), "b_up": (F,), "b_down": (D,),
