@@ -117,6 +117,26 @@ def _cached_attention(q, k_cache, v_cache, pos: Positions):
     return out.reshape(B, T, H, hd).astype(q.dtype)
 
 
+MIN_MATMUL_ROWS = 8
+
+
+def project(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., K] @ w [K, ...]: the weight products of every layer.
+
+    Decode multiplies one row per sequence. XLA:GPU rewrites a [1, K] x [K, N] product with a small weight
+    ([2048, 4096], a 2-GPU shard of Llama-2-7B's output projection) into multiply + reduce kernels that ran at
+    half the speed of a GEMM on H200 (bench/gemv_variants.py); with 8 rows it stays a GEMM, and reads the weight
+    once all the same. So fewer than 8 rows are padded to 8.
+    """
+    lead, K = x.shape[:-1], x.shape[-1]
+    rows = math.prod(lead)
+    w2 = w.reshape(K, -1)
+    x2 = x.reshape(rows, K)
+    if rows < MIN_MATMUL_ROWS:
+        x2 = jnp.pad(x2, ((0, MIN_MATMUL_ROWS - rows), (0, 0)))
+    return (x2 @ w2)[:rows].reshape(*lead, *w.shape[1:])
+
+
 def _param(module: nn.Module, name: str, shape, init=None):
     return module.param(name, init or nn.initializers.normal(INIT_STD), shape, module.param_dtype)
 
@@ -141,7 +161,7 @@ class AttentionBlock(nn.Module):
         h = rms_norm(x, norm, c.norm_eps)
         # One fused projection, grouped per KV head: [its G query heads, its key, its value]. Splitting the KV-head
         # axis over devices keeps every group whole, so q/k/v need no communication and one matmul reads them.
-        qkv = jnp.einsum("btd,dkgh->btkgh", h, _param(self, "wqkv", (D, self.kv_heads, G + 2, hd)))
+        qkv = project(h, _param(self, "wqkv", (D, self.kv_heads, G + 2, hd)))
         if c.attention_bias:
             qkv = qkv + _param(self, "bqkv", (self.kv_heads, G + 2, hd), nn.initializers.zeros)
         q = qkv[:, :, :, :G].reshape(B, T, self.heads, hd)
@@ -164,7 +184,7 @@ class AttentionBlock(nn.Module):
         # A plain [B, T, H*hd] x [H*hd, D] matmul behind a barrier: otherwise XLA fuses the attention's probs @ V
         # into it as a multiply-and-reduce over an [H, hd, D] product (seen on 2 H200s: 23 us a layer, not 4).
         out = jax.lax.optimization_barrier(out.reshape(B, T, self.heads * hd))
-        delta = out @ _param(self, "wo", (self.heads * hd, D))
+        delta = project(out, _param(self, "wo", (self.heads * hd, D)))
         return delta, cache
 
 
@@ -179,10 +199,10 @@ class MLPBlock(nn.Module):
     def __call__(self, x):
         c = self.config
         h = rms_norm(x, _param(self, "norm", (c.dim,), nn.initializers.ones), c.norm_eps)
-        gate_up = jnp.einsum("btd,dcf->btcf", h, _param(self, "w_gate_up", (c.dim, 2, self.ffn)))  # one matmul
+        gate_up = project(h, _param(self, "w_gate_up", (c.dim, 2, self.ffn)))  # one matmul
         if c.mlp_bias:
             gate_up = gate_up + _param(self, "b_gate_up", (2, self.ffn), nn.initializers.zeros)
-        return (jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]) @ _param(self, "w_down", (self.ffn, c.dim))
+        return project(jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], _param(self, "w_down", (self.ffn, c.dim)))
 
 
 def _stacked(block, size: int):
