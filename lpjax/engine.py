@@ -13,21 +13,19 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from functools import partial
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lpjax.config import ModelConfig, round_up
+from lpjax.config import round_up
 from lpjax.errors import LPJaxError
 from lpjax.model import LlamaLM, Positions
 from lpjax.plan import LPPlan
 from lpjax.sampling import Sampling, sample
 from lpjax.sharding import RULES, Layout, describe_mesh, make_mesh, named
-from lpjax.weights import DTYPES, WeightSource, load_params, open_source, param_shardings, progress_bar, source_dtype
+from lpjax.weights import DTYPES, WeightSource, load_params, open_source, progress_bar, source_dtype
 
 MIN_BUCKET = 16
 CACHE_MULTIPLE = 128
@@ -76,8 +74,9 @@ class Engine:
         self.params = params
         self.param_specs = RULES.param_specs(params, self.layout)
         self.cache_specs = RULES.cache_specs(self.layout)
-        self._compiled: dict = {}
-        self._warmed: set = set()
+        self._compiled: dict = {}  # key -> compiled executable (one per static shape / setting)
+        self._warmed: set = set()  # keys whose executable has run once
+        self.compile_s = 0.0  # seconds spent compiling and on first runs, kept out of every timing
         self._tokenizer = None
 
     # ---------------------------------------------------------------- construction
@@ -154,8 +153,6 @@ class Engine:
         jax.block_until_ready(run())
         self.compile_s += time.perf_counter() - t0
         self._warmed.add(key)
-
-    compile_s = 0.0
 
     # ---------------------------------------------------------------- full forward (eval, tests)
 
@@ -317,7 +314,7 @@ class Engine:
 
     # ---------------------------------------------------------------- generation
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(), seed: int = 0,
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling | None = None, seed: int = 0,
                  max_len: int | None = None, eos: tuple[int, ...] | None = None, pad_id: int = 0,
                  on_tokens: Callable[[list[list[int]]], None] | None = None, chunk: int | None = None) -> GenerationResult:
         """Generate up to `max_new_tokens` for each prompt (token ids). `on_tokens` streams each row's tokens so far
@@ -327,6 +324,7 @@ class Engine:
         if max_new_tokens < 1:
             raise LPJaxError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
         eos = tuple(self.config.eos_token_ids if eos is None else eos)
+        sampling = sampling or Sampling()
         steps = chunk or max_new_tokens
         L = self.cache_length(max(len(p) for p in prompts), max_new_tokens, max_len)
         compile_start = self.compile_s

@@ -12,7 +12,6 @@ are restacked on device and no model is ever whole in host memory or on one devi
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 import zlib
@@ -280,7 +279,3 @@ def source_dtype(source: WeightSource) -> str:
     dt = getattr(source, "dtype", None) or getattr(getattr(source, "checkpoint", None), "dtype", None)
     name = np.dtype(dt).name if dt is not None else "bfloat16"
     return name if name in DTYPES else "float32"
-
-
-def save_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
