@@ -29,6 +29,10 @@ CONFIGS = {
     "bias": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=4, attention_bias=True, mlp_bias=True, max_position_embeddings=256,
                  rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    # tied embeddings and a vocabulary (322) that 4 devices do not divide: the vocabulary is padded
+    "tied_odd_vocab": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                           num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=256,
+                           vocab_size=322),
     # divides over 8 devices: 8 heads, 2 KV heads (repeated), MLP 128
     "shardable": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=8,
                       num_key_value_heads=2, max_position_embeddings=256),
@@ -61,7 +65,8 @@ def make_checkpoint(directory: Path, name: str, seed: int = 0, dtype: str = "flo
 
     directory = Path(directory)
     tok = make_tokenizer(directory)
-    config = LlamaConfig(vocab_size=len(tok), bos_token_id=1, eos_token_id=2, **CONFIGS[name])
+    kwargs = dict(vocab_size=len(tok), bos_token_id=1, eos_token_id=2) | CONFIGS[name]
+    config = LlamaConfig(**kwargs)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # larger-than-default weights so layers actually change the residual stream

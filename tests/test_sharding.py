@@ -47,6 +47,17 @@ def test_equal_to_single_device(engines, reference, devices, lp):
     assert greedy == ref_greedy
 
 
+def test_tied_embeddings_with_a_padded_vocabulary(engines):
+    """Tied LM head on a vocabulary-split embedding, 322 tokens over 4 devices (padded to 324)."""
+    engine = engines("tied_odd_vocab", "0:2", 4)
+    assert engine.layout.vocab_padded == 324 and engine.params["embed"]["embedding"].shape == (324, 64)
+    ref = engines("tied_odd_vocab", "0:2", 1)
+    ids = np.array(PROMPTS[:1])
+    got = engine.logits(ids)
+    assert got.shape[-1] == 322 and rel_err(got, ref.logits(ids)) <= 1e-5
+    assert engine.generate(PROMPTS, 6, eos=()).tokens == ref.generate(PROMPTS, 6, eos=()).tokens
+
+
 def count_collectives(engine) -> tuple[int, int]:
     cache = engine.init_cache(2, 32)  # the shapes run_all compiled already
     engine.decode_step(cache, np.array([5, 6]), 12, np.array([0, 5]))
