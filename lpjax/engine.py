@@ -162,12 +162,13 @@ class Engine:
         B, T = tokens.shape
         padded = pad is not None and bool(np.any(pad))
         pad = np.zeros(B, np.int32) if pad is None else np.asarray(pad, np.int32)
-        positions = np.maximum(np.arange(T)[None, :] - pad[:, None], 0).astype(np.int32)
-        args = (self.params, self._put(tokens), Positions(self._put(positions), self._put(pad), self._put(np.int32(0))))
         fwd = self._forward("padded" if padded else "full", cached=False, one_position=False)
-        fn = self._compile((name, B, T, padded), lambda: jax.jit(lambda p, t, q: post(fwd(p, t, q, None, 0)[0], t)),
-                           *args)
-        return self._get(fn(*args))
+
+        def run(params, tokens, pad):
+            return post(fwd(params, tokens, Positions.prompt(pad, T), None, 0)[0], tokens)
+
+        args = (self.params, self._put(tokens), self._put(pad))
+        return self._get(self._compile((name, B, T, padded), lambda: jax.jit(run), *args)(*args))
 
     def logits(self, tokens: np.ndarray, pad: np.ndarray | None = None) -> np.ndarray:
         """Logits [B, T, V] (float32) of a full causal forward."""
@@ -219,9 +220,7 @@ class Engine:
         fwd = self._forward("prefill_padded" if padded else "prefill", cached=True, one_position=True)
 
         def run(params, cache, tokens, pad, last):
-            positions = jnp.maximum(jnp.arange(tokens.shape[1])[None, :] - pad[:, None], 0)
-            pos = Positions(positions, pad, jnp.int32(0))
-            return fwd(params, tokens, pos, cache, last)
+            return fwd(params, tokens, Positions.prompt(pad, tokens.shape[1]), cache, last)
 
         key = ("prefill", B, bucket, L, padded)
         args = [self.params, cache, self._put(tokens), self._put(pad), self._put(np.int32(n - 1))]
@@ -241,8 +240,7 @@ class Engine:
         fwd = self._forward("decode", cached=True, one_position=False)
 
         def step(params, cache, tokens, index, pad):
-            pos = Positions((index - pad)[:, None], pad, index)
-            logits, cache = fwd(params, tokens[:, None], pos, cache, 0)
+            logits, cache = fwd(params, tokens[:, None], Positions.step(pad, index), cache, 0)
             return logits[:, 0], cache
 
         args = (self.params, cache, self._put(np.asarray(tokens, np.int32)), self._put(np.int32(index)),
@@ -265,8 +263,7 @@ class Engine:
                 cache, st, i = carry
                 token = jax.lax.dynamic_index_in_dim(st["out"], st["count"] - 1, axis=1, keepdims=False)
                 index = st["index"]
-                pos = Positions((index - st["pad"])[:, None], st["pad"], index)
-                logits, cache = fwd(params, token[:, None], pos, cache, 0)
+                logits, cache = fwd(params, token[:, None], Positions.step(st["pad"], index), cache, 0)
                 key, sub = jax.random.split(st["key"])
                 nxt = jnp.where(st["done"], pad_id, sample(logits[:, 0], sub, sampling))
                 out = jax.lax.dynamic_update_slice_in_dim(st["out"], nxt[:, None], st["count"], axis=1)

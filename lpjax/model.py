@@ -44,6 +44,17 @@ class Positions:
     pad: jax.Array
     index: jax.Array
 
+    @classmethod
+    def prompt(cls, pad: jax.Array, length: int) -> Positions:
+        """A left-padded prompt of `length` slots written from cache slot 0."""
+        positions = jnp.maximum(jnp.arange(length)[None, :] - pad[:, None], 0)
+        return cls(positions, pad, jnp.int32(0))
+
+    @classmethod
+    def step(cls, pad: jax.Array, index: jax.Array) -> Positions:
+        """One new token per row, written at cache slot `index`."""
+        return cls((index - pad)[:, None], pad, index)
+
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     """Per-pair rotation frequencies, with HF's `llama3` and `linear` scaling."""
@@ -117,6 +128,14 @@ def _cached_attention(q, k_cache, v_cache, pos: Positions):
     return out.reshape(B, T, H, hd).astype(q.dtype)
 
 
+def _write_cache(cache: dict, k: jax.Array, v: jax.Array, index) -> dict:
+    """Write keys/values [B, T, K, hd] into the head-major cache [B, K, L, hd] at slots index..index+T-1."""
+    def write(c, x):
+        return jax.lax.dynamic_update_slice_in_dim(c, x.transpose(0, 2, 1, 3).astype(c.dtype), index, axis=2)
+
+    return {"k": write(cache["k"], k), "v": write(cache["v"], v)}
+
+
 MIN_MATMUL_ROWS = 8
 
 
@@ -169,18 +188,13 @@ class AttentionBlock(nn.Module):
         inv_freq = rope_inv_freq(c)
         q, k = apply_rope(q, pos.positions, inv_freq), apply_rope(k, pos.positions, inv_freq)
         if mode == "decode":
-            k_cache = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.transpose(0, 2, 1, 3), pos.index, axis=2)
-            v_cache = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.transpose(0, 2, 1, 3), pos.index, axis=2)
-            cache = {"k": k_cache, "v": v_cache}
-            out = _cached_attention(q, k_cache, v_cache, pos)
+            cache = _write_cache(cache, k, v, pos.index)
+            out = _cached_attention(q, cache["k"], cache["v"], pos)
         else:
             padded = mode in ("padded", "prefill_padded")
             out = _fresh_attention(q, k, v, pos.pad if padded else None, self.attention_impl)
             if cache is not None:  # prefill: the cache is empty, write this call's keys at slot 0
-                cache = {
-                    "k": jax.lax.dynamic_update_slice_in_dim(cache["k"], k.transpose(0, 2, 1, 3).astype(cache["k"].dtype), 0, axis=2),
-                    "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v.transpose(0, 2, 1, 3).astype(cache["v"].dtype), 0, axis=2),
-                }
+                cache = _write_cache(cache, k, v, 0)
         # A plain [B, T, H*hd] x [H*hd, D] matmul behind a barrier: otherwise XLA fuses the attention's probs @ V
         # into it as a multiply-and-reduce over an [H, hd, D] product (seen on 2 H200s: 23 us a layer, not 4).
         out = jax.lax.optimization_barrier(out.reshape(B, T, self.heads * hd))
@@ -237,7 +251,8 @@ class Stage(nn.Module):
     @nn.compact
     def __call__(self, x, cache, pos: Positions, mode: str):
         c = self.config
-        attn = _stacked(AttentionBlock, self.local_stack)(c, self.heads, self.kv_heads, self.param_dtype, self.attention_impl, name="attn")
+        attn = _stacked(AttentionBlock, self.local_stack)(c, self.heads, self.kv_heads, self.param_dtype,
+                                                         self.attention_impl, name="attn")
         deltas, cache = attn(x, cache, pos, mode)
         a = self._reduce(deltas)
         if c.attention_bias:
