@@ -31,6 +31,11 @@ MIN_BUCKET = 16
 CACHE_MULTIPLE = 128
 
 
+def _eos_array(eos: tuple[int, ...]) -> jax.Array:
+    """EOS ids as an array for `jnp.isin` (-1, which no token is, when there are none)."""
+    return jnp.array(eos or (-1,), jnp.int32)
+
+
 def prefill_bucket(n: int) -> int:
     """Power-of-two prompt bucket (at least MIN_BUCKET): one compile serves every prompt up to its size."""
     return max(MIN_BUCKET, 1 << (max(n, 1) - 1).bit_length())
@@ -144,15 +149,22 @@ class Engine:
             self.compile_s += time.perf_counter() - t0
         return self._compiled[key]
 
-    def _first_run(self, key, run: Callable[[], object]):
-        """Run a program once right after it is compiled, outside the timings: the first execution also sets up
-        collectives and buffers (seen on H200: a 2-GPU prefill took 0.96 s the first time, 0.03 s after)."""
+    def _first_run(self, key, cache: dict, run: Callable[[dict], dict]) -> dict:
+        """The first time `key` runs, run it once outside the timings (`run` maps the cache to the cache to go on
+        with): the first execution also sets up collectives and buffers (seen on H200: a 2-GPU prefill took 0.96 s
+        the first time, 0.03 s after). Its time counts as compile time."""
         if key in self._warmed:
-            return
+            return cache
         t0 = time.perf_counter()
-        jax.block_until_ready(run())
+        cache = jax.block_until_ready(run(cache))
         self.compile_s += time.perf_counter() - t0
         self._warmed.add(key)
+        return cache
+
+    @staticmethod
+    def _cache_shape(cache: dict) -> tuple[int, ...]:
+        """[stack, batch, kv_heads, max_len, head_dim] of the first stage's cache (all stages share batch/max_len)."""
+        return next(iter(cache.values()))["k"].shape
 
     # ---------------------------------------------------------------- full forward (eval, tests)
 
@@ -210,7 +222,7 @@ class Engine:
         cache, n, pad): n is the padded prompt length (the next cache slot), pad the left padding per row."""
         B = len(prompts)
         n = max(len(p) for p in prompts)
-        L = cache[self.layout.stages[0].name]["k"].shape[3]
+        L = self._cache_shape(cache)[3]
         bucket = min(prefill_bucket(n), L)
         tokens = np.full((B, bucket), pad_id, np.int32)
         pad = np.array([n - len(p) for p in prompts], np.int32)
@@ -223,15 +235,11 @@ class Engine:
             return fwd(params, tokens, Positions.prompt(pad, tokens.shape[1]), cache, last)
 
         key = ("prefill", B, bucket, L, padded)
-        args = [self.params, cache, self._put(tokens), self._put(pad), self._put(np.int32(n - 1))]
-        fn = self._compile(key, lambda: jax.jit(run, donate_argnums=1), *args)
-
-        def first():  # the warm-up writes the same cache slots the real run then overwrites
-            args[1] = fn(*args)[1]
-            return args[1]
-
-        self._first_run(key, first)
-        logits, cache = fn(*args)
+        inputs = (self._put(tokens), self._put(pad), self._put(np.int32(n - 1)))
+        fn = self._compile(key, lambda: jax.jit(run, donate_argnums=1), self.params, cache, *inputs)
+        # the warm-up writes the same cache slots the real run then overwrites
+        cache = self._first_run(key, cache, lambda c: fn(self.params, c, *inputs)[1])
+        logits, cache = fn(self.params, cache, *inputs)
         return logits, cache, n, pad
 
     def decode_step(self, cache: dict, tokens, index: int, pad) -> tuple[np.ndarray, dict]:
@@ -245,14 +253,14 @@ class Engine:
 
         args = (self.params, cache, self._put(np.asarray(tokens, np.int32)), self._put(np.int32(index)),
                 self._put(np.asarray(pad, np.int32)))
-        fn = self._compile(("step", len(tokens), cache[self.layout.stages[0].name]["k"].shape),
+        fn = self._compile(("step", len(tokens), self._cache_shape(cache)),
                            lambda: jax.jit(step, donate_argnums=1), *args)
         logits, cache = fn(*args)
         return self._get(logits), cache
 
     def _decode_loop(self, sampling: Sampling, steps: int, eos: tuple[int, ...], pad_id: int):
         fwd = self._forward("decode", cached=True, one_position=False)
-        eos_ids = jnp.array(eos or (-1,), jnp.int32)
+        eos_ids = _eos_array(eos)
 
         def loop(params, cache, state):
             def cond(carry):
@@ -285,7 +293,7 @@ class Engine:
             key, sub = jax.random.split(jax.random.wrap_key_data(key_data))
             first = sample(logits, sub, sampling)
             out = jnp.zeros((B, max_new_tokens), jnp.int32).at[:, 0].set(first)
-            done = jnp.isin(first, jnp.array(eos or (-1,), jnp.int32))
+            done = jnp.isin(first, _eos_array(eos))
             return dict(out=out, done=done, key=key, count=jnp.int32(1), index=n, pad=pad)
 
         args = (logits, self._put(jax.random.key_data(jax.random.key(seed))), self._put(pad), self._put(np.int32(n)))
@@ -294,26 +302,24 @@ class Engine:
 
     def decode(self, cache: dict, state: dict, sampling: Sampling, steps: int, eos: tuple[int, ...], pad_id: int):
         """Run up to `steps` decode steps on device (stopping early when every row hit EOS or the budget)."""
-        key = ("decode", sampling, steps, tuple(eos), pad_id, state["out"].shape,
-               cache[self.layout.stages[0].name]["k"].shape)
-        fn = self._compile(key, lambda: jax.jit(self._decode_loop(sampling, steps, eos, pad_id), donate_argnums=(1, 2)),
-                           self.params, cache, state)
-        holder = [cache]
+        key = ("decode", sampling, steps, tuple(eos), pad_id, state["out"].shape, self._cache_shape(cache))
+        loop = self._decode_loop(sampling, steps, eos, pad_id)
+        fn = self._compile(key, lambda: jax.jit(loop, donate_argnums=(1, 2)), self.params, cache, state)
 
-        def first():  # one step on a copy of the state, at the slot the real run writes first
-            scratch = jax.tree.map(jnp.copy, state)
+        def one_step(c):  # on a copy of the state (it is donated), at the cache slot the real run writes first
+            scratch = dict(jax.tree.map(jnp.copy, state))
             scratch["count"] = jnp.maximum(scratch["count"], state["out"].shape[1] - 1)
-            holder[0] = fn(self.params, holder[0], scratch)[0]
-            return holder[0]
+            return fn(self.params, c, scratch)[0]
 
-        self._first_run(key, first)
-        return fn(self.params, holder[0], state)
+        cache = self._first_run(key, cache, one_step)
+        return fn(self.params, cache, state)
 
     # ---------------------------------------------------------------- generation
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling | None = None, seed: int = 0,
-                 max_len: int | None = None, eos: tuple[int, ...] | None = None, pad_id: int = 0,
-                 on_tokens: Callable[[list[list[int]]], None] | None = None, chunk: int | None = None) -> GenerationResult:
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling | None = None,
+                 seed: int = 0, max_len: int | None = None, eos: tuple[int, ...] | None = None, pad_id: int = 0,
+                 on_tokens: Callable[[list[list[int]]], None] | None = None,
+                 chunk: int | None = None) -> GenerationResult:
         """Generate up to `max_new_tokens` for each prompt (token ids). `on_tokens` streams each row's tokens so far
         after every chunk of `chunk` decode steps (default: the whole generation in one on-device loop)."""
         if not prompts or any(len(p) == 0 for p in prompts):
