@@ -52,9 +52,10 @@ def sample(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
         logits = jnp.where(logits < kth, neg, logits)
     if s.top_p < 1:
         sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        keep = (cum - jax.nn.softmax(sorted_logits, axis=-1)) < s.top_p
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays): a token stays when the
+        # mass before it is still below top_p
+        keep = (jnp.cumsum(probs, axis=-1) - probs) < s.top_p
         threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < threshold, neg, logits)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
