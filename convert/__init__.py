@@ -8,7 +8,8 @@ import numpy as np
 
 from lpjax.checkpoint import prepare_output_dir, write_checkpoint
 from lpjax.errors import LPJaxError
-from lpjax.weights import DTYPES, HFSource, global_shapes, layer_shapes, progress_bar, source_dtype
+from lpjax.cli import progress_bar
+from lpjax.weights import DTYPES, HFSource, global_shapes, layer_shapes, source_dtype
 
 
 def convert(hf_dir: Path, out: Path, dtype: str | None = None, overwrite: bool = False, show_progress: bool = True):

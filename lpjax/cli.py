@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 
 from lpjax.errors import LPJaxError
@@ -89,6 +90,24 @@ def say(*parts, file=None, end="\n", flush=True) -> None:
 
 def emit_json(obj: dict) -> None:
     say(json.dumps(obj, sort_keys=True))
+
+
+def progress_bar(label: str, min_interval_s: float = 0.5) -> Callable[[int, int], None]:
+    """A progress bar on stderr: redrawn in place on a terminal, a line at most every few seconds otherwise."""
+    tty = sys.stderr.isatty()
+    last = [0.0]
+
+    def show(done: int, total: int):
+        now = time.monotonic()
+        if done < total and now - last[0] < (min_interval_s if tty else 5.0):
+            return
+        last[0] = now
+        filled = 30 * done // total
+        line = f"{label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}"
+        sys.stderr.write(("\r" + line if tty else line + "\n") + ("\n" if tty and done == total else ""))
+        sys.stderr.flush()
+
+    return show
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:

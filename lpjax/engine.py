@@ -25,7 +25,8 @@ from lpjax.model import LlamaLM, Positions
 from lpjax.plan import LPPlan
 from lpjax.sampling import Sampling, sample
 from lpjax.sharding import RULES, Layout, describe_mesh, make_mesh, named
-from lpjax.weights import DTYPES, WeightSource, load_params, open_source, progress_bar, source_dtype
+from lpjax.cli import progress_bar
+from lpjax.weights import DTYPES, WeightSource, load_params, open_source, source_dtype
 
 MIN_BUCKET = 16
 CACHE_MULTIPLE = 128

@@ -78,7 +78,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cli.init_distributed(args)
     from lpjax.engine import Engine
-    from lpjax.weights import progress_bar
 
     contents = [cli.read_text_file(f) for f in args.text]
     engine = Engine.load(args.model, args.lp, args.devices, args.dtype, show_progress=cli.is_main_process())
@@ -99,7 +98,7 @@ def main(argv=None) -> int:
             raise LPJaxError(f"--text {path}: has fewer than 2 tokens, nothing to score")
         texts.append(ids)
     cli.say(f"[{engine.describe()}]", file=sys.stderr)
-    bar = progress_bar("scoring windows") if cli.is_main_process() else None
+    bar = cli.progress_bar("scoring windows") if cli.is_main_process() else None
     res = perplexity(engine, texts, window, stride, args.batch_size, bar)
     cli.say(f"perplexity {res['ppl']:.4f} (NLL {res['nll']:.5f} nats/token) over {res['tokens']} tokens in "
             f"{res['windows']} window(s) of {window}, stride {stride}; LP plan {engine.plan.describe()}; "

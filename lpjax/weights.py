@@ -12,8 +12,6 @@ are restacked on device and no model is ever whole in host memory or on one devi
 
 from __future__ import annotations
 
-import sys
-import time
 import zlib
 from collections.abc import Callable
 from functools import partial
@@ -72,7 +70,8 @@ class WeightSource:
 
     config: ModelConfig
     description: str
-    directory: Path | None = None
+    directory: Path | None = None  # where config and tokenizer live (None: random weights)
+    dtype: np.dtype | None = None  # what the checkpoint stores (None: random weights)
 
     def read(self, keys: dict[str, NamedSharding], dtype) -> dict[str, jax.Array]:
         raise NotImplementedError
@@ -87,6 +86,7 @@ class HFSource(WeightSource):
         self.directory = directory
         self.config, self.hf_config = read_hf_config(directory)
         self.checkpoint = HFCheckpoint(directory, self.config, canonical_shapes(self.config))
+        self.dtype = self.checkpoint.dtype
         self.description = f"Hugging Face checkpoint {directory}"
 
     def read(self, keys, dtype):
@@ -256,26 +256,9 @@ def load_params(source: WeightSource, layout: Layout, mesh: Mesh, dtype,
     return params
 
 
-def progress_bar(label: str, min_interval_s: float = 0.5) -> Callable[[int, int], None]:
-    """A progress bar on stderr: redrawn in place on a terminal, a line at most every few seconds otherwise."""
-    tty = sys.stderr.isatty()
-    last = [0.0]
-
-    def show(done: int, total: int):
-        now = time.monotonic()
-        if done < total and now - last[0] < (min_interval_s if tty else 5.0):
-            return
-        last[0] = now
-        filled = 30 * done // total
-        line = f"{label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}"
-        sys.stderr.write(("\r" + line if tty else line + "\n") + ("\n" if tty and done == total else ""))
-        sys.stderr.flush()
-
-    return show
-
-
 def source_dtype(source: WeightSource) -> str:
-    """The dtype a checkpoint was saved in, as a DTYPES key (bfloat16 for random weights)."""
-    dt = getattr(source, "dtype", None) or getattr(getattr(source, "checkpoint", None), "dtype", None)
-    name = np.dtype(dt).name if dt is not None else "bfloat16"
+    """The dtype a checkpoint was saved in, as a DTYPES key (bfloat16 for random weights, float32 for others)."""
+    if source.dtype is None:
+        return "bfloat16"
+    name = np.dtype(source.dtype).name
     return name if name in DTYPES else "float32"
