@@ -56,7 +56,8 @@ def summarise(events: list[tuple[str, int, int]], tokens: int, top: int) -> dict
         "sequence_one_token": sequence,  # (kernel, duration us, gap before us), one token from the middle
         "span_ms_per_token": span / tokens / 1e6, "kernel_ms_per_token": busy / tokens / 1e6,
         "kernels_per_token": len(events) / tokens,
-        "top": [{"kernel": k, "ms_per_token": v[0] / tokens / 1e6, "calls_per_token": v[1] / tokens} for k, v in ranked],
+        "top": [{"kernel": k, "ms_per_token": v[0] / tokens / 1e6, "calls_per_token": v[1] / tokens}
+                for k, v in ranked],
     }
 
 

@@ -47,7 +47,8 @@ def prepare_output_dir(out: Path, overwrite: bool) -> None:
         if not overwrite:
             raise LPJaxError(f"--out {out}: already exists and is not empty (pass --overwrite to replace it)")
         if not is_converted(out):
-            raise LPJaxError(f"--out {out}: --overwrite only replaces an lpjax checkpoint directory, and this is not one")
+            raise LPJaxError(
+                f"--out {out}: --overwrite only replaces an lpjax checkpoint directory, and this is not one")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 

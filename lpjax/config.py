@@ -119,7 +119,8 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
     except (TypeError, ValueError) as e:
         raise LPJaxError(f"model config: malformed value ({e})") from None
     if hf.get("head_dim") is None and raw["head_dim"] * n_heads != dim:
-        raise LPJaxError(f"model config: hidden_size {dim} is not divisible by {n_heads} heads and no head_dim is given")
+        raise LPJaxError(
+            f"model config: hidden_size {dim} is not divisible by {n_heads} heads and no head_dim is given")
     theta, scaling = _rope_scaling(hf)
     eos = hf.get("eos_token_id")
     eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else []))

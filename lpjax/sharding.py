@@ -37,7 +37,8 @@ def make_mesh(n_devices: int | None = None, devices: list | None = None) -> Mesh
     if n > len(devices):
         raise LPJaxError(f"--devices {n}: only {len(devices)} {devices[0].platform.upper()} device(s) are visible")
     if n > 1 and n % 2:
-        raise LPJaxError(f"--devices {n}: use 1 or an even number of devices (LP puts one layer of a pair on each half)")
+        raise LPJaxError(
+            f"--devices {n}: use 1 or an even number of devices (LP puts one layer of a pair on each half)")
     shape = (1, 1) if n == 1 else (2, n // 2)
     try:  # topology-aware order (TPU slices, NVLink islands), as JAX lays meshes out itself
         from jax.experimental import mesh_utils
@@ -101,7 +102,8 @@ class Layout:
             what = f"{'LP pairs' if stage.is_pair else 'sequential layers'} (split {split} ways on {n} devices)"
             for dim, size in (("attention heads", config.n_heads), ("MLP width", config.ffn_dim)):
                 if size % split:
-                    raise LPJaxError(f"cannot split the model over {n} devices: {dim} {size} of {what} is not divisible by {split}")
+                    raise LPJaxError(f"cannot split the model over {n} devices: {dim} {size} of {what} is not "
+                                     f"divisible by {split}")
             kv = config.n_kv_heads
             if kv % split == 0:
                 repeat = 1
