@@ -150,7 +150,9 @@ def open_source(model: str, seed: int = 0) -> WeightSource:
         return RandomSource(model.split(":", 1)[1], seed)
     path = Path(model)
     if not path.exists():
-        raise LPJaxError(f"--model {model}: no such file or directory")
+        hint = " (lpjax reads local directories only; download the checkpoint first)" if (
+            model.count("/") == 1 and not model.startswith((".", "/"))) else ""
+        raise LPJaxError(f"--model {model}: no such file or directory{hint}")
     if not path.is_dir():
         raise LPJaxError(f"--model {model}: not a directory (expected an HF or lpjax model directory, or random:NAME)")
     from lpjax.checkpoint import OrbaxSource, is_converted
