@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from lpjax.checkpoint import prepare_output_dir, write_checkpoint
-from lpjax.errors import LPJaxError
 from lpjax.cli import progress_bar
+from lpjax.errors import LPJaxError
 from lpjax.weights import DTYPES, HFSource, global_shapes, layer_shapes, source_dtype
 
 

@@ -1,9 +1,16 @@
 """lpjax: Layer Parallelism (pairs of consecutive layers evaluated on the same input) for Llama inference in JAX."""
 
-from lpjax.engine import Engine, GenerationResult
-from lpjax.errors import LPJaxError
-from lpjax.plan import LPPlan
-from lpjax.sampling import Sampling
+import importlib
 
 __all__ = ["Engine", "GenerationResult", "LPJaxError", "LPPlan", "Sampling"]
 __version__ = "0.1.0"
+
+_HOMES = {"Engine": "lpjax.engine", "GenerationResult": "lpjax.engine", "LPJaxError": "lpjax.errors",
+          "LPPlan": "lpjax.plan", "Sampling": "lpjax.sampling"}
+
+
+def __getattr__(name: str):
+    """Import on first use: `python -m lpjax.plan` must not find lpjax.plan already imported by the package."""
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    raise AttributeError(f"module 'lpjax' has no attribute {name!r}")

@@ -17,15 +17,16 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from lpjax.cli import progress_bar
 from lpjax.config import round_up
 from lpjax.errors import LPJaxError
 from lpjax.model import LlamaLM, Positions
 from lpjax.plan import LPPlan
 from lpjax.sampling import Sampling, sample
 from lpjax.sharding import RULES, Layout, describe_mesh, make_mesh, named
-from lpjax.cli import progress_bar
 from lpjax.weights import DTYPES, WeightSource, load_params, open_source, source_dtype
 
 MIN_BUCKET = 16

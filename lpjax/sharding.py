@@ -18,7 +18,8 @@ import dataclasses
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from lpjax.config import ModelConfig, round_up
 from lpjax.errors import LPJaxError

@@ -15,7 +15,6 @@ if "LPJAX_COMPILE_CACHE" not in os.environ:  # keep the CLIs' compile cache out 
     os.environ["LPJAX_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="lpjax-test-xla-")
 
 import pytest  # noqa: E402
-
 from helpers import CORPUS, make_checkpoint  # noqa: E402
 
 
