@@ -1,0 +1,64 @@
+"""Benchmark records: one JSON object per measured figure, the same shape for every implementation.
+
+    {"impl", "model", "gpus", "lp_delta", "lp", "batch", "metric", "value", "unit", "samples", ...context}
+
+The harness (`bench.run`) adds the context every record shares (machine, date, commit); each implementation's
+runner adds its own versions. Files are JSON lines, so runners append and a crash loses nothing already measured.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+# metric -> (unit, what it is). Every runner measures these names with these units.
+METRICS = {
+    "prefill_1024": ("ms", "latency of a 1024-token prompt (fills the KV cache; first token's logits)"),
+    "prefill_4096": ("ms", "latency of a 4096-token prompt"),
+    "decode": ("ms/token", "128 new tokens after a 128-token prompt, one on-device loop (per step, whole batch)"),
+    "generate_4096": ("s", "wall time to generate 4096 tokens after a 128-token prompt (paper's Figure 1)"),
+    "single_token": ("ms", "one decode step called from the host with a warm cache, its output back on the host"),
+    "peak_memory": ("GiB", "peak device memory of one GPU (the largest over the GPUs used)"),
+}
+KEY = ("impl", "model", "gpus", "lp_delta", "batch", "metric")
+PROMPT_LEN = 128
+DECODE_TOKENS = 128
+
+
+def parse_list(text: str, kind=str) -> list:
+    return [kind(x.strip()) for x in text.split(",") if x.strip()]
+
+
+def prompt_ids(n: int, vocab: int, row: int = 0) -> list[int]:
+    """A deterministic prompt of n token ids below `vocab` (values do not matter for speed; rows differ)."""
+    return [1] + [3 + (7 * i + 13 * row) % (vocab - 3) for i in range(n - 1)]
+
+
+def make(impl: str, model: str, gpus: int, lp_delta: int, lp: str, batch: int, metric: str, samples: list[float],
+         **context) -> dict:
+    """A record whose value is the median of `samples`."""
+    unit = METRICS[metric][0]
+    return dict(impl=impl, model=model, gpus=gpus, lp_delta=lp_delta, lp=lp, batch=batch, metric=metric,
+                value=statistics.median(samples), unit=unit, samples=[round(s, 6) for s in samples], **context)
+
+
+def append(path: Path | None, records: list[dict]) -> None:
+    """Print each record as a JSON line and append it to `path` (when given)."""
+    lines = [json.dumps(r) for r in records]
+    for line in lines:
+        print(line, flush=True)
+    if path is not None:
+        with path.open("a") as f:
+            f.write("".join(line + "\n" for line in lines))
+
+
+def read(path: Path) -> list[dict]:
+    """Records of a JSON-lines file (blank lines skipped)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def merge(old: list[dict], new: list[dict]) -> list[dict]:
+    """`old` with every record that `new` measures again replaced (same impl, model, gpus, Δ, batch, metric)."""
+    fresh = {tuple(r[k] for k in KEY) for r in new}
+    return [r for r in old if tuple(r[k] for k in KEY) not in fresh] + new

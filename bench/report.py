@@ -1,0 +1,160 @@
+"""Tables and plots from benchmark records (`bench/results/<machine>.json`).
+
+    python -m bench.report bench/results/h200.json [--plots DIR] [--markdown FILE]
+
+Decode table: one row per (GPUs, Δ, batch), one column per implementation, then lpjax against the best PyTorch
+baseline of the same row and the LP speed-up (Δ=0 time over Δ time, same implementation and GPU count). Full table:
+every metric. Plot: decode ms/token by GPU count and Δ, a bar per implementation and Δ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from bench.records import METRICS, read
+
+ORDER = ("lpjax", "torch-tp", "hf-static-compile", "hf-eager")
+TORCH = ("torch-tp", "hf-static-compile", "hf-eager")
+
+
+def _impls(recs: list[dict]) -> list[str]:
+    seen = {r["impl"] for r in recs}
+    return [i for i in ORDER if i in seen] + sorted(seen - set(ORDER))
+
+
+def _index(recs: list[dict]) -> dict:
+    """(model, impl, gpus, Δ, batch, metric) -> value."""
+    return {(r["model"], r["impl"], r["gpus"], r["lp_delta"], r["batch"], r["metric"]): r["value"] for r in recs}
+
+
+def _fmt(v: float | None, digits: int = 2) -> str:
+    return "" if v is None else f"{v:.{digits}f}"
+
+
+def decode_table(recs: list[dict], model: str) -> str:
+    idx, impls = _index(recs), _impls([r for r in recs if r["model"] == model])
+    rows = sorted({(r["gpus"], r["lp_delta"], r["batch"]) for r in recs if r["model"] == model
+                   and r["metric"] == "decode"}, key=lambda k: (k[2], k[0], k[1]))
+    head = ["GPUs", "Δ", "batch", *impls, "lpjax vs best PyTorch", "LP speed-up lpjax", "LP speed-up torch-tp"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for gpus, delta, batch in rows:
+        def get(impl, d=delta, g=gpus, b=batch):
+            return idx.get((model, impl, g, d, b, "decode"))
+
+        # transformers baselines run on one GPU only: they are the best PyTorch of the 1-GPU rows alone
+        torch_best = min((v for i in TORCH if (v := get(i)) is not None), default=None)
+        ours = get("lpjax")
+        vs = f"{torch_best / ours:.2f}x faster" if ours and torch_best else ""
+        speedups = []
+        for impl in ("lpjax", "torch-tp"):
+            base, lp = get(impl, 0), get(impl)
+            speedups.append(f"{base / lp:.2f}x" if delta and base and lp else "")
+        cells = [str(gpus), str(delta), str(batch), *(_fmt(get(i)) for i in impls), vs, *speedups]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def full_table(recs: list[dict], model: str) -> str:
+    idx = _index(recs)
+    metrics = [m for m in METRICS if any(r["metric"] == m and r["model"] == model for r in recs)]
+    rows = sorted({(r["impl"], r["gpus"], r["lp_delta"], r["batch"]) for r in recs if r["model"] == model},
+                  key=lambda k: (ORDER.index(k[0]) if k[0] in ORDER else 99, k[3], k[1], k[2]))
+    head = ["impl", "GPUs", "Δ", "batch", *(f"{m} ({METRICS[m][0]})" for m in metrics)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for impl, gpus, delta, batch in rows:
+        cells = [_fmt(idx.get((model, impl, gpus, delta, batch, m)), 3 if m == "single_token" else 2) for m in metrics]
+        lines.append("| " + " | ".join([impl, str(gpus), str(delta), str(batch), *cells]) + " |")
+    return "\n".join(lines)
+
+
+def context_line(recs: list[dict], model: str) -> str:
+    """Machine, date, commit and versions of the records behind a model's tables."""
+    parts = defaultdict(set)
+    for r in (r for r in recs if r["model"] == model):
+        parts["machine"].add(r.get("machine", "?"))
+        parts["date"].add(r.get("date", "?"))
+        parts["commit"].add(r.get("commit", "?"))
+        parts["device"].add(r.get("device_name", "?"))
+        for k, v in (r.get("versions") or {}).items():
+            parts[k].add(str(v))
+    return "; ".join(f"{k} {', '.join(sorted(v))}" for k, v in parts.items())
+
+
+def markdown_tables(recs: list[dict]) -> str:
+    out = []
+    for model in sorted({r["model"] for r in recs}):
+        out += [f"### {model}: decode ms/token (lower is better)", "", decode_table(recs, model), "",
+                f"### {model}: all metrics", "", full_table(recs, model), "", f"_{context_line(recs, model)}_", ""]
+    return "\n".join(out)
+
+
+def plot_decode(recs: list[dict], model: str, batch: int, path: Path) -> bool:
+    """Grouped bars: x = GPU count, one bar per (implementation, Δ). False when there is nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sel = [r for r in recs if r["model"] == model and r["batch"] == batch and r["metric"] == "decode"]
+    if not sel:
+        return False
+    gpus = sorted({r["gpus"] for r in sel})
+    series = sorted({(r["impl"], r["lp_delta"]) for r in sel},
+                    key=lambda k: (ORDER.index(k[0]) if k[0] in ORDER else 99, k[1]))
+    idx = {(r["impl"], r["lp_delta"], r["gpus"]): r["value"] for r in sel}
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(gpus) * len(series) / 2), 4.2))
+    for k, (impl, delta) in enumerate(series):
+        xs = [i + (k - (len(series) - 1) / 2) * width for i, g in enumerate(gpus) if (impl, delta, g) in idx]
+        ys = [idx[(impl, delta, g)] for g in gpus if (impl, delta, g) in idx]
+        bars = ax.bar(xs, ys, width, label=f"{impl} Δ={delta}", hatch="//" if delta else None)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, rotation=90, padding=2)
+    ax.set_xticks(range(len(gpus)), [f"{g} GPU" + ("s" if g > 1 else "") for g in gpus])
+    ax.set_ylabel("decode ms / token (lower is better)")
+    ax.set_title(f"{model}, batch {batch}: decode after a 128-token prompt")
+    ax.margins(y=0.2)
+    ax.legend(fontsize=7, ncols=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_plots(recs: list[dict], directory: Path, prefix: str) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    out = []
+    for model in sorted({r["model"] for r in recs}):
+        for batch in sorted({r["batch"] for r in recs if r["model"] == model}):
+            path = directory / f"{prefix}decode-{model}-batch{batch}.png"
+            if plot_decode(recs, model, batch, path):
+                out.append(path)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("records", type=Path, nargs="+", help="JSON-lines record files")
+    p.add_argument("--plots", type=Path, default=None, help="directory for the PNG plots")
+    p.add_argument("--prefix", default="", help="file-name prefix of the plots")
+    p.add_argument("--markdown", type=Path, default=None, help="also write the tables to this file")
+    args = p.parse_args(argv)
+    missing = [str(f) for f in args.records if not f.is_file()]
+    if missing:
+        print(f"error: no such records file: {missing[0]}", file=sys.stderr)
+        return 2
+    recs = [r for f in args.records for r in read(f)]
+    text = markdown_tables(recs)
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
+    if args.plots:
+        for path in write_plots(recs, args.plots, args.prefix):
+            print(f"[report] {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""The benchmark harness end to end on CPU (random:tiny): every runner's records, the merge, tables and plots.
+Figures from CPUs mean nothing; this proves the harness that makes the GPU figures works."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bench import records, report, run
+
+pytest.importorskip("torch")
+
+METRICS = "decode,single_token"
+
+
+def _records(path):
+    return records.read(path)
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "cpu.json"
+    cmd = [sys.executable, "-m", "bench.run", "--models", "tiny", "--gpus", "2", "--lp", "0,4", "--batch", "1",
+           "--impls", "lpjax,torch-tp,hf-eager", "--metrics", METRICS, "--long-metrics", "", "--repeats", "2",
+           "--device", "cpu", "--machine", "cpu-test", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_every_configuration_has_its_records(harness):
+    out, _ = harness
+    got = _records(out)
+    keys = {(r["impl"], r["gpus"], r["lp_delta"], r["metric"]) for r in got}
+    for impl, gpus in (("lpjax", 2), ("torch-tp", 2), ("hf-eager", 1)):
+        for delta in (0, 4):
+            for metric in METRICS.split(","):
+                assert (impl, gpus, delta, metric) in keys, (impl, gpus, delta, metric)
+    for r in got:
+        assert r["model"] == "tiny" and r["batch"] == 1 and r["machine"] == "cpu-test" and r["date"]
+        assert r["unit"] == records.METRICS[r["metric"]][0]
+        assert r["value"] > 0 and len(r["samples"]) >= 1
+        assert r["lp"] == ("" if r["lp_delta"] == 0 else "2:6")  # Δ=4 of 8 layers ends two before the last
+
+
+def test_tables_and_plot(harness, tmp_path):
+    out, proc = harness
+    got = _records(out)
+    text = report.markdown_tables(got)
+    assert "### tiny: decode ms/token" in text and "lpjax vs best PyTorch" in text
+    row = next(line for line in text.splitlines() if line.startswith("| 2 | 4 | 1 |"))  # 2 GPUs, Δ=4, batch 1
+    assert "x" in row.split("|")[-3]  # lpjax's LP speed-up over its own Δ=0 is filled in
+    assert text.splitlines()[2] in proc.stdout  # bench.run printed the same tables
+    paths = report.write_plots(got, tmp_path, "t-")
+    assert [p.name for p in paths] == ["t-decode-tiny-batch1.png"]
+    assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_merge_replaces_only_what_is_measured_again():
+    a = records.make("lpjax", "tiny", 1, 0, "", 1, "decode", [3.0, 1.0, 2.0])
+    b = records.make("lpjax", "tiny", 2, 0, "", 1, "decode", [5.0])
+    a2 = records.make("lpjax", "tiny", 1, 0, "", 1, "decode", [9.0])
+    assert a["value"] == 2.0 and a["unit"] == "ms/token"
+    assert records.merge([a, b], [a2]) == [b, a2]
+
+
+def test_dry_run_plans_configurations(capsys):
+    assert run.main(["--models", "llama2-7b,llama3.2-3b", "--gpus", "1,2", "--lp", "0,14", "--lp-for",
+                     "llama3.2-3b=0,10", "--impls", "lpjax,torch-tp,hf-eager", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "lpjax llama2-7b gpus=2 Δ=0,14 batch=1" in "\n".join(lines)
+    assert any(line.startswith("torch-tp llama3.2-3b gpus=2 Δ=10 batch=1") for line in lines)
+    assert not any(line.startswith("hf-eager") and "gpus=2" in line for line in lines)  # one GPU only
+    gen = [line for line in lines if "generate_4096" in line]
+    assert gen and all("llama2-7b" in line and not line.startswith("hf-") for line in gen)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--impls", "tensorrt"], "--impls tensorrt: unknown"),
+    (["--metrics", "speed"], "--metrics speed: unknown"),
+    (["--models", "gpt2"], "--models gpt2: not a preset"),
+    (["--lp-for", "nomodel=0,2"], "--lp-for nomodel=0,2: expected MODEL=D1,D2"),
+])
+def test_bad_arguments(argv, message, capsys):
+    assert run.main([*argv, "--dry-run"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_record_file_is_json_lines(harness):
+    out, _ = harness
+    lines = [line for line in out.read_text().splitlines() if line.strip()]
+    assert all(isinstance(json.loads(line), dict) for line in lines)
