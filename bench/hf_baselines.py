@@ -1,0 +1,392 @@
+"""The Hugging Face transformers baselines on one GPU: `hf-eager` and `hf-static-compile`.
+
+    python -m bench.hf_baselines --impl hf-eager|hf-static-compile --model llama2-7b --lp-delta 0 --batch 1 \
+        [--metrics ...] [--repeats 5] [--json-out FILE] [--device cpu]
+
+- hf-eager: `LlamaForCausalLM` (attn_implementation "sdpa") and `model.generate` with its default dynamic cache.
+- hf-static-compile: the same model with a `StaticCache` handed to `generate` (reset before every call, so one cache
+  and one compiled graph serve every call) and transformers' own compilation of the decode step: with a static cache
+  `generate` runs its forward through `torch.compile` (inductor, mode "reduce-overhead": CUDA graphs), asked here for
+  `fullgraph=True` (falling back to transformers' default `fullgraph=False` if that fails). This is the documented
+  transformers 5.x route (docs "Optimizing inference": static kv-cache and torch.compile). Warm-up calls finish the
+  compilation and CUDA-graph recording before anything is timed. Prefill stays eager in both (as in generate).
+  On CPU transformers does not compile (it compiles on accelerators only): the static cache runs eagerly, and the
+  records say so.
+
+Random weights built directly on the device in the target dtype (7B in seconds). greedy decoding with
+min_new_tokens = max_new_tokens, so EOS never stops a run. Definitions (records as bench/torch_tp.py writes them):
+  prefill_1024, prefill_4096  ms        one forward of the prompt with use_cache=True (logits of the last position
+                                        only, as generate asks for), host clock with device syncs
+  decode                      ms/token  (time(generate 129 new tokens) - time(generate 1 new token)) / 128, the same
+                                        128-token prompt: the difference removes the prefill and generate's set-up,
+                                        leaving 128 decode steps of generate's own loop
+  single_token                ms        time(generate 2 new tokens) - time(generate 1 new token) after a 256-token
+                                        prompt: one decode step of generate's loop, launched from the host with the
+                                        cache at position 256 (generate syncs every step)
+  generate_4096               s         wall time of generate(4096 new tokens) after a 128-token prompt
+  peak_memory                 GiB       torch.cuda.max_memory_allocated over the configuration's run
+LP (`--lp-delta`): the paired decoder layers are replaced by one module that runs the pair by the LP equations
+(design.md section 1) from the two HF layers' own norms, attention and MLP; each attention keeps its `layer_idx`,
+so it keeps its own slot of the dynamic or static cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from bench.torch_tp import (
+    CACHE_MULTIPLE,
+    DECODE_STEPS,
+    DTYPES,
+    GENERATE_TOKENS,
+    PROMPT_LEN,
+    SINGLE_TOKEN_AT,
+    UNITS,
+    check_device,
+    check_json_out,
+    emit,
+    host_peak_gib,
+    log,
+    make_record,
+    parse_ints,
+    parse_metrics,
+    plans_for,
+    prompt_tokens,
+    resolve_model,
+)
+from lpjax.cli import run as run_cli
+from lpjax.config import ModelConfig, round_up
+from lpjax.errors import LPJaxError
+from lpjax.plan import LPPlan
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+IMPLS = ("hf-eager", "hf-static-compile")
+DEFAULT_METRICS = ("prefill_1024", "prefill_4096", "decode", "single_token", "peak_memory")
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def hf_config(c: ModelConfig):
+    """A transformers LlamaConfig of the preset's shape."""
+    from transformers import LlamaConfig
+
+    scaling = None
+    if c.rope_scaling is not None:
+        rs = c.rope_scaling
+        scaling = {"rope_type": rs.kind, "factor": rs.factor}
+        if rs.kind == "llama3":
+            scaling |= {"low_freq_factor": rs.low_freq_factor, "high_freq_factor": rs.high_freq_factor,
+                        "original_max_position_embeddings": rs.original_max_position_embeddings}
+    return LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_dim, num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim,
+        rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, rope_scaling=scaling, max_position_embeddings=c.max_seq_len,
+        tie_word_embeddings=c.tied_embeddings, attention_bias=c.attention_bias, mlp_bias=c.mlp_bias,
+        bos_token_id=c.bos_token_id, eos_token_id=list(c.eos_token_ids) or None, initializer_range=0.02,
+        attn_implementation="sdpa",
+    )
+
+
+def build_model(config: ModelConfig, device: str, dtype: torch.dtype, seed: int = 0):
+    """Random `LlamaForCausalLM` created on `device` in `dtype` (no float32 copy on the host, no host->device
+    copy: transformers' own init runs on the device)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(hf_config(config))
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def load_model(directory, device: str, dtype: torch.dtype):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+
+
+class LPPair(nn.Module):
+    """Two consecutive HF decoder layers run as one LP stage:
+    h = x + A_a(n1_a(x)) + A_b(n1_b(x)); out = h + M_a(n2_a(h)) + M_b(n2_b(h)).
+    Built from the layers' own modules; each attention keeps its `layer_idx`, hence its own cache slot. The call
+    signature is the decoder layer's, and the attentions get exactly what a decoder layer passes them."""
+
+    def __init__(self, first: nn.Module, second: nn.Module):
+        super().__init__()
+        self.first, self.second = first, second
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+                position_embeddings=None, **kwargs):
+        x = hidden_states
+
+        def attention(layer):
+            return layer.self_attn(hidden_states=layer.input_layernorm(x), attention_mask=attention_mask,
+                                   position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
+                                   position_embeddings=position_embeddings, **kwargs)[0]
+
+        h = x + attention(self.first) + attention(self.second)
+        return h + self.first.mlp(self.first.post_attention_layernorm(h)) + \
+            self.second.mlp(self.second.post_attention_layernorm(h))
+
+
+def apply_lp(model, plan: LPPlan) -> None:
+    """Run `model` (a LlamaForCausalLM) under `plan`: its layer list becomes the plan's stages (a decoder layer or an
+    LPPair). The original layers are kept, so the plan can be changed again (an empty plan restores the model)."""
+    base = model.model
+    if not hasattr(base, "_lp_original_layers"):
+        base._lp_original_layers = list(base.layers)
+    layers = base._lp_original_layers
+    if plan.n_layers != len(layers):
+        raise LPJaxError(f"LP plan is for {plan.n_layers} layers but the model has {len(layers)}")
+    base.layers = nn.ModuleList([LPPair(layers[s.layers[0]], layers[s.layers[1]]) if s.is_pair
+                                 else layers[s.layers[0]] for s in plan.stages])
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+
+class Runner:
+    """One (model, impl, batch) configuration: generate / forward calls timed on the host with device syncs."""
+
+    def __init__(self, model, impl: str, device: str, config: ModelConfig):
+        self.model, self.impl, self.device, self.config = model, impl, device, config
+        self.static = impl == "hf-static-compile"
+        self.caches: dict[tuple[int, int], object] = {}
+        self.fullgraph = True
+        self.warm_calls = 2 if self.static and device == "cuda" else 1  # compile, then record the CUDA graphs
+
+    def sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(self, fn: Callable[[], object]) -> float:
+        self.sync()
+        t0 = time.perf_counter()
+        fn()
+        self.sync()
+        return time.perf_counter() - t0
+
+    def cache(self, batch: int, length: int):
+        """The static cache of this shape (reused across calls, so the compiled decode graph is too)."""
+        from transformers import StaticCache
+
+        key = (batch, length)
+        if key not in self.caches:
+            self.caches[key] = StaticCache(config=self.model.config, max_cache_len=length)
+        cache = self.caches[key]
+        cache.reset()
+        return cache
+
+    def generation_config(self, new_tokens: int):
+        from transformers import CompileConfig, GenerationConfig
+
+        c = self.config
+        eos = list(c.eos_token_ids) or None
+        kwargs = {"compile_config": CompileConfig(fullgraph=self.fullgraph)} if self.static else {}
+        return GenerationConfig(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                eos_token_id=eos, pad_token_id=eos[0] if eos else 0, bos_token_id=c.bos_token_id,
+                                **kwargs)
+
+    def generate(self, ids: torch.Tensor, new_tokens: int, cache_len: int) -> torch.Tensor:
+        kwargs = {"past_key_values": self.cache(ids.shape[0], cache_len)} if self.static else {}
+        with torch.no_grad():
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                      generation_config=self.generation_config(new_tokens), **kwargs)
+        if out.shape[1] != ids.shape[1] + new_tokens:
+            raise RuntimeError(f"generate returned {out.shape[1] - ids.shape[1]} tokens, not {new_tokens}")
+        return out
+
+    def warm_generate(self, ids: torch.Tensor, new_tokens: int, cache_len: int, times: int) -> None:
+        """Untimed calls; for hf-static-compile they compile and record the decode graph. A fullgraph compile that
+        fails falls back to transformers' default (graph breaks allowed), once."""
+        try:
+            for _ in range(times):
+                self.generate(ids, new_tokens, cache_len)
+        except Exception as e:  # any compile failure: retry with the documented default once
+            if not (self.static and self.fullgraph and self.device == "cuda"):
+                raise
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            log(f"[{self.impl}] fullgraph compile failed ({e.__class__.__name__}: {first}); retrying with "
+                "fullgraph=False")
+            self.fullgraph = False
+            torch._dynamo.reset()
+            for _ in range(times):
+                self.generate(ids, new_tokens, cache_len)
+
+    def prefill_ms(self, ids: torch.Tensor) -> float:
+        """One forward of the prompt. The static cache is reset before the clock starts (zeroing a 4096-slot
+        cache is not prefill work); the dynamic cache is created inside the forward, as generate does."""
+        kwargs = {"past_key_values": self.cache(ids.shape[0], round_up(ids.shape[1], CACHE_MULTIPLE))} \
+            if self.static else {}
+
+        def run():
+            with torch.no_grad():
+                self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs).logits.argmax(-1)
+
+        return 1000 * self.timed(run)
+
+    def note(self) -> str:
+        if not self.static:
+            return "transformers generate, dynamic cache, eager"
+        if self.device != "cuda":
+            return "static cache; torch.compile skipped on cpu (transformers compiles on accelerators only)"
+        return ("static cache; decode step compiled by generate (inductor, reduce-overhead, "
+                f"fullgraph={self.fullgraph}); prefill eager")
+
+
+def _decode_samples(r: Runner, batch: int, repeats: int) -> list[float]:
+    ids = prompt_tokens(PROMPT_LEN, batch, r.config, r.device)
+    length = round_up(max(PROMPT_LEN + DECODE_STEPS + 1, SINGLE_TOKEN_AT + 2), CACHE_MULTIPLE)
+    r.warm_generate(ids, DECODE_STEPS + 1, length, r.warm_calls)
+    r.generate(ids, 1, length)
+    samples = []
+    for _ in range(repeats):
+        full = r.timed(lambda: r.generate(ids, DECODE_STEPS + 1, length))
+        first = r.timed(lambda: r.generate(ids, 1, length))
+        samples.append(1000 * (full - first) / DECODE_STEPS)
+    return samples
+
+
+def _single_token_samples(r: Runner, batch: int, repeats: int) -> list[float]:
+    ids = prompt_tokens(SINGLE_TOKEN_AT, batch, r.config, r.device)
+    length = round_up(max(PROMPT_LEN + DECODE_STEPS + 1, SINGLE_TOKEN_AT + 2), CACHE_MULTIPLE)  # decode's cache
+    r.warm_generate(ids, 2, length, r.warm_calls)
+    samples = []
+    for _ in range(repeats):
+        two = r.timed(lambda: r.generate(ids, 2, length))
+        one = r.timed(lambda: r.generate(ids, 1, length))
+        samples.append(1000 * (two - one))
+    return samples
+
+
+def _generate_samples(r: Runner, batch: int, repeats: int) -> list[float]:
+    ids = prompt_tokens(PROMPT_LEN, batch, r.config, r.device)
+    length = round_up(PROMPT_LEN + GENERATE_TOKENS, CACHE_MULTIPLE)
+    r.warm_generate(ids, 16, length, r.warm_calls)  # a new cache shape: compiled and recorded here
+    return [r.timed(lambda: r.generate(ids, GENERATE_TOKENS, length)) for _ in range(repeats)]
+
+
+def _prefill_samples(r: Runner, batch: int, length: int, repeats: int) -> list[float]:
+    ids = prompt_tokens(length, batch, r.config, r.device)
+    return [r.prefill_ms(ids) for _ in range(repeats + 1)][1:]  # the first is the warm-up
+
+
+def _free(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def measure(model, impl: str, name: str, config: ModelConfig, plan: LPPlan, batch: int, metrics: list[str],
+            repeats: int, generate_repeats: int, device: str, dtype: str, json_out: str | None) -> list[dict]:
+    """Every asked metric of one configuration; records emitted as they are measured, and returned."""
+    import transformers
+
+    r = Runner(model, impl, device, config)
+    records = []
+
+    def done(metric: str, samples: list[float]) -> None:
+        rec = make_record(impl, name, 1, plan, batch, metric, samples, device, dtype=dtype, note=r.note(),
+                          versions={"transformers": transformers.__version__})
+        log(f"[{impl}] batch {batch} {metric}: {rec['value']} {rec['unit']}")
+        emit(rec, json_out)
+        records.append(rec)
+
+    if "decode" in metrics or metrics == ["peak_memory"]:
+        samples = _decode_samples(r, batch, repeats if "decode" in metrics else 1)
+        if "decode" in metrics:
+            done("decode", samples)
+    if "single_token" in metrics:
+        done("single_token", _single_token_samples(r, batch, repeats))
+    if "generate_4096" in metrics:
+        done("generate_4096", _generate_samples(r, batch, generate_repeats))
+    for length in (1024, 4096):
+        if f"prefill_{length}" in metrics:
+            done(f"prefill_{length}", _prefill_samples(r, batch, length, repeats))
+    if "peak_memory" in metrics:
+        done("peak_memory", [torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else host_peak_gib()])
+    r.caches.clear()
+    return records
+
+
+def _drop_compiled(model) -> None:
+    """Forget generate's compiled forward (and its CUDA graphs) before the model's structure or batch changes."""
+    if hasattr(model, "_compiled_call"):
+        del model._compiled_call
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.hf_baselines", description=__doc__.splitlines()[0])
+    p.add_argument("--impl", required=True, help=f"{' or '.join(IMPLS)} (or both, comma-separated)")
+    p.add_argument("--model", default="llama2-7b", help="preset (llama2-7b, llama3-8b, llama3.2-3b, tiny; random "
+                                                         "weights) or an HF checkpoint directory")
+    p.add_argument("--gpus", type=int, default=1, help="must be 1 (the transformers baselines run on one device)")
+    p.add_argument("--lp-delta", default="0", help="Δ, or a list 0,14: paired layers ending two before the last")
+    p.add_argument("--lp", default=None, metavar="START:END", help="an explicit plan instead of --lp-delta")
+    p.add_argument("--batch", default="1", help="batch size, or a list 1,8")
+    p.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help=f"subset of {', '.join(UNITS)}")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--generate-repeats", type=int, default=1, help="timed runs of generate_4096")
+    p.add_argument("--json-out", default=None, help="append one JSON line per metric to this file")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    impls = [i.strip() for i in args.impl.split(",") if i.strip()]
+    if not impls or any(i not in IMPLS for i in impls):
+        raise LPJaxError(f"--impl {args.impl}: choose {' or '.join(IMPLS)}")
+    if args.gpus != 1:
+        raise LPJaxError(f"--gpus {args.gpus}: the transformers baselines run on one GPU (use bench.torch_tp for more)")
+    if args.repeats < 1 or args.generate_repeats < 1:
+        raise LPJaxError("--repeats and --generate-repeats must be at least 1")
+    name, config, directory = resolve_model(args.model)
+    check_device(args.device, 1)
+    check_json_out(args.json_out)
+    plans = plans_for(config, parse_ints(args.lp_delta, "--lp-delta"), args.lp)
+    batches = parse_ints(args.batch, "--batch", 1)
+    metrics = parse_metrics(args.metrics)
+    dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    t0 = time.perf_counter()
+    model = load_model(directory, args.device, DTYPES[dtype]) if directory else \
+        build_model(config, args.device, DTYPES[dtype], args.seed)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    log(f"[hf] {name}: {config.n_params / 1e9:.3g}B params, {dtype}, on {args.device}, "
+        f"ready in {time.perf_counter() - t0:.1f} s")
+    for impl in impls:
+        for plan in plans:
+            apply_lp(model, plan)
+            for batch in batches:
+                _free(args.device)
+                log(f"[{impl}] LP {plan.describe()}, batch {batch}")
+                measure(model, impl, name, config, plan, batch, metrics, args.repeats, args.generate_repeats,
+                        args.device, dtype, args.json_out)
+                _drop_compiled(model)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
