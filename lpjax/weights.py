@@ -20,7 +20,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from lpjax.config import ModelConfig, preset, read_hf_config
 from lpjax.errors import LPJaxError
@@ -204,6 +205,44 @@ def assemble_globals(layout: Layout, g: dict[str, jax.Array]) -> dict:
     if "lm_head" in g:
         tree["lm_head"] = jnp.pad(g["lm_head"], ((0, 0), (0, pad)))
     return tree
+
+
+def _split_qkv(fused, repeat: int, heads: int):
+    """Inverse of `_fuse_qkv`: [.., K*r, G/r + 2, hd] -> q [.., H, hd], k/v [.., K, hd] (one copy of each repeated
+    KV head: the copies are equal)."""
+    groups = fused.shape[-2] - 2
+    q = fused[..., :groups, :].reshape(*fused.shape[:-3], heads, fused.shape[-1])
+    return q, fused[..., ::repeat, groups, :], fused[..., ::repeat, groups + 1, :]
+
+
+def disassemble_stage(s: StageLayout, config: ModelConfig, tree: dict) -> list[dict]:
+    """Inverse of `assemble_stage`: the canonical weights of each of the stage's layers (in `s.stage.layers` order)
+    from its model-tree parameters. Exact (only slicing and reshaping), for jax or numpy arrays alike; training
+    writes its checkpoints through it."""
+    attn, mlp = tree["attn"], tree["mlp"]
+    layers = []
+    for j in range(s.stack):
+        q, k, v = _split_qkv(attn["wqkv"][j], s.kv_repeat, config.n_heads)
+        w = {"attn_norm": attn["norm"][j], "wq": q, "wk": k, "wv": v, "wo": attn["wo"][j],
+             "mlp_norm": mlp["norm"][j], "w_gate": mlp["w_gate_up"][j][:, 0], "w_up": mlp["w_gate_up"][j][:, 1],
+             "w_down": mlp["w_down"][j]}
+        if config.attention_bias:
+            w["bq"], w["bk"], w["bv"] = _split_qkv(attn["bqkv"][j], s.kv_repeat, config.n_heads)
+            w["bo"] = tree["attn_out_bias"][j]
+        if config.mlp_bias:
+            w["b_gate"], w["b_up"] = mlp["b_gate_up"][j][0], mlp["b_gate_up"][j][1]
+            w["b_down"] = tree["mlp_out_bias"][j]
+        layers.append(w)
+    return layers
+
+
+def disassemble_globals(layout: Layout, tree: dict) -> dict:
+    """Inverse of `assemble_globals`: the canonical globals, vocabulary padding dropped."""
+    V = layout.config.vocab_size
+    g = {"embedding": tree["embed"]["embedding"][:V], "norm": tree["norm"]["scale"]}
+    if "lm_head" in tree:
+        g["lm_head"] = tree["lm_head"][:, :V]
+    return g
 
 
 def _global_shardings(layout: Layout, mesh: Mesh) -> dict[str, NamedSharding]:
