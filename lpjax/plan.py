@@ -116,3 +116,9 @@ class LPPlan:
         if not self.pairs:
             return f"none (sequential, {self.n_layers} layers)"
         return f"{self.spec()} (Δ={self.delta}, depth {self.depth} of {self.n_layers})"
+
+
+if __name__ == "__main__":  # `python -m lpjax.plan`: the plan search, which lives in lpjax/search.py
+    from lpjax import cli, search
+
+    cli.run(search.main)

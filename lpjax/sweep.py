@@ -1,0 +1,337 @@
+"""`python -m lpjax.sweep`: perplexity and measured decode time of many LP plans (the paper's Figure 1).
+
+Plans: for each Δ of `--delta` the default range, Δ layers ending two before the last (`LPPlan.ending_before_last`);
+with `--position` also every range of that Δ starting at 0, STEP, 2*STEP, ... (`--position-step`, default 2); with
+`--lp` one more plan of your own (for instance a `python -m lpjax.plan` result). The sequential model is always
+included: it is the reference of the Δppl and speed-up columns. The weights are opened once; each plan re-stacks
+them (`Engine.with_plan`), which costs a re-read and a compile per plan, never a conversion.
+
+Perplexity is `lpjax.eval`'s (same windows, same scoring) over all `--text` files. Decode time is measured on the
+devices in use: batch 1, a prompt of the first `--prompt-tokens` tokens of the first text, `--new-tokens` new tokens
+with EOS ignored, one on-device loop; one warm-up generation of the same shape, then the median ms/token of
+`--repeats` generations. Timings exclude compilation.
+
+Output: a table on stdout; with `--out DIR` also DIR/sweep.txt (the table), DIR/sweep.json (every record) and
+DIR/sweep.png (perplexity against decode ms/token, one point per plan, the Pareto front joined). Existing files
+there are only replaced with `--overwrite`. `--json` ends stdout with the same JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from lpjax import cli
+from lpjax.errors import LPJaxError
+from lpjax.eval import DEFAULT_WINDOW, perplexity
+from lpjax.plan import LPPlan
+
+OUT_FILES = ("sweep.txt", "sweep.json", "sweep.png")
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepPlan:
+    """A plan to measure and why it is in the sweep: `sequential`, `default` (the range ending two before the last),
+    `position` (another start of a Δ-range) or `given` (--lp)."""
+
+    plan: LPPlan
+    kind: str
+
+    @property
+    def label(self) -> str:
+        return self.plan.spec() or "sequential"
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """How decode time is measured: batch 1, `new_tokens` after a `prompt_tokens` prompt, median of `repeats`."""
+
+    prompt_tokens: int
+    new_tokens: int
+    repeats: int
+
+    def describe(self) -> str:
+        return (f"decode ms/token: batch 1, {self.new_tokens} new tokens after a {self.prompt_tokens}-token prompt, "
+                f"EOS ignored, median of {self.repeats} run(s) after 1 warm-up, compile time excluded")
+
+
+# ---------------------------------------------------------------------------------------------------- shared inputs
+
+
+def parse_deltas(text: str) -> list[int]:
+    """`0,2,4` -> [0, 2, 4] (parity and size are checked against the model by LPPlan)."""
+    try:
+        deltas = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise LPJaxError(f"--delta {text}: expected comma-separated even layer counts, e.g. 0,2,4,8") from None
+    if not deltas:
+        raise LPJaxError("--delta: give at least one layer count, e.g. 0,2,4,8")
+    if any(d < 0 for d in deltas):
+        raise LPJaxError(f"--delta {text}: layer counts cannot be negative")
+    return list(dict.fromkeys(deltas))
+
+
+def default_plan(delta: int, n_layers: int) -> LPPlan:
+    """The default range of `delta` layers, with LPPlan's own reason when the model cannot have it."""
+    if delta % 2:
+        raise LPJaxError(f"--delta {delta}: an odd number of layers; LP pairs layers two by two, so Δ must be even")
+    try:
+        return LPPlan.ending_before_last(delta, n_layers)
+    except LPJaxError as e:
+        raise LPJaxError(f"--delta {delta} (default range, ending two layers before the last): {e}") from None
+
+
+def resolve_window(window: int | None, stride: int | None, max_len: int | None, context: int) -> tuple[int, int]:
+    """`lpjax.eval`'s window and stride defaults and checks."""
+    window = window or max_len or min(context, DEFAULT_WINDOW)
+    if window > context:
+        raise LPJaxError(f"--window {window}: longer than the model's context of {context} tokens")
+    if window < 2:
+        raise LPJaxError(f"--window {window}: needs at least 2 tokens")
+    stride = stride or max(1, window // 2)
+    if not 0 < stride < window:
+        raise LPJaxError(f"--stride {stride}: must be between 1 and --window - 1 ({window - 1})")
+    return window, stride
+
+
+def read_texts(paths: list[str] | None) -> list[str]:
+    if not paths:
+        raise LPJaxError("--text: give at least one UTF-8 text file to score")
+    return [cli.read_text_file(p) for p in paths]
+
+
+def encode_texts(tokenizer, paths: list[str], contents: list[str], max_tokens: int = 0) -> list[list[int]]:
+    """Token ids of each text (as `lpjax.eval` tokenises them), keeping only the first `max_tokens` tokens of all
+    texts together when `max_tokens` > 0 (texts left with fewer than 2 tokens are dropped: nothing to score)."""
+    out, left = [], max_tokens or None
+    for path, text in zip(paths, contents):
+        ids = tokenizer.encode(text)
+        if len(ids) < 2:
+            raise LPJaxError(f"--text {path}: has fewer than 2 tokens, nothing to score")
+        if left is not None:
+            ids, left = ids[:left], max(0, left - len(ids))
+        if len(ids) >= 2:
+            out.append(ids)
+    if not out:
+        raise LPJaxError(f"--max-tokens {max_tokens}: keeps fewer than 2 tokens, nothing to score")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- the sweep
+
+
+def sweep_plans(n_layers: int, deltas: list[int], position: bool = False, step: int = 2,
+                given: str | None = None) -> list[SweepPlan]:
+    """The sequential plan, then per Δ its default range and (with `position`) every start 0, step, ... ."""
+    if step < 1:
+        raise LPJaxError(f"--position-step {step}: must be at least 1")
+    out = {LPPlan(n_layers): SweepPlan(LPPlan(n_layers), "sequential")}
+    for d in deltas:
+        plan = default_plan(d, n_layers)
+        out.setdefault(plan, SweepPlan(plan, "default"))
+        if position and d > 0:
+            for start in range(0, n_layers - d + 1, step):
+                plan = LPPlan.parse(f"{start}:{start + d}", n_layers)
+                out.setdefault(plan, SweepPlan(plan, "position"))
+    if given:
+        plan = LPPlan.parse(given, n_layers)
+        out.setdefault(plan, SweepPlan(plan, "given"))
+    return sorted(out.values(), key=lambda s: (s.plan.delta, s.plan.pairs))
+
+
+def decode_ms(engine, prompt: list[int], timing: Timing, max_len: int | None = None) -> list[float]:
+    """Decode ms/token of `timing.repeats` generations after one warm-up generation of the same shape."""
+    def run() -> float:
+        return engine.generate([prompt], timing.new_tokens, max_len=max_len, eos=()).decode_ms_per_step
+
+    run()
+    return [run() for _ in range(timing.repeats)]
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
+    """Which (ppl, ms) points no other point beats on both (lower or equal on both, lower on one)."""
+    def beaten(p):
+        return any(q[0] <= p[0] and q[1] <= p[1] and q != p for q in points)
+
+    return [not beaten(p) for p in points]
+
+
+def finish(records: list[dict]) -> list[dict]:
+    """Δppl and speed-up against the sequential record, and the Pareto front, once every record is measured."""
+    seq = next(r for r in records if r["delta"] == 0)
+    front = pareto_front([(r["ppl"], r["ms_per_token"]) for r in records])
+    out = []
+    for r, f in zip(records, front):
+        out.append(dict(r, delta_ppl=r["ppl"] - seq["ppl"], pareto=f,
+                        speedup=seq["ms_per_token"] / r["ms_per_token"] if r["ms_per_token"] > 0 else None))
+    return out
+
+
+def format_table(records: list[dict]) -> str:
+    head = f"{'plan':<18} {'Δ':>3} {'depth':>5} {'ppl':>10} {'Δppl':>9} {'ms/token':>9} {'speed-up':>8}  front"
+    lines = [head, "-" * len(head)]
+    for r in records:
+        speed = f"{r['speedup']:.3f}x" if r.get("speedup") else "-"
+        lines.append(f"{r['label']:<18} {r['delta']:>3} {r['depth']:>5} {r['ppl']:>10.4f} {r['delta_ppl']:>+9.4f} "
+                     f"{r['ms_per_token']:>9.3f} {speed:>8}  {'*' if r['pareto'] else ''}")
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], path: Path, title: str, xlabel: str, ylabel: str) -> None:
+    """Perplexity against decode ms/token, one labelled point per plan coloured by Δ, the Pareto front joined.
+    Uses a Figure with the Agg canvas directly, so no global pyplot backend is touched."""
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 5.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    deltas = sorted({r["delta"] for r in records})
+    cmap = matplotlib.colormaps["viridis"]
+    for k, d in enumerate(deltas):
+        rs = [r for r in records if r["delta"] == d]
+        ax.scatter([r["ms_per_token"] for r in rs], [r["ppl"] for r in rs], s=36, zorder=3,
+                   color=cmap(k / max(1, len(deltas) - 1)), label=f"Δ={d}" if d else "sequential")
+    for r in records:
+        ax.annotate(r["label"] if r["delta"] else "seq", (r["ms_per_token"], r["ppl"]), fontsize=7,
+                    xytext=(4, 3), textcoords="offset points")
+    front = sorted((r for r in records if r["pareto"]), key=lambda r: (r["ms_per_token"], r["ppl"]))
+    ax.plot([r["ms_per_token"] for r in front], [r["ppl"] for r in front], "--", color="crimson", lw=1, zorder=2)
+    ax.scatter([r["ms_per_token"] for r in front], [r["ppl"] for r in front], s=110, facecolors="none",
+               edgecolors="crimson", zorder=4, label="Pareto front")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+
+
+def check_out(out: Path | None, overwrite: bool) -> None:
+    """Refuse, before any work, to replace a user's files (only the sweep's own file names are ever written)."""
+    if out is None:
+        return
+    if out.exists() and not out.is_dir():
+        raise LPJaxError(f"--out {out}: exists and is not a directory")
+    existing = [f for f in OUT_FILES if (out / f).exists()]
+    if existing and not overwrite:
+        raise LPJaxError(f"--out {out}: {', '.join(existing)} already there (pass --overwrite to replace)")
+
+
+def write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m lpjax.sweep", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_model_args(p)
+    next(a for a in p._actions if a.dest == "lp").help = "one more plan to sweep, e.g. a `python -m lpjax.plan` result"
+    p.add_argument("--text", nargs="+", metavar="FILE", help="UTF-8 text file(s) to score (required)")
+    p.add_argument("--delta", default=None,
+                   help="comma-separated Δ values (even); default: every Δ of the default range, 0 to layers-2")
+    p.add_argument("--position", action="store_true", help="also sweep the start of each Δ>0 range")
+    p.add_argument("--position-step", type=int, default=2, help="layers between swept range starts (default 2)")
+    p.add_argument("--window", type=int, default=None,
+                   help=f"tokens per window (default: --max-len, else min(model context, {DEFAULT_WINDOW}))")
+    p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: window / 2)")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    p.add_argument("--max-tokens", type=int, default=0, help="score only the texts' first N tokens (0: all)")
+    p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length of the decode timing (default 16)")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per timing run (default 64)")
+    p.add_argument("--repeats", type=int, default=3, help="timed generations per plan, median reported (default 3)")
+    p.add_argument("--out", type=Path, default=None, help="directory for sweep.txt, sweep.json and sweep.png")
+    p.add_argument("--overwrite", action="store_true", help="replace sweep.* files already in --out")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    contents = read_texts(args.text)
+    check_out(args.out, args.overwrite)
+    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--prompt-tokens", args.prompt_tokens, 1),
+                               ("--new-tokens", args.new_tokens, 2), ("--repeats", args.repeats, 1),
+                               ("--max-tokens", args.max_tokens, 0)):
+        if value < least:
+            raise LPJaxError(f"{flag} {value}: must be at least {least}")
+    cli.init_distributed(args)
+    from lpjax.engine import Engine
+    from lpjax.weights import open_source
+
+    n_layers = open_source(args.model).config.n_layers  # plans are checked before any weight is read
+    deltas = parse_deltas(args.delta) if args.delta is not None else list(range(0, n_layers - 1, 2))
+    plans = sweep_plans(n_layers, deltas, args.position, args.position_step, args.lp)
+    main_process = cli.is_main_process()
+    base = Engine.load(args.model, "", args.devices, args.dtype, show_progress=main_process)
+    window, stride = resolve_window(args.window, args.stride, args.max_len, base.config.max_seq_len)
+    texts = encode_texts(base.tokenizer, args.text, contents, args.max_tokens)
+    prompt = texts[0][: args.prompt_tokens]
+    timing = Timing(len(prompt), args.new_tokens, args.repeats)
+    limit = args.max_len or base.config.max_seq_len
+    if len(prompt) + timing.new_tokens > limit:  # fail now, not after the first plan's perplexity
+        raise LPJaxError(f"--new-tokens {timing.new_tokens}: after the {len(prompt)}-token timing prompt, does not "
+                         f"fit the context of {limit} tokens")
+    cli.say(f"[{base.describe()}]", file=sys.stderr)
+    cli.say(f"[sweep: {len(plans)} plan(s); perplexity over {sum(map(len, texts))} tokens in windows of {window}, "
+            f"stride {stride}; {timing.describe()}]", file=sys.stderr)
+    if args.out is not None and main_process:
+        args.out.mkdir(parents=True, exist_ok=True)
+    header = {
+        "model": base.source.description, "n_layers": n_layers, "dtype": base.dtype_name,
+        "devices": base.layout.n_devices, "platform": base.mesh.devices.flat[0].platform,
+        "mesh": {"pair": base.layout.pair_size, "tp": base.layout.tp_size}, "window": window, "stride": stride,
+        "texts": list(args.text), "timing": dict(dataclasses.asdict(timing), statistic="median", warmup_runs=1,
+                                                  batch=1, eos="ignored", compile="excluded"),
+    }
+    records: list[dict] = []
+    started = time.perf_counter()
+    for i, sp in enumerate(plans, 1):
+        cli.say(f"plan {i} of {len(plans)}: {sp.plan.describe()} [{sp.kind}]", file=sys.stderr)
+        engine = base if sp.plan == base.plan else base.with_plan(sp.plan)
+        bar = cli.progress_bar(f"  plan {i}/{len(plans)} scoring windows") if main_process else None
+        res = perplexity(engine, texts, window, stride, args.batch_size, bar)
+        runs = decode_ms(engine, prompt, timing, args.max_len)
+        records.append({
+            "label": sp.label, "lp": sp.plan.spec(), "kind": sp.kind, "delta": sp.plan.delta,
+            "depth": sp.plan.depth, "pairs": [list(p) for p in sp.plan.pairs], "ppl": res["ppl"], "nll": res["nll"],
+            "tokens": res["tokens"], "ms_per_token": statistics.median(runs), "ms_per_token_runs": runs,
+            "compile_s": round(engine.compile_s, 3),
+        })
+        cli.say(f"  ppl {res['ppl']:.4f}, decode {statistics.median(runs):.3f} ms/token", file=sys.stderr)
+        del engine
+        if args.out is not None and main_process:  # partial results survive an interrupted sweep
+            write_json(args.out / "sweep.json", dict(header, records=records, complete=False))
+    records = finish(records)
+    result = dict(header, records=records, complete=True, seconds=round(time.perf_counter() - started, 1))
+    table = format_table(records)
+    note = (f"perplexity: {records[0]['tokens']} scored tokens of {len(args.text)} file(s), windows of {window}, "
+            f"stride {stride}\n{timing.describe()}, on {base.layout.n_devices} "
+            f"{header['platform'].upper()} device(s)\nfront: * = on the Pareto front (no plan has both lower "
+            "perplexity and lower ms/token)")
+    cli.say(f"{table}\n{note}")
+    if args.out is not None and main_process:
+        (args.out / "sweep.txt").write_text(f"{base.describe()}\n{table}\n{note}\n")
+        write_json(args.out / "sweep.json", result)
+        plot(records, args.out / "sweep.png", f"{base.source.description}: LP plans, {base.dtype_name}, "
+             f"{base.layout.n_devices} {header['platform'].upper()} device(s)",
+             f"decode ms/token (batch 1, {timing.new_tokens} new tokens, median of {timing.repeats})",
+             f"perplexity ({records[0]['tokens']} tokens, window {window})")
+        cli.say(f"wrote {args.out / 'sweep.txt'}, {args.out / 'sweep.json'}, {args.out / 'sweep.png'}",
+                file=sys.stderr)
+    if args.json:
+        cli.emit_json(result)
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
