@@ -48,7 +48,7 @@ from bench.torch_tp import (
     GENERATE_TOKENS,
     PROMPT_LEN,
     SINGLE_TOKEN_AT,
-    UNITS,
+    add_runner_args,
     check_device,
     check_json_out,
     emit,
@@ -337,19 +337,7 @@ def _drop_compiled(model) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.hf_baselines", description=__doc__.splitlines()[0])
     p.add_argument("--impl", required=True, help=f"{' or '.join(IMPLS)} (or both, comma-separated)")
-    p.add_argument("--model", default="llama2-7b", help="preset (llama2-7b, llama3-8b, llama3.2-3b, tiny; random "
-                                                         "weights) or an HF checkpoint directory")
-    p.add_argument("--gpus", type=int, default=1, help="must be 1 (the transformers baselines run on one device)")
-    p.add_argument("--lp-delta", default="0", help="Δ, or a list 0,14: paired layers ending two before the last")
-    p.add_argument("--lp", default=None, metavar="START:END", help="an explicit plan instead of --lp-delta")
-    p.add_argument("--batch", default="1", help="batch size, or a list 1,8")
-    p.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help=f"subset of {', '.join(UNITS)}")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--generate-repeats", type=int, default=1, help="timed runs of generate_4096")
-    p.add_argument("--json-out", default=None, help="append one JSON line per metric to this file")
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--seed", type=int, default=0)
+    add_runner_args(p, "must be 1 (the transformers baselines run on one device)")
     return p.parse_args(argv)
 
 

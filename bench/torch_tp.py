@@ -939,11 +939,11 @@ def _bench_rank(rank: int, job: Job) -> None:
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.torch_tp", description=__doc__.splitlines()[0])
+def add_runner_args(p: argparse.ArgumentParser, gpus_help: str) -> None:
+    """The flags every PyTorch runner shares with the harness (bench.run passes them)."""
     p.add_argument("--model", default="llama2-7b", help="preset (llama2-7b, llama3-8b, llama3.2-3b, tiny; "
                                                          "random weights) or an HF checkpoint directory")
-    p.add_argument("--gpus", type=int, default=1, help="ranks: GPUs (or gloo processes with --device cpu)")
+    p.add_argument("--gpus", type=int, default=1, help=gpus_help)
     p.add_argument("--lp-delta", default="0", help="Δ, or a list 0,14: paired layers ending two before the last")
     p.add_argument("--lp", default=None, metavar="START:END", help="an explicit plan instead of --lp-delta")
     p.add_argument("--batch", default="1", help="batch size, or a list 1,8")
@@ -954,6 +954,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--seed", type=int, default=0)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.torch_tp", description=__doc__.splitlines()[0])
+    add_runner_args(p, "ranks: GPUs (or gloo processes with --device cpu)")
     p.add_argument("--impl-name", default=IMPL, help=f"impl in the records (default {IMPL})")
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="decode eagerly on CUDA (a fallback; records say cuda_graph: false)")
