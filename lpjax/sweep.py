@@ -206,6 +206,10 @@ def plot(records: list[dict], path: Path, title: str, xlabel: str, ylabel: str) 
     ax.scatter([r["ms_per_token"] for r in front], [r["ppl"] for r in front], s=110, facecolors="none",
                edgecolors="crimson", zorder=4, label="Pareto front")
     ax.set_xlabel(xlabel)
+    ppl = [r["ppl"] for r in records]
+    if max(ppl) > 5 * min(ppl):  # a broken plan (e.g. one pairing layer 0) would flatten every other point
+        ax.set_yscale("log")
+        ylabel += ", log scale"
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
