@@ -92,30 +92,40 @@ def markdown_tables(recs: list[dict]) -> str:
 
 
 def plot_decode(recs: list[dict], model: str, batch: int, path: Path) -> bool:
-    """Grouped bars: x = GPU count, one bar per (implementation, Δ). False when there is nothing to plot."""
+    """Grouped bars: x = GPU count, a bar per (implementation, Δ) measured there (colour = implementation, hatched =
+    LP). Variant runs (impl "lpjax+...") are diagnostics and stay out. False when there is nothing to plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sel = [r for r in recs if r["model"] == model and r["batch"] == batch and r["metric"] == "decode"]
+    sel = [r for r in recs if r["model"] == model and r["batch"] == batch and r["metric"] == "decode"
+           and "+" not in r["impl"]]
     if not sel:
         return False
     gpus = sorted({r["gpus"] for r in sel})
-    series = sorted({(r["impl"], r["lp_delta"]) for r in sel},
-                    key=lambda k: (ORDER.index(k[0]) if k[0] in ORDER else 99, k[1]))
+    impls = _impls(sel)
+    colors = {impl: f"C{k}" for k, impl in enumerate(impls)}
     idx = {(r["impl"], r["lp_delta"], r["gpus"]): r["value"] for r in sel}
-    width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(gpus) * len(series) / 2), 4.2))
-    for k, (impl, delta) in enumerate(series):
-        xs = [i + (k - (len(series) - 1) / 2) * width for i, g in enumerate(gpus) if (impl, delta, g) in idx]
-        ys = [idx[(impl, delta, g)] for g in gpus if (impl, delta, g) in idx]
-        bars = ax.bar(xs, ys, width, label=f"{impl} Δ={delta}", hatch="//" if delta else None)
-        ax.bar_label(bars, fmt="%.2f", fontsize=7, rotation=90, padding=2)
+    fig, ax = plt.subplots(figsize=(3 + 2.2 * len(gpus), 4.2))
+    labelled = set()
+    for i, g in enumerate(gpus):
+        here = sorted(((impl, d) for impl, d, gg in idx if gg == g), key=lambda k: (impls.index(k[0]), k[1]))
+        width = 0.8 / len(here)
+        for k, (impl, d) in enumerate(here):
+            label = f"{impl} Δ={d}" if d else f"{impl} (sequential)"
+            bar = ax.bar(i + (k - (len(here) - 1) / 2) * width, idx[(impl, d, g)], width, color=colors[impl],
+                         hatch="//" if d else None, edgecolor="white",
+                         label=None if label in labelled else label)
+            labelled.add(label)
+            ax.bar_label(bar, fmt="%.2f", fontsize=7, rotation=90, padding=2)
     ax.set_xticks(range(len(gpus)), [f"{g} GPU" + ("s" if g > 1 else "") for g in gpus])
+    values = list(idx.values())
+    if max(values) > 5 * min(values):
+        ax.set_yscale("log")
     ax.set_ylabel("decode ms / token (lower is better)")
-    ax.set_title(f"{model}, batch {batch}: decode after a 128-token prompt")
-    ax.margins(y=0.2)
+    ax.set_title(f"{model}, batch {batch}: decode after a 128-token prompt (hatched: LP)", fontsize=10)
+    ax.margins(y=0.25)
     ax.legend(fontsize=7, ncols=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
