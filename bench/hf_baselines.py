@@ -41,12 +41,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from bench.records import PROMPT_LEN
 from bench.torch_tp import (
     CACHE_MULTIPLE,
     DECODE_STEPS,
     DTYPES,
     GENERATE_TOKENS,
-    PROMPT_LEN,
     SINGLE_TOKEN_AT,
     add_runner_args,
     check_device,

@@ -50,7 +50,6 @@ import os
 import platform
 import resource
 import socket
-import statistics
 import sys
 import tempfile
 import time
@@ -62,17 +61,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from bench import records
+from bench.records import DECODE_TOKENS, METRICS, PROMPT_LEN
 from lpjax.cli import run as run_cli
 from lpjax.config import ModelConfig, preset, read_hf_config, round_up
 from lpjax.errors import LPJaxError
 from lpjax.plan import LPPlan, Stage
 
 IMPL = "torch-tp-cudagraph"
-UNITS = {"prefill_1024": "ms", "prefill_4096": "ms", "decode": "ms/token", "generate_4096": "s",
-         "single_token": "ms", "peak_memory": "GiB"}
+UNITS = {metric: unit for metric, (unit, _) in METRICS.items()}
 DEFAULT_METRICS = ("prefill_1024", "prefill_4096", "decode", "single_token", "peak_memory")
-PROMPT_LEN = 128  # decode and generate_4096 start after a prompt of this many tokens
-DECODE_STEPS = 128  # decode: steps timed after the prefill's first token (129 new tokens in all)
+DECODE_STEPS = DECODE_TOKENS  # decode: steps timed after the prefill's first token (129 new tokens in all)
 SINGLE_TOKEN_AT = 256  # single_token: cache position of the timed step
 GENERATE_TOKENS = 4096
 CACHE_MULTIPLE = 128  # static cache lengths are rounded up to this (as lpjax does)
@@ -165,20 +164,15 @@ def host_peak_gib() -> float:
 
 def make_record(impl: str, model: str, gpus: int, plan: LPPlan, batch: int, metric: str, samples: list[float],
                 device: str, **extra) -> dict:
-    value = statistics.median(samples)
-    return {"impl": impl, "model": model, "gpus": gpus, "lp_delta": plan.delta, "lp": plan.spec(), "batch": batch,
-            "metric": metric, "value": round(value, 4), "unit": UNITS[metric],
-            "samples": [round(s, 4) for s in samples], "versions": versions(device, **extra.pop("versions", {})),
-            "device_name": device_name(device), "device": device, **extra}
+    """The harness's record (bench.records.make) with the PyTorch context: versions, device."""
+    return records.make(impl, model, gpus, plan.delta, plan.spec(), batch, metric, samples,
+                        versions=versions(device, **extra.pop("versions", {})), device_name=device_name(device),
+                        device=device, **extra)
 
 
 def emit(record: dict, json_out: str | None) -> None:
     """One JSON line on stdout and, when asked, appended to --json-out."""
-    line = json.dumps(record, sort_keys=True)
-    print(line, flush=True)
-    if json_out:
-        with open(json_out, "a") as f:
-            f.write(line + "\n")
+    records.append(Path(json_out) if json_out else None, [record])
 
 
 def check_json_out(path: str | None) -> None:
