@@ -62,6 +62,43 @@ def perplexity(engine, texts: list[list[int]], window: int, stride: int, batch_s
             "per_text": [{"nll": s / c, "ppl": math.exp(s / c), "tokens": c} for s, c in per_text]}
 
 
+def resolve_window(window: int | None, stride: int | None, max_len: int | None, context: int) -> tuple[int, int]:
+    """`lpjax.eval`'s window and stride defaults and checks."""
+    window = window or max_len or min(context, DEFAULT_WINDOW)
+    if window > context:
+        raise LPJaxError(f"--window {window}: longer than the model's context of {context} tokens")
+    if window < 2:
+        raise LPJaxError(f"--window {window}: needs at least 2 tokens")
+    stride = stride or max(1, window // 2)
+    if not 0 < stride < window:
+        raise LPJaxError(f"--stride {stride}: must be between 1 and --window - 1 ({window - 1})")
+    return window, stride
+
+
+def read_texts(paths: list[str] | None) -> list[str]:
+    """The texts to score, or a one-line reason they cannot be used."""
+    if not paths:
+        raise LPJaxError("--text: give at least one UTF-8 text file to score")
+    return [cli.read_text_file(p) for p in paths]
+
+
+def encode_texts(tokenizer, paths: list[str], contents: list[str], max_tokens: int = 0) -> list[list[int]]:
+    """Token ids of each text (as `lpjax.eval` tokenises them), keeping only the first `max_tokens` tokens of all
+    texts together when `max_tokens` > 0 (texts left with fewer than 2 tokens are dropped: nothing to score)."""
+    out, left = [], max_tokens or None
+    for path, text in zip(paths, contents):
+        ids = tokenizer.encode(text)
+        if len(ids) < 2:
+            raise LPJaxError(f"--text {path}: has fewer than 2 tokens, nothing to score")
+        if left is not None:
+            ids, left = ids[:left], max(0, left - len(ids))
+        if len(ids) >= 2:
+            out.append(ids)
+    if not out:
+        raise LPJaxError(f"--max-tokens {max_tokens}: keeps fewer than 2 tokens, nothing to score")
+    return out
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m lpjax.eval", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1])
@@ -81,22 +118,10 @@ def main(argv=None) -> int:
 
     contents = [cli.read_text_file(f) for f in args.text]
     engine = Engine.load(args.model, args.lp, args.devices, args.dtype, show_progress=cli.is_main_process())
-    context = engine.config.max_seq_len
-    window = args.window or args.max_len or min(context, DEFAULT_WINDOW)
-    if window > context:
-        raise LPJaxError(f"--window {window}: longer than the model's context of {context} tokens")
-    if window < 2:
-        raise LPJaxError(f"--window {window}: needs at least 2 tokens")
-    stride = args.stride or max(1, window // 2)
+    window, stride = resolve_window(args.window, args.stride, args.max_len, engine.config.max_seq_len)
     if args.batch_size < 1:
         raise LPJaxError(f"--batch-size {args.batch_size}: must be at least 1")
-    tok = engine.tokenizer
-    texts = []
-    for path, text in zip(args.text, contents):
-        ids = tok.encode(text)
-        if len(ids) < 2:
-            raise LPJaxError(f"--text {path}: has fewer than 2 tokens, nothing to score")
-        texts.append(ids)
+    texts = encode_texts(engine.tokenizer, args.text, contents)
     cli.say(f"[{engine.describe()}]", file=sys.stderr)
     bar = cli.progress_bar("scoring windows") if cli.is_main_process() else None
     res = perplexity(engine, texts, window, stride, args.batch_size, bar)

@@ -25,9 +25,8 @@ from collections.abc import Callable
 
 from lpjax import cli
 from lpjax.errors import LPJaxError
-from lpjax.eval import DEFAULT_WINDOW, perplexity
+from lpjax.eval import DEFAULT_WINDOW, encode_texts, perplexity, read_texts, resolve_window
 from lpjax.plan import LPPlan
-from lpjax.sweep import encode_texts, read_texts, resolve_window
 
 Pairs = tuple[tuple[int, int], ...]
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from lpjax import cli
 from lpjax.errors import LPJaxError
-from lpjax.eval import DEFAULT_WINDOW, perplexity
+from lpjax.eval import DEFAULT_WINDOW, encode_texts, perplexity, read_texts, resolve_window
 from lpjax.plan import LPPlan
 
 OUT_FILES = ("sweep.txt", "sweep.json", "sweep.png")
@@ -84,42 +84,6 @@ def default_plan(delta: int, n_layers: int) -> LPPlan:
         return LPPlan.ending_before_last(delta, n_layers)
     except LPJaxError as e:
         raise LPJaxError(f"--delta {delta} (default range, ending two layers before the last): {e}") from None
-
-
-def resolve_window(window: int | None, stride: int | None, max_len: int | None, context: int) -> tuple[int, int]:
-    """`lpjax.eval`'s window and stride defaults and checks."""
-    window = window or max_len or min(context, DEFAULT_WINDOW)
-    if window > context:
-        raise LPJaxError(f"--window {window}: longer than the model's context of {context} tokens")
-    if window < 2:
-        raise LPJaxError(f"--window {window}: needs at least 2 tokens")
-    stride = stride or max(1, window // 2)
-    if not 0 < stride < window:
-        raise LPJaxError(f"--stride {stride}: must be between 1 and --window - 1 ({window - 1})")
-    return window, stride
-
-
-def read_texts(paths: list[str] | None) -> list[str]:
-    if not paths:
-        raise LPJaxError("--text: give at least one UTF-8 text file to score")
-    return [cli.read_text_file(p) for p in paths]
-
-
-def encode_texts(tokenizer, paths: list[str], contents: list[str], max_tokens: int = 0) -> list[list[int]]:
-    """Token ids of each text (as `lpjax.eval` tokenises them), keeping only the first `max_tokens` tokens of all
-    texts together when `max_tokens` > 0 (texts left with fewer than 2 tokens are dropped: nothing to score)."""
-    out, left = [], max_tokens or None
-    for path, text in zip(paths, contents):
-        ids = tokenizer.encode(text)
-        if len(ids) < 2:
-            raise LPJaxError(f"--text {path}: has fewer than 2 tokens, nothing to score")
-        if left is not None:
-            ids, left = ids[:left], max(0, left - len(ids))
-        if len(ids) >= 2:
-            out.append(ids)
-    if not out:
-        raise LPJaxError(f"--max-tokens {max_tokens}: keeps fewer than 2 tokens, nothing to score")
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------- the sweep

@@ -9,10 +9,10 @@ from test_cli import assert_clean_error, last_json, run
 
 from lpjax import cli
 from lpjax.errors import LPJaxError
-from lpjax.eval import perplexity
+from lpjax.eval import encode_texts, perplexity
 from lpjax.plan import LPPlan
 from lpjax.search import Scorer, SearchSpace, beam_search, plan_perplexity, search
-from lpjax.sweep import encode_texts, pareto_front, sweep_plans
+from lpjax.sweep import pareto_front, sweep_plans
 
 SWEEP_ARGS = ["--window", 32, "--stride", 16, "--batch-size", 8, "--max-tokens", 128, "--dtype", "float32"]
 
