@@ -41,6 +41,13 @@ def _item(i: int | None) -> str:
     return "globals" if i is None else f"layer_{i:04d}"
 
 
+def copy_tokenizer(src: Path, out: Path) -> None:
+    """Copy the tokenizer files `src` has (any of TOKENIZER_FILES) into `out`."""
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, out / name)
+
+
 def prepare_output_dir(out: Path, overwrite: bool) -> None:
     """Refuse to write over anything a user already has, unless asked to."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -73,9 +80,7 @@ def write_checkpoint(
             progress(n + 1, total)
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     if tokenizer_dir is not None:
-        for name in TOKENIZER_FILES:
-            if (tokenizer_dir / name).is_file():
-                shutil.copy2(tokenizer_dir / name, out / name)
+        copy_tokenizer(tokenizer_dir, out)
     meta = {"format": FORMAT, "dtype": dtype, "n_layers": hf_config.get("num_hidden_layers"), "source": provenance}
     (out / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
 

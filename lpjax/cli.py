@@ -93,6 +93,12 @@ def emit_json(obj: dict) -> None:
     say(json.dumps(obj, sort_keys=True))
 
 
+def bar_line(label: str, done: int, total: int) -> str:
+    """`label [#####.....] done/total`: the one look of every progress bar."""
+    filled = 30 * done // total
+    return f"{label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}"
+
+
 def progress_bar(label: str, min_interval_s: float = 0.5) -> Callable[[int, int], None]:
     """A progress bar on stderr: redrawn in place on a terminal, a line at most every few seconds otherwise."""
     tty = sys.stderr.isatty()
@@ -103,8 +109,7 @@ def progress_bar(label: str, min_interval_s: float = 0.5) -> Callable[[int, int]
         if done < total and now - last[0] < (min_interval_s if tty else 5.0):
             return
         last[0] = now
-        filled = 30 * done // total
-        line = f"{label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}"
+        line = bar_line(label, done, total)
         sys.stderr.write(("\r" + line if tty else line + "\n") + ("\n" if tty and done == total else ""))
         sys.stderr.flush()
 

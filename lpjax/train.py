@@ -38,7 +38,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lpjax import cli
-from lpjax.checkpoint import MARKER, TOKENIZER_FILES, is_converted, write_checkpoint
+from lpjax.checkpoint import MARKER, copy_tokenizer, is_converted, write_checkpoint
 from lpjax.config import ModelConfig, round_up
 from lpjax.errors import LPJaxError
 from lpjax.eval import windows
@@ -210,12 +210,6 @@ def train_tokenizer(texts: list[str], vocab_size: int, out: Path) -> None:
     fast.save_pretrained(str(out))
 
 
-def copy_tokenizer(src: Path, out: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, out / name)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Model pieces
 
@@ -264,9 +258,14 @@ def jax_tree_to_numpy(tree):
     return jax.tree.map(np.asarray, jax.device_get(tree))
 
 
+def lr_schedule(hp: Hyper):
+    """Learning rate by update count: linear warm-up from 0, then cosine decay to lr * min_lr_ratio."""
+    return optax.warmup_cosine_decay_schedule(0.0, hp.lr, hp.warmup, hp.steps, hp.lr * hp.min_lr_ratio)
+
+
 def make_optimizer(hp: Hyper):
-    """Global-norm clipping, then AdamW (decay on matrices only) under warmup + cosine decay."""
-    schedule = optax.warmup_cosine_decay_schedule(0.0, hp.lr, hp.warmup, hp.steps, hp.lr * hp.min_lr_ratio)
+    """Global-norm clipping, then AdamW (decay on matrices only) under `lr_schedule`."""
+    schedule = lr_schedule(hp)
 
     def decay_mask(params):
         return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in DECAYED, params)
@@ -562,12 +561,8 @@ class FitResult:
 
 
 def lr_at(hp: Hyper, count: int) -> float:
-    """The schedule's learning rate for update `count` (0-based), on the host: optax's warmup + cosine decay."""
-    if count < hp.warmup:
-        return hp.lr * count / hp.warmup
-    t = min(count - hp.warmup, hp.steps - hp.warmup) / (hp.steps - hp.warmup)
-    alpha = hp.min_lr_ratio
-    return hp.lr * ((1 - alpha) * 0.5 * (1 + math.cos(math.pi * t)) + alpha)
+    """The learning rate of update `count` (0-based), for the progress bar."""
+    return float(lr_schedule(hp)(count))
 
 
 class StepBar:
@@ -585,9 +580,8 @@ class StepBar:
         if step != self.total and now - self.last < (0.2 if self.tty else 5.0):
             return
         self.last = now
-        filled = 30 * step // self.total
-        line = (f"{self.label} [{'#' * filled}{'.' * (30 - filled)}] {step}/{self.total} loss {loss:.4f} | "
-                f"{tokens_per_s / 1e3:,.1f}k tok/s | lr {lr:.2e}")
+        line = (f"{cli.bar_line(self.label, step, self.total)} loss {loss:.4f} | {tokens_per_s / 1e3:,.1f}k tok/s | "
+                f"lr {lr:.2e}")
         if self.tty:
             self._write("\r\033[K" + line)
             self.open = True
@@ -910,8 +904,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cli.enable_compile_cache()
     texts, val_text = read_texts(args)
-    if args.seq_len < 2:
-        raise LPJaxError(f"--seq-len {args.seq_len}: must be at least 2")
     hp = hyper_from_args(args, args.seq_len)
     cadence = cadence_from_args(args)
     setup = {"kind": "train", "hyper": dataclasses.asdict(hp), "tokenizer": tokenizer_setup(args),
