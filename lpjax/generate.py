@@ -55,6 +55,7 @@ def run_once(engine, args, prompts: list[str]) -> dict:
     ids = [tok.encode(p) for p in prompts]
     if any(len(i) == 0 for i in ids):
         raise LPJaxError("a prompt encodes to no tokens")
+    engine.cache_length(max(map(len, ids)), args.max_new_tokens, args.max_len)  # fits? (before echoing the prompt)
     stream = Streamer(tok, enabled=len(prompts) == 1)
     if len(prompts) == 1:
         cli.say(prompts[0], end="")
