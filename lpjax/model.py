@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from lpjax import kernels
 from lpjax.config import ModelConfig
 from lpjax.sharding import ALL, Layout, StageLayout
 
@@ -137,20 +138,36 @@ def _write_cache(cache: dict, k: jax.Array, v: jax.Array, index) -> dict:
 
 
 MIN_MATMUL_ROWS = 8
+GEMV_IMPLS = ("xla", "pallas", "interpret")  # interpret: the Pallas kernel on the CPU, for tests
 
 
-def project(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [..., K] @ w [K, ...]: the weight products of every layer.
+def _transform(x: jax.Array, prologue: str | None, scale, eps: float) -> jax.Array:
+    """What a product's input goes through first: the layer's RMSNorm, or SwiGLU of a [..., 2, F] gate/up."""
+    if prologue == "rmsnorm":
+        return rms_norm(x, scale, eps)
+    if prologue == "swiglu":
+        return jax.nn.silu(x[..., 0, :]) * x[..., 1, :]
+    return x
 
-    Decode multiplies one row per sequence. XLA:GPU rewrites a [1, K] x [K, N] product with a small weight
-    ([2048, 4096], a 2-GPU shard of Llama-2-7B's output projection) into multiply + reduce kernels that ran at
-    half the speed of a GEMM on H200 (bench/gemv_variants.py); with 8 rows it stays a GEMM, and reads the weight
-    once all the same. So fewer than 8 rows are padded to 8.
+
+def project(x: jax.Array, w: jax.Array, prologue: str | None = None, scale=None, eps: float = 0.0,
+            gemv: str = "xla") -> jax.Array:
+    """prologue(x) [..., K] @ w [K, ...]: the weight products of every layer, with their input transform.
+
+    One row (batch-1 decode) with `gemv="pallas"`: the Pallas GEMV (`lpjax.kernels`), which applies the transform
+    while it reads the row. Otherwise XLA: the transform, then a matmul. XLA:GPU rewrites a [1, K] x [K, N] product
+    with a small weight ([2048, 4096], a 2-GPU shard of Llama-2-7B's output projection) into multiply + reduce
+    kernels that ran at half the speed of a GEMM on H200 (bench/gemv_variants.py); with 8 rows it stays a GEMM, and
+    reads the weight once all the same. So fewer than 8 rows are padded to 8.
     """
-    lead, K = x.shape[:-1], x.shape[-1]
+    K = w.shape[0]
+    lead = x.shape[:-2] if prologue == "swiglu" else x.shape[:-1]
     rows = math.prod(lead)
     w2 = w.reshape(K, -1)
-    x2 = x.reshape(rows, K)
+    if gemv != "xla" and rows == 1 and kernels.supported(*w2.shape):
+        y = kernels.gemv(x.reshape(-1), w2, prologue=prologue, scale=scale, eps=eps, interpret=gemv == "interpret")
+        return y.reshape(*lead, *w.shape[1:])
+    x2 = _transform(x, prologue, scale, eps).reshape(rows, K)
     if rows < MIN_MATMUL_ROWS:
         x2 = jnp.pad(x2, ((0, MIN_MATMUL_ROWS - rows), (0, 0)))
     return (x2 @ w2)[:rows].reshape(*lead, *w.shape[1:])
@@ -169,6 +186,7 @@ class AttentionBlock(nn.Module):
     kv_heads: int
     param_dtype: jnp.dtype = jnp.float32
     attention_impl: str = "xla"
+    gemv: str = "xla"
 
     @nn.compact
     def __call__(self, x, cache, pos: Positions, mode: str):
@@ -177,10 +195,10 @@ class AttentionBlock(nn.Module):
         B, T = x.shape[:2]
         G = self.heads // self.kv_heads  # query heads per KV head
         norm = _param(self, "norm", (D,), nn.initializers.ones)
-        h = rms_norm(x, norm, c.norm_eps)
         # One fused projection, grouped per KV head: [its G query heads, its key, its value]. Splitting the KV-head
         # axis over devices keeps every group whole, so q/k/v need no communication and one matmul reads them.
-        qkv = project(h, _param(self, "wqkv", (D, self.kv_heads, G + 2, hd)))
+        qkv = project(x, _param(self, "wqkv", (D, self.kv_heads, G + 2, hd)), "rmsnorm", norm, c.norm_eps,
+                      self.gemv)
         if c.attention_bias:
             qkv = qkv + _param(self, "bqkv", (self.kv_heads, G + 2, hd), nn.initializers.zeros)
         q = qkv[:, :, :, :G].reshape(B, T, self.heads, hd)
@@ -198,7 +216,7 @@ class AttentionBlock(nn.Module):
         # A plain [B, T, H*hd] x [H*hd, D] matmul behind a barrier: otherwise XLA fuses the attention's probs @ V
         # into it as a multiply-and-reduce over an [H, hd, D] product (seen on 2 H200s: 23 us a layer, not 4).
         out = jax.lax.optimization_barrier(out.reshape(B, T, self.heads * hd))
-        delta = project(out, _param(self, "wo", (self.heads * hd, D)))
+        delta = project(out, _param(self, "wo", (self.heads * hd, D)), gemv=self.gemv)
         return delta, cache
 
 
@@ -208,15 +226,17 @@ class MLPBlock(nn.Module):
     config: ModelConfig
     ffn: int
     param_dtype: jnp.dtype = jnp.float32
+    gemv: str = "xla"
 
     @nn.compact
     def __call__(self, x):
         c = self.config
-        h = rms_norm(x, _param(self, "norm", (c.dim,), nn.initializers.ones), c.norm_eps)
-        gate_up = project(h, _param(self, "w_gate_up", (c.dim, 2, self.ffn)))  # one matmul
+        norm = _param(self, "norm", (c.dim,), nn.initializers.ones)
+        gate_up = project(x, _param(self, "w_gate_up", (c.dim, 2, self.ffn)), "rmsnorm", norm, c.norm_eps,
+                          self.gemv)  # one matmul
         if c.mlp_bias:
             gate_up = gate_up + _param(self, "b_gate_up", (2, self.ffn), nn.initializers.zeros)
-        return project(jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], _param(self, "w_down", (self.ffn, c.dim)))
+        return project(gate_up, _param(self, "w_down", (self.ffn, c.dim)), "swiglu", gemv=self.gemv)
 
 
 def _stacked(block, size: int):
@@ -243,6 +263,7 @@ class Stage(nn.Module):
     collective: bool = False
     param_dtype: jnp.dtype = jnp.float32
     attention_impl: str = "xla"
+    gemv: str = "xla"
 
     def _reduce(self, deltas):
         total = deltas.sum(axis=0)  # the pair sum (a no-op for a stack of one)
@@ -252,13 +273,13 @@ class Stage(nn.Module):
     def __call__(self, x, cache, pos: Positions, mode: str):
         c = self.config
         attn = _stacked(AttentionBlock, self.local_stack)(c, self.heads, self.kv_heads, self.param_dtype,
-                                                         self.attention_impl, name="attn")
+                                                         self.attention_impl, self.gemv, name="attn")
         deltas, cache = attn(x, cache, pos, mode)
         a = self._reduce(deltas)
         if c.attention_bias:
             a = a + _param(self, "attn_out_bias", (self.stack, c.dim), nn.initializers.zeros).sum(0)
         h = x + a.astype(x.dtype)
-        m = self._reduce(_stacked(MLPBlock, self.local_stack)(c, self.ffn, self.param_dtype, name="mlp")(h))
+        m = self._reduce(_stacked(MLPBlock, self.local_stack)(c, self.ffn, self.param_dtype, self.gemv, name="mlp")(h))
         if c.mlp_bias:
             m = m + _param(self, "mlp_out_bias", (self.stack, c.dim), nn.initializers.zeros).sum(0)
         return h + m.astype(h.dtype), cache
@@ -289,12 +310,15 @@ class Embed(nn.Module):
 
 
 class Norm(nn.Module):
+    dim: int
     eps: float
     param_dtype: jnp.dtype = jnp.float32
 
-    @nn.compact
+    def setup(self):
+        self.scale = _param(self, "scale", (self.dim,), nn.initializers.ones)
+
     def __call__(self, x):
-        return rms_norm(x, _param(self, "scale", (x.shape[-1],), nn.initializers.ones), self.eps)
+        return rms_norm(x, self.scale, self.eps)
 
 
 class LlamaLM(nn.Module):
@@ -311,6 +335,7 @@ class LlamaLM(nn.Module):
     local: bool = False
     param_dtype: jnp.dtype = jnp.float32
     attention_impl: str = "xla"
+    gemv: str = "xla"
 
     def _sizes(self, s: StageLayout) -> tuple[int, int, int, int]:
         """(layers, heads, KV heads, MLP width) of stage `s` held on one device (or the whole, if not local)."""
@@ -329,15 +354,16 @@ class LlamaLM(nn.Module):
         for s in lay.stages:
             layers, heads, kv_heads, ffn = self._sizes(s)
             stage = Stage(c, s.stack, layers, heads, kv_heads, ffn, self.local, self.param_dtype,
-                          self.attention_impl, name=s.name)
+                          self.attention_impl, self.gemv, name=s.name)
             x, new_cache[s.name] = stage(x, None if cache is None else cache[s.name], pos, mode)
-        x = Norm(c.norm_eps, self.param_dtype, name="norm")(x)
+        norm = Norm(c.dim, c.norm_eps, self.param_dtype, name="norm")
         if logits_index is not None:
             x = jax.lax.dynamic_index_in_dim(x, logits_index, axis=1, keepdims=False)  # [B, D]
         if c.tied_embeddings:
-            logits = embed.attend(x)
+            logits = embed.attend(norm(x))
         else:
-            logits = x @ self.param("lm_head", nn.initializers.normal(INIT_STD), (c.dim, vocab), self.param_dtype)
+            lm_head = self.param("lm_head", nn.initializers.normal(INIT_STD), (c.dim, vocab), self.param_dtype)
+            logits = project(x, lm_head, "rmsnorm", norm.scale, c.norm_eps, self.gemv)
         logits = logits.astype(jnp.float32)
         if self.local and n > 1:
             logits = jax.lax.all_gather(logits, ALL, axis=logits.ndim - 1, tiled=True)
