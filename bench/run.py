@@ -129,13 +129,13 @@ def parse_variants(specs: list[str]) -> dict[str, str]:
     for spec in specs:
         name, _, flags = spec.partition("=")
         if not name or not flags.strip().startswith("--"):
-            raise LPJaxError(f"--lpjax-variant {spec}: expected NAME=--xla_flag=value or NAME=--gemv=xla [...]")
+            raise LPJaxError(f"--lpjax-variant {spec}: expected NAME=--xla_flag=value or NAME=--kernels=xla [...]")
         out[name] = flags.strip()
     return out
 
 
 def split_variant(flags: str) -> tuple[str, list[str]]:
-    """A variant's flags: `--xla_*` ones go to XLA_FLAGS, the rest to lpjax's runner (e.g. `--gemv=xla`)."""
+    """A variant's flags: `--xla_*` ones go to XLA_FLAGS, the rest to lpjax's runner (e.g. `--kernels=xla`)."""
     tokens = flags.split()
     return " ".join(t for t in tokens if t.startswith("--xla")), [t for t in tokens if not t.startswith("--xla")]
 
@@ -182,7 +182,7 @@ def parse_args(argv):
     p.add_argument("--long-models", default="llama2-7b")
     p.add_argument("--long-batch", type=int, default=1)
     p.add_argument("--lpjax-variant", action="append", default=[], metavar="NAME=FLAGS",
-                   help="also run lpjax under extra XLA flags (--xla_*) or runner options (--gemv=xla), recorded as "
+                   help="also run lpjax under extra XLA flags (--xla_*) or runner options (--kernels=xla), recorded as "
                         "impl lpjax+NAME (repeatable)")
     p.add_argument("--variants-only", action="store_true", help="run only the --lpjax-variant jobs")
     p.add_argument("--repeats", type=int, default=5)

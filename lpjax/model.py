@@ -94,6 +94,27 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * xf.astype(x.dtype)
 
 
+KERNEL_IMPLS = ("xla", "pallas", "interpret")  # interpret: lpjax's Pallas kernels run on the CPU (tests)
+MAX_KERNEL_ROWS = 8  # the fused add + norm kernel runs for decode-sized calls (B*T rows up to this)
+
+
+def add_norm(x: jax.Array, deltas: jax.Array | None, scales: jax.Array, eps: float, impl: str = "xla"):
+    """The residual stream after a half-stage and the next half-stage's normed inputs, one per layer of it.
+
+    x [B, T, D]; deltas [P, B, T, D] to add (a pair's halves, or one all-reduced sum) or None; scales [S, D].
+    Returns (h [B, T, D], normed [S, B, T, D]). Decode-sized calls with `impl` "pallas" run one fused kernel
+    (`lpjax.kernels`) instead of XLA's add, reduce and scale kernels.
+    """
+    lead, D = x.shape[:-1], x.shape[-1]
+    rows = math.prod(lead)
+    if impl != "xla" and rows <= MAX_KERNEL_ROWS and kernels.supported(D):
+        d = None if deltas is None else deltas.reshape(deltas.shape[0], rows, D)
+        h, normed = kernels.add_rms_norm(x.reshape(rows, D), d, scales, eps, interpret=impl == "interpret")
+        return h.reshape(x.shape), normed.reshape(scales.shape[0], *x.shape)
+    h = x if deltas is None else x + deltas.sum(axis=0).astype(x.dtype)
+    return h, jnp.stack([rms_norm(h, scales[s], eps) for s in range(scales.shape[0])])
+
+
 def _fresh_attention(q, k, v, pad, impl: str):
     """Causal attention of a call's tokens over themselves (prefill / full forward; the cache starts empty).
 
@@ -138,36 +159,20 @@ def _write_cache(cache: dict, k: jax.Array, v: jax.Array, index) -> dict:
 
 
 MIN_MATMUL_ROWS = 8
-GEMV_IMPLS = ("xla", "pallas", "interpret")  # interpret: the Pallas kernel on the CPU, for tests
 
 
-def _transform(x: jax.Array, prologue: str | None, scale, eps: float) -> jax.Array:
-    """What a product's input goes through first: the layer's RMSNorm, or SwiGLU of a [..., 2, F] gate/up."""
-    if prologue == "rmsnorm":
-        return rms_norm(x, scale, eps)
-    if prologue == "swiglu":
-        return jax.nn.silu(x[..., 0, :]) * x[..., 1, :]
-    return x
+def project(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., K] @ w [K, ...]: the weight products of every layer.
 
-
-def project(x: jax.Array, w: jax.Array, prologue: str | None = None, scale=None, eps: float = 0.0,
-            gemv: str = "xla") -> jax.Array:
-    """prologue(x) [..., K] @ w [K, ...]: the weight products of every layer, with their input transform.
-
-    One row (batch-1 decode) with `gemv="pallas"`: the Pallas GEMV (`lpjax.kernels`), which applies the transform
-    while it reads the row. Otherwise XLA: the transform, then a matmul. XLA:GPU rewrites a [1, K] x [K, N] product
-    with a small weight ([2048, 4096], a 2-GPU shard of Llama-2-7B's output projection) into multiply + reduce
-    kernels that ran at half the speed of a GEMM on H200 (bench/gemv_variants.py); with 8 rows it stays a GEMM, and
-    reads the weight once all the same. So fewer than 8 rows are padded to 8.
+    Decode multiplies one row per sequence. XLA:GPU rewrites a [1, K] x [K, N] product with a small weight
+    ([2048, 4096], a 2-GPU shard of Llama-2-7B's output projection) into multiply + reduce kernels that ran at
+    half the speed of a GEMM on H200 (bench/gemv_variants.py); with 8 rows it stays a GEMM, and reads the weight
+    once all the same. So fewer than 8 rows are padded to 8.
     """
-    K = w.shape[0]
-    lead = x.shape[:-2] if prologue == "swiglu" else x.shape[:-1]
+    lead, K = x.shape[:-1], x.shape[-1]
     rows = math.prod(lead)
     w2 = w.reshape(K, -1)
-    if gemv != "xla" and rows == 1 and kernels.supported(*w2.shape):
-        y = kernels.gemv(x.reshape(-1), w2, prologue=prologue, scale=scale, eps=eps, interpret=gemv == "interpret")
-        return y.reshape(*lead, *w.shape[1:])
-    x2 = _transform(x, prologue, scale, eps).reshape(rows, K)
+    x2 = x.reshape(rows, K)
     if rows < MIN_MATMUL_ROWS:
         x2 = jnp.pad(x2, ((0, MIN_MATMUL_ROWS - rows), (0, 0)))
     return (x2 @ w2)[:rows].reshape(*lead, *w.shape[1:])
@@ -178,15 +183,14 @@ def _param(module: nn.Module, name: str, shape, init=None):
 
 
 class AttentionBlock(nn.Module):
-    """One layer's attention half: norm, q/k/v, RoPE, cache write, attention, output projection (no residual,
-    no output bias: the stage adds those once, after the all-reduce)."""
+    """One layer's attention half after its norm (the stage norms, see `add_norm`): q/k/v, RoPE, cache write,
+    attention, output projection (no residual, no output bias: the stage adds those once, after the all-reduce)."""
 
     config: ModelConfig
     heads: int
     kv_heads: int
     param_dtype: jnp.dtype = jnp.float32
     attention_impl: str = "xla"
-    gemv: str = "xla"
 
     @nn.compact
     def __call__(self, x, cache, pos: Positions, mode: str):
@@ -194,11 +198,9 @@ class AttentionBlock(nn.Module):
         D, hd = c.dim, c.head_dim
         B, T = x.shape[:2]
         G = self.heads // self.kv_heads  # query heads per KV head
-        norm = _param(self, "norm", (D,), nn.initializers.ones)
         # One fused projection, grouped per KV head: [its G query heads, its key, its value]. Splitting the KV-head
         # axis over devices keeps every group whole, so q/k/v need no communication and one matmul reads them.
-        qkv = project(x, _param(self, "wqkv", (D, self.kv_heads, G + 2, hd)), "rmsnorm", norm, c.norm_eps,
-                      self.gemv)
+        qkv = project(x, _param(self, "wqkv", (D, self.kv_heads, G + 2, hd)))
         if c.attention_bias:
             qkv = qkv + _param(self, "bqkv", (self.kv_heads, G + 2, hd), nn.initializers.zeros)
         q = qkv[:, :, :, :G].reshape(B, T, self.heads, hd)
@@ -216,43 +218,44 @@ class AttentionBlock(nn.Module):
         # A plain [B, T, H*hd] x [H*hd, D] matmul behind a barrier: otherwise XLA fuses the attention's probs @ V
         # into it as a multiply-and-reduce over an [H, hd, D] product (seen on 2 H200s: 23 us a layer, not 4).
         out = jax.lax.optimization_barrier(out.reshape(B, T, self.heads * hd))
-        delta = project(out, _param(self, "wo", (self.heads * hd, D)), gemv=self.gemv)
+        delta = project(out, _param(self, "wo", (self.heads * hd, D)))
         return delta, cache
 
 
 class MLPBlock(nn.Module):
-    """One layer's SwiGLU half: norm, gate/up, down (no residual, no output bias)."""
+    """One layer's SwiGLU half after its norm: gate/up, down (no residual, no output bias)."""
 
     config: ModelConfig
     ffn: int
     param_dtype: jnp.dtype = jnp.float32
-    gemv: str = "xla"
 
     @nn.compact
     def __call__(self, x):
         c = self.config
-        norm = _param(self, "norm", (c.dim,), nn.initializers.ones)
-        gate_up = project(x, _param(self, "w_gate_up", (c.dim, 2, self.ffn)), "rmsnorm", norm, c.norm_eps,
-                          self.gemv)  # one matmul
+        gate_up = project(x, _param(self, "w_gate_up", (c.dim, 2, self.ffn)))  # one matmul
         if c.mlp_bias:
             gate_up = gate_up + _param(self, "b_gate_up", (2, self.ffn), nn.initializers.zeros)
-        return project(gate_up, _param(self, "w_down", (self.ffn, c.dim)), "swiglu", gemv=self.gemv)
+        return project(jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], _param(self, "w_down", (self.ffn, c.dim)))
 
 
 def _stacked(block, size: int):
-    """`block` vmapped over the stage's stack axis: weights and cache stacked, input shared, deltas stacked."""
+    """`block` vmapped over the stage's stack axis: weights, normed inputs, cache and deltas stacked."""
     return nn.vmap(
         block,
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=None if block is MLPBlock else (None, 0, None, None),
+        in_axes=0 if block is MLPBlock else (0, 0, None, None),
         out_axes=0,
         axis_size=size,
     )
 
 
 class Stage(nn.Module):
-    """A sequential layer (stack 1) or an LP pair (stack 2)."""
+    """A sequential layer (stack 1) or an LP pair (stack 2).
+
+    The residual add is deferred: a stage takes the stream and the previous stage's unsummed MLP deltas and
+    returns its own, so that each add meets the norm that follows it in one `add_norm`.
+    """
 
     config: ModelConfig
     stack: int  # layers in the stage (1 or 2); output biases are replicated, so they keep this size
@@ -263,26 +266,30 @@ class Stage(nn.Module):
     collective: bool = False
     param_dtype: jnp.dtype = jnp.float32
     attention_impl: str = "xla"
-    gemv: str = "xla"
+    kernels: str = "xla"
 
-    def _reduce(self, deltas):
-        total = deltas.sum(axis=0)  # the pair sum (a no-op for a stack of one)
-        return jax.lax.psum(total, ALL) if self.collective else total
+    def _finish(self, deltas, bias_name: str | None):
+        """A half-stage's deltas [local stack, B, T, D] as the parts to add to the stream: on one device the pair's
+        halves, summed by `add_norm`; over devices one all-reduced sum (tensor-parallel and pair sums at once)."""
+        if self.collective:
+            deltas = jax.lax.psum(deltas.sum(axis=0), ALL)[None]
+        if bias_name:
+            deltas = (deltas.sum(axis=0) + _param(self, bias_name, (self.stack, self.config.dim),
+                                                  nn.initializers.zeros).sum(0))[None]
+        return deltas
 
     @nn.compact
-    def __call__(self, x, cache, pos: Positions, mode: str):
+    def __call__(self, x, pending, cache, pos: Positions, mode: str):
         c = self.config
+        norms = {n: _param(self, n, (self.local_stack, c.dim), nn.initializers.ones) for n in ("attn_norm", "mlp_norm")}
+        x, normed = add_norm(x, pending, norms["attn_norm"], c.norm_eps, self.kernels)
         attn = _stacked(AttentionBlock, self.local_stack)(c, self.heads, self.kv_heads, self.param_dtype,
-                                                         self.attention_impl, self.gemv, name="attn")
-        deltas, cache = attn(x, cache, pos, mode)
-        a = self._reduce(deltas)
-        if c.attention_bias:
-            a = a + _param(self, "attn_out_bias", (self.stack, c.dim), nn.initializers.zeros).sum(0)
-        h = x + a.astype(x.dtype)
-        m = self._reduce(_stacked(MLPBlock, self.local_stack)(c, self.ffn, self.param_dtype, self.gemv, name="mlp")(h))
-        if c.mlp_bias:
-            m = m + _param(self, "mlp_out_bias", (self.stack, c.dim), nn.initializers.zeros).sum(0)
-        return h + m.astype(h.dtype), cache
+                                                         self.attention_impl, name="attn")
+        deltas, cache = attn(normed, cache, pos, mode)
+        h, normed = add_norm(x, self._finish(deltas, c.attention_bias and "attn_out_bias"), norms["mlp_norm"],
+                             c.norm_eps, self.kernels)
+        deltas = _stacked(MLPBlock, self.local_stack)(c, self.ffn, self.param_dtype, name="mlp")(normed)
+        return h, self._finish(deltas, c.mlp_bias and "mlp_out_bias"), cache
 
 
 class Embed(nn.Module):
@@ -310,15 +317,16 @@ class Embed(nn.Module):
 
 
 class Norm(nn.Module):
-    dim: int
+    """The final norm, with the last stage's deferred residual add."""
+
     eps: float
     param_dtype: jnp.dtype = jnp.float32
+    kernels: str = "xla"
 
-    def setup(self):
-        self.scale = _param(self, "scale", (self.dim,), nn.initializers.ones)
-
-    def __call__(self, x):
-        return rms_norm(x, self.scale, self.eps)
+    @nn.compact
+    def __call__(self, x, pending):
+        scale = _param(self, "scale", (x.shape[-1],), nn.initializers.ones)
+        return add_norm(x, pending, scale[None], self.eps, self.kernels)[1][0]
 
 
 class LlamaLM(nn.Module):
@@ -335,7 +343,7 @@ class LlamaLM(nn.Module):
     local: bool = False
     param_dtype: jnp.dtype = jnp.float32
     attention_impl: str = "xla"
-    gemv: str = "xla"
+    kernels: str = "xla"
 
     def _sizes(self, s: StageLayout) -> tuple[int, int, int, int]:
         """(layers, heads, KV heads, MLP width) of stage `s` held on one device (or the whole, if not local)."""
@@ -350,20 +358,22 @@ class LlamaLM(nn.Module):
         vocab = lay.vocab_padded // n
         embed = Embed(vocab, c.dim, self.local, self.param_dtype, name="embed")
         x = embed(tokens)
-        new_cache = {}
+        new_cache, pending = {}, None
         for s in lay.stages:
             layers, heads, kv_heads, ffn = self._sizes(s)
             stage = Stage(c, s.stack, layers, heads, kv_heads, ffn, self.local, self.param_dtype,
-                          self.attention_impl, self.gemv, name=s.name)
-            x, new_cache[s.name] = stage(x, None if cache is None else cache[s.name], pos, mode)
-        norm = Norm(c.dim, c.norm_eps, self.param_dtype, name="norm")
+                          self.attention_impl, self.kernels, name=s.name)
+            x, pending, new_cache[s.name] = stage(x, pending, None if cache is None else cache[s.name], pos, mode)
+        if logits_index is not None:  # [B, 1, D]: prefill needs one position's logits
+            x = jax.lax.dynamic_index_in_dim(x, logits_index, axis=1)
+            pending = jax.lax.dynamic_index_in_dim(pending, logits_index, axis=2)
+        x = Norm(c.norm_eps, self.param_dtype, self.kernels, name="norm")(x, pending)
         if logits_index is not None:
-            x = jax.lax.dynamic_index_in_dim(x, logits_index, axis=1, keepdims=False)  # [B, D]
+            x = x[:, 0]  # [B, D]
         if c.tied_embeddings:
-            logits = embed.attend(norm(x))
+            logits = embed.attend(x)
         else:
-            lm_head = self.param("lm_head", nn.initializers.normal(INIT_STD), (c.dim, vocab), self.param_dtype)
-            logits = project(x, lm_head, "rmsnorm", norm.scale, c.norm_eps, self.gemv)
+            logits = x @ self.param("lm_head", nn.initializers.normal(INIT_STD), (c.dim, vocab), self.param_dtype)
         logits = logits.astype(jnp.float32)
         if self.local and n > 1:
             logits = jax.lax.all_gather(logits, ALL, axis=logits.ndim - 1, tiled=True)
