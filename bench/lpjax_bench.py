@@ -105,17 +105,17 @@ def versions(engine: Engine) -> dict:
     d = engine.mesh.devices.flat[0]
     return dict(versions={"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__},
                 device_name=getattr(d, "device_kind", d.platform), dtype=engine.dtype_name,
-                attention=engine.attention, kernels=engine.kernels)
+                attention=engine.attention)
 
 
 def run(model: str, gpus: int, deltas: list[int], batch: int, metrics: list[str], repeats: int, long_repeats: int,
-        json_out: Path | None, impl: str = IMPL, kernels: str = "auto") -> None:
+        json_out: Path | None, impl: str = IMPL) -> None:
     if model not in PRESETS:
         raise LPJaxError(f"--model {model}: not a preset ({', '.join(PRESETS)})")
     n_layers = PRESETS[model].n_layers
     for delta in deltas:
         plan = LPPlan.ending_before_last(delta, n_layers)
-        engine = Engine.load(f"random:{model}", plan.spec(), gpus, None, kernels=kernels)
+        engine = Engine.load(f"random:{model}", plan.spec(), gpus, None)
         print(f"[lpjax] {engine.describe()}", file=sys.stderr, flush=True)
         figures = measure(engine, batch, metrics, repeats, long_repeats)
         context = versions(engine)
@@ -137,7 +137,6 @@ def main(argv=None) -> int:
     p.add_argument("--long-repeats", type=int, default=1, help="repeats of generate_4096 (16+ s each on a 7B model)")
     p.add_argument("--json-out", type=Path, default=None)
     p.add_argument("--impl-name", default=IMPL, help="name in the records (variants: e.g. lpjax+flags)")
-    p.add_argument("--kernels", default="auto", help="lpjax's Pallas kernels: auto, pallas or xla (off)")
     args = p.parse_args(argv)
     metrics = parse_list(args.metrics)
     unknown = [m for m in metrics if m not in METRICS]
@@ -148,7 +147,7 @@ def main(argv=None) -> int:
             raise LPJaxError(f"--gpus {args.gpus}: only {len(jax.devices())} devices visible")
         enable_compile_cache()
         run(args.model, args.gpus, parse_list(args.lp_delta, int), args.batch, metrics, args.repeats,
-            args.long_repeats, args.json_out, args.impl_name, args.kernels)
+            args.long_repeats, args.json_out, args.impl_name)
     except LPJaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -68,10 +68,9 @@ def main() -> None:
     p.add_argument("--devices", type=int, default=None)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--top", type=int, default=25)
-    p.add_argument("--kernels", default="auto", help="lpjax's Pallas kernels: auto, pallas or xla (off)")
     p.add_argument("--summary", default=None, help="write the summary JSON here (the trace stays in a temp dir)")
     args = p.parse_args()
-    engine = Engine.load(args.model, args.lp, args.devices, "bfloat16", kernels=args.kernels)
+    engine = Engine.load(args.model, args.lp, args.devices, "bfloat16")
     prompt = [1] + [100 + (i % 150) for i in range(127)]
     engine.generate([prompt], args.tokens + 1, eos=())  # compile and warm up
     out = tempfile.mkdtemp(prefix="lpjax-trace-")
@@ -82,7 +81,6 @@ def main() -> None:
     jax.profiler.stop_trace()
     trace = glob.glob(f"{out}/**/*.xplane.pb", recursive=True)[0]
     report = {"model": args.model, "lp": engine.plan.spec(), "devices": engine.layout.n_devices,
-              "kernels": engine.kernels,
               "decode_ms_per_token": res.decode_ms_per_step, "wall_s": wall, "jax": jax.__version__,
               "devices_report": {k: summarise(v, args.tokens, args.top) for k, v in kernel_events(trace).items()}}
     print(f"{engine.describe()}\ndecode {res.decode_ms_per_step:.3f} ms/token (traced run)")

@@ -49,7 +49,7 @@ class Job:
     deltas: tuple[int, ...]
     batch: int
     metrics: tuple[str, ...]
-    variant: str = ""  # lpjax run under extra XLA flags or runner options: records say impl "lpjax+<variant>"
+    variant: str = ""  # lpjax run under extra XLA flags: records say impl "lpjax+<variant>"
 
     def command(self, json_out: Path, repeats: int, long_repeats: int, device: str) -> list[str]:
         cmd = [sys.executable, "-m", IMPLS[self.impl][0], "--model", self.model,
@@ -129,26 +129,19 @@ def parse_variants(specs: list[str]) -> dict[str, str]:
     for spec in specs:
         name, _, flags = spec.partition("=")
         if not name or not flags.strip().startswith("--"):
-            raise LPJaxError(f"--lpjax-variant {spec}: expected NAME=--xla_flag=value or NAME=--kernels=xla [...]")
+            raise LPJaxError(f"--lpjax-variant {spec}: expected NAME=--xla_flag=value [...]")
         out[name] = flags.strip()
     return out
-
-
-def split_variant(flags: str) -> tuple[str, list[str]]:
-    """A variant's flags: `--xla_*` ones go to XLA_FLAGS, the rest to lpjax's runner (e.g. `--kernels=xla`)."""
-    tokens = flags.split()
-    return " ".join(t for t in tokens if t.startswith("--xla")), [t for t in tokens if not t.startswith("--xla")]
 
 
 def run_job(job: Job, args, context: dict) -> tuple[list[dict], str | None]:
     """Run one configuration's subprocess; its records with the shared context, and an error line if it failed."""
     env = dict(os.environ, NCCL_NVLS_ENABLE=os.environ.get("NCCL_NVLS_ENABLE", "0"), PYTHONUNBUFFERED="1")
-    xla_flags, runner_flags = split_variant(args.variants[job.variant]) if job.variant else ("", [])
-    if xla_flags:
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + xla_flags).strip()
+    if job.variant:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + args.variants[job.variant]).strip()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "records.jsonl"
-        cmd = job.command(out, args.repeats, args.long_repeats, args.device) + runner_flags
+        cmd = job.command(out, args.repeats, args.long_repeats, args.device)
         t = time.perf_counter()
         try:
             proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -182,8 +175,7 @@ def parse_args(argv):
     p.add_argument("--long-models", default="llama2-7b")
     p.add_argument("--long-batch", type=int, default=1)
     p.add_argument("--lpjax-variant", action="append", default=[], metavar="NAME=FLAGS",
-                   help="also run lpjax under extra XLA flags (--xla_*) or runner options (--kernels=xla), recorded as "
-                        "impl lpjax+NAME (repeatable)")
+                   help="also run lpjax under extra XLA flags, recorded as impl lpjax+NAME (repeatable)")
     p.add_argument("--variants-only", action="store_true", help="run only the --lpjax-variant jobs")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--long-repeats", type=int, default=1)

@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 from lpjax.cli import progress_bar
 from lpjax.config import round_up
 from lpjax.errors import LPJaxError
-from lpjax.model import KERNEL_IMPLS, LlamaLM, Positions
+from lpjax.model import LlamaLM, Positions
 from lpjax.plan import LPPlan
 from lpjax.sampling import Sampling, sample
 from lpjax.sharding import RULES, Layout, describe_mesh, make_mesh, named
@@ -66,7 +66,7 @@ class Engine:
     """A model with an LP plan, loaded onto a mesh."""
 
     def __init__(self, source: WeightSource, plan: LPPlan, mesh: Mesh, dtype: str, params: dict | None = None,
-                 attention: str = "auto", kernels: str = "auto", show_progress: bool = False):
+                 attention: str = "auto", show_progress: bool = False):
         self.source, self.config, self.plan, self.mesh = source, source.config, plan, mesh
         self.dtype_name = dtype
         self.dtype = DTYPES[dtype]
@@ -75,11 +75,6 @@ class Engine:
         if attention == "auto":
             attention = "cudnn" if platform == "gpu" and dtype in ("bfloat16", "float16") else "xla"
         self.attention = attention
-        if kernels == "auto":  # lpjax's Pallas kernels where Triton runs them: GPUs
-            kernels = "pallas" if platform == "gpu" else "xla"
-        if kernels not in KERNEL_IMPLS:
-            raise LPJaxError(f"--kernels {kernels}: choose one of auto, {', '.join(KERNEL_IMPLS)}")
-        self.kernels = kernels
         if params is None:
             bar = progress_bar(f"loading {len(self.layout.stages)} stages") if show_progress else None
             params = load_params(source, self.layout, mesh, self.dtype, bar)
@@ -95,7 +90,7 @@ class Engine:
 
     @classmethod
     def load(cls, model: str, lp: str | None = None, devices: int | None = None, dtype: str | None = None,
-             seed: int = 0, attention: str = "auto", kernels: str = "auto", show_progress: bool = False) -> Engine:
+             seed: int = 0, attention: str = "auto", show_progress: bool = False) -> Engine:
         source = open_source(model, seed)
         mesh = make_mesh(devices)
         if dtype is None:  # the checkpoint's; random weights: bfloat16, but float32 on CPUs (no fast bf16 there)
@@ -105,12 +100,12 @@ class Engine:
         if dtype not in DTYPES:
             raise LPJaxError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
         plan = LPPlan.parse(lp, source.config.n_layers)
-        return cls(source, plan, mesh, dtype, attention=attention, kernels=kernels, show_progress=show_progress)
+        return cls(source, plan, mesh, dtype, attention=attention, show_progress=show_progress)
 
     def with_plan(self, lp: str | LPPlan) -> Engine:
         """The same weights under another plan (re-read from the source; checkpoints are plan-independent)."""
         plan = lp if isinstance(lp, LPPlan) else LPPlan.parse(lp, self.config.n_layers)
-        return Engine(self.source, plan, self.mesh, self.dtype_name, attention=self.attention, kernels=self.kernels)
+        return Engine(self.source, plan, self.mesh, self.dtype_name, attention=self.attention)
 
     @property
     def tokenizer(self):
@@ -128,8 +123,7 @@ class Engine:
 
     def _forward(self, mode: str, cached: bool, one_position: bool):
         """The model's forward as a function of global arrays, run per device inside `shard_map`."""
-        local = LlamaLM(self.layout, local=True, param_dtype=self.dtype, attention_impl=self.attention,
-                        kernels=self.kernels)
+        local = LlamaLM(self.layout, local=True, param_dtype=self.dtype, attention_impl=self.attention)
 
         def body(params, tokens, pos, cache, logits_index):
             return local.apply({"params": params}, tokens, pos, cache, mode, logits_index if one_position else None)

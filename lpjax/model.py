@@ -25,7 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from lpjax import kernels
 from lpjax.config import ModelConfig
 from lpjax.sharding import ALL, Layout, StageLayout
 
@@ -92,27 +91,6 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     return weight * xf.astype(x.dtype)
-
-
-KERNEL_IMPLS = ("xla", "pallas", "interpret")  # interpret: lpjax's Pallas kernels run on the CPU (tests)
-MAX_KERNEL_ROWS = 8  # the fused add + norm kernel runs for decode-sized calls (B*T rows up to this)
-
-
-def add_norm(x: jax.Array, deltas: jax.Array | None, scales: jax.Array, eps: float, impl: str = "xla"):
-    """The residual stream after a half-stage and the next half-stage's normed inputs, one per layer of it.
-
-    x [B, T, D]; deltas [P, B, T, D] to add (a pair's halves, or one all-reduced sum) or None; scales [S, D].
-    Returns (h [B, T, D], normed [S, B, T, D]). Decode-sized calls with `impl` "pallas" run one fused kernel
-    (`lpjax.kernels`) instead of XLA's add, reduce and scale kernels.
-    """
-    lead, D = x.shape[:-1], x.shape[-1]
-    rows = math.prod(lead)
-    if impl != "xla" and rows <= MAX_KERNEL_ROWS and kernels.supported(D):
-        d = None if deltas is None else deltas.reshape(deltas.shape[0], rows, D)
-        h, normed = kernels.add_rms_norm(x.reshape(rows, D), d, scales, eps, interpret=impl == "interpret")
-        return h.reshape(x.shape), normed.reshape(scales.shape[0], *x.shape)
-    h = x if deltas is None else x + deltas.sum(axis=0).astype(x.dtype)
-    return h, jnp.stack([rms_norm(h, scales[s], eps) for s in range(scales.shape[0])])
 
 
 def _fresh_attention(q, k, v, pad, impl: str):
@@ -183,8 +161,8 @@ def _param(module: nn.Module, name: str, shape, init=None):
 
 
 class AttentionBlock(nn.Module):
-    """One layer's attention half after its norm (the stage norms, see `add_norm`): q/k/v, RoPE, cache write,
-    attention, output projection (no residual, no output bias: the stage adds those once, after the all-reduce)."""
+    """One layer's attention half: norm, q/k/v, RoPE, cache write, attention, output projection (no residual,
+    no output bias: the stage adds those once, after the all-reduce)."""
 
     config: ModelConfig
     heads: int
@@ -198,9 +176,11 @@ class AttentionBlock(nn.Module):
         D, hd = c.dim, c.head_dim
         B, T = x.shape[:2]
         G = self.heads // self.kv_heads  # query heads per KV head
+        norm = _param(self, "norm", (D,), nn.initializers.ones)
+        h = rms_norm(x, norm, c.norm_eps)
         # One fused projection, grouped per KV head: [its G query heads, its key, its value]. Splitting the KV-head
         # axis over devices keeps every group whole, so q/k/v need no communication and one matmul reads them.
-        qkv = project(x, _param(self, "wqkv", (D, self.kv_heads, G + 2, hd)))
+        qkv = project(h, _param(self, "wqkv", (D, self.kv_heads, G + 2, hd)))
         if c.attention_bias:
             qkv = qkv + _param(self, "bqkv", (self.kv_heads, G + 2, hd), nn.initializers.zeros)
         q = qkv[:, :, :, :G].reshape(B, T, self.heads, hd)
@@ -223,7 +203,7 @@ class AttentionBlock(nn.Module):
 
 
 class MLPBlock(nn.Module):
-    """One layer's SwiGLU half after its norm: gate/up, down (no residual, no output bias)."""
+    """One layer's SwiGLU half: norm, gate/up, down (no residual, no output bias)."""
 
     config: ModelConfig
     ffn: int
@@ -232,30 +212,27 @@ class MLPBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        gate_up = project(x, _param(self, "w_gate_up", (c.dim, 2, self.ffn)))  # one matmul
+        h = rms_norm(x, _param(self, "norm", (c.dim,), nn.initializers.ones), c.norm_eps)
+        gate_up = project(h, _param(self, "w_gate_up", (c.dim, 2, self.ffn)))  # one matmul
         if c.mlp_bias:
             gate_up = gate_up + _param(self, "b_gate_up", (2, self.ffn), nn.initializers.zeros)
         return project(jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], _param(self, "w_down", (self.ffn, c.dim)))
 
 
 def _stacked(block, size: int):
-    """`block` vmapped over the stage's stack axis: weights, normed inputs, cache and deltas stacked."""
+    """`block` vmapped over the stage's stack axis: weights and cache stacked, input shared, deltas stacked."""
     return nn.vmap(
         block,
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=0 if block is MLPBlock else (0, 0, None, None),
+        in_axes=None if block is MLPBlock else (None, 0, None, None),
         out_axes=0,
         axis_size=size,
     )
 
 
 class Stage(nn.Module):
-    """A sequential layer (stack 1) or an LP pair (stack 2).
-
-    The residual add is deferred: a stage takes the stream and the previous stage's unsummed MLP deltas and
-    returns its own, so that each add meets the norm that follows it in one `add_norm`.
-    """
+    """A sequential layer (stack 1) or an LP pair (stack 2)."""
 
     config: ModelConfig
     stack: int  # layers in the stage (1 or 2); output biases are replicated, so they keep this size
@@ -266,30 +243,25 @@ class Stage(nn.Module):
     collective: bool = False
     param_dtype: jnp.dtype = jnp.float32
     attention_impl: str = "xla"
-    kernels: str = "xla"
 
-    def _finish(self, deltas, bias_name: str | None):
-        """A half-stage's deltas [local stack, B, T, D] as the parts to add to the stream: on one device the pair's
-        halves, summed by `add_norm`; over devices one all-reduced sum (tensor-parallel and pair sums at once)."""
-        if self.collective:
-            deltas = jax.lax.psum(deltas.sum(axis=0), ALL)[None]
-        if bias_name:
-            deltas = (deltas.sum(axis=0) + _param(self, bias_name, (self.stack, self.config.dim),
-                                                  nn.initializers.zeros).sum(0))[None]
-        return deltas
+    def _reduce(self, deltas):
+        total = deltas.sum(axis=0)  # the pair sum (a no-op for a stack of one)
+        return jax.lax.psum(total, ALL) if self.collective else total
 
     @nn.compact
-    def __call__(self, x, pending, cache, pos: Positions, mode: str):
+    def __call__(self, x, cache, pos: Positions, mode: str):
         c = self.config
-        norms = {n: _param(self, n, (self.local_stack, c.dim), nn.initializers.ones) for n in ("attn_norm", "mlp_norm")}
-        x, normed = add_norm(x, pending, norms["attn_norm"], c.norm_eps, self.kernels)
         attn = _stacked(AttentionBlock, self.local_stack)(c, self.heads, self.kv_heads, self.param_dtype,
                                                          self.attention_impl, name="attn")
-        deltas, cache = attn(normed, cache, pos, mode)
-        h, normed = add_norm(x, self._finish(deltas, c.attention_bias and "attn_out_bias"), norms["mlp_norm"],
-                             c.norm_eps, self.kernels)
-        deltas = _stacked(MLPBlock, self.local_stack)(c, self.ffn, self.param_dtype, name="mlp")(normed)
-        return h, self._finish(deltas, c.mlp_bias and "mlp_out_bias"), cache
+        deltas, cache = attn(x, cache, pos, mode)
+        a = self._reduce(deltas)
+        if c.attention_bias:
+            a = a + _param(self, "attn_out_bias", (self.stack, c.dim), nn.initializers.zeros).sum(0)
+        h = x + a.astype(x.dtype)
+        m = self._reduce(_stacked(MLPBlock, self.local_stack)(c, self.ffn, self.param_dtype, name="mlp")(h))
+        if c.mlp_bias:
+            m = m + _param(self, "mlp_out_bias", (self.stack, c.dim), nn.initializers.zeros).sum(0)
+        return h + m.astype(h.dtype), cache
 
 
 class Embed(nn.Module):
@@ -317,16 +289,12 @@ class Embed(nn.Module):
 
 
 class Norm(nn.Module):
-    """The final norm, with the last stage's deferred residual add."""
-
     eps: float
     param_dtype: jnp.dtype = jnp.float32
-    kernels: str = "xla"
 
     @nn.compact
-    def __call__(self, x, pending):
-        scale = _param(self, "scale", (x.shape[-1],), nn.initializers.ones)
-        return add_norm(x, pending, scale[None], self.eps, self.kernels)[1][0]
+    def __call__(self, x):
+        return rms_norm(x, _param(self, "scale", (x.shape[-1],), nn.initializers.ones), self.eps)
 
 
 class LlamaLM(nn.Module):
@@ -343,7 +311,6 @@ class LlamaLM(nn.Module):
     local: bool = False
     param_dtype: jnp.dtype = jnp.float32
     attention_impl: str = "xla"
-    kernels: str = "xla"
 
     def _sizes(self, s: StageLayout) -> tuple[int, int, int, int]:
         """(layers, heads, KV heads, MLP width) of stage `s` held on one device (or the whole, if not local)."""
@@ -358,18 +325,15 @@ class LlamaLM(nn.Module):
         vocab = lay.vocab_padded // n
         embed = Embed(vocab, c.dim, self.local, self.param_dtype, name="embed")
         x = embed(tokens)
-        new_cache, pending = {}, None
+        new_cache = {}
         for s in lay.stages:
             layers, heads, kv_heads, ffn = self._sizes(s)
             stage = Stage(c, s.stack, layers, heads, kv_heads, ffn, self.local, self.param_dtype,
-                          self.attention_impl, self.kernels, name=s.name)
-            x, pending, new_cache[s.name] = stage(x, pending, None if cache is None else cache[s.name], pos, mode)
-        if logits_index is not None:  # [B, 1, D]: prefill needs one position's logits
-            x = jax.lax.dynamic_index_in_dim(x, logits_index, axis=1)
-            pending = jax.lax.dynamic_index_in_dim(pending, logits_index, axis=2)
-        x = Norm(c.norm_eps, self.param_dtype, self.kernels, name="norm")(x, pending)
+                          self.attention_impl, name=s.name)
+            x, new_cache[s.name] = stage(x, None if cache is None else cache[s.name], pos, mode)
+        x = Norm(c.norm_eps, self.param_dtype, name="norm")(x)
         if logits_index is not None:
-            x = x[:, 0]  # [B, D]
+            x = jax.lax.dynamic_index_in_dim(x, logits_index, axis=1, keepdims=False)  # [B, D]
         if c.tied_embeddings:
             logits = embed.attend(x)
         else:

@@ -125,11 +125,11 @@ class ShardingRules:
 
     # Stage parameters, keyed "attn/NAME", "mlp/NAME" or "NAME" (stage-level), leading axis = the pair stack.
     stage_params: tuple[tuple[str, tuple], ...] = (
-        ("attn_norm", ("stack", None)),  # [S, D]: norms sit at stage level, where the residual add meets them
-        ("mlp_norm", ("stack", None)),
+        ("attn/norm", ("stack", None)),
         ("attn/wqkv", ("stack", None, "kv_heads", None, None)),  # [S, D, KV, G+2, hd]: per KV head, G q + k + v
         ("attn/bqkv", ("stack", "kv_heads", None, None)),
         ("attn/wo", ("stack", "heads", None)),  # [S, H*hd, D]: rows are whole heads, split like them
+        ("mlp/norm", ("stack", None)),
         ("mlp/w_gate_up", ("stack", None, None, "mlp")),  # [S, D, 2, F]
         ("mlp/b_gate_up", ("stack", None, "mlp")),
         ("mlp/w_down", ("stack", "mlp", None)),

@@ -185,10 +185,11 @@ def _fuse_qkv(w: dict[str, jax.Array], repeat: int, bias: bool = False) -> jax.A
 def assemble_stage(s: StageLayout, config: ModelConfig, layers: list[dict[str, jax.Array]]) -> dict:
     """The stage's model-tree parameters from its layers' canonical weights: fused, KV heads repeated, stacked."""
     stack = lambda f: jnp.stack([f(w) for w in layers])  # noqa: E731
-    attn = {"wqkv": stack(lambda w: _fuse_qkv(w, s.kv_repeat)), "wo": stack(lambda w: w["wo"])}
-    mlp = {"w_gate_up": stack(lambda w: jnp.stack([w["w_gate"], w["w_up"]], 1)), "w_down": stack(lambda w: w["w_down"])}
-    tree = {"attn_norm": stack(lambda w: w["attn_norm"]), "mlp_norm": stack(lambda w: w["mlp_norm"]),
-            "attn": attn, "mlp": mlp}
+    attn = {"norm": stack(lambda w: w["attn_norm"]), "wqkv": stack(lambda w: _fuse_qkv(w, s.kv_repeat)),
+            "wo": stack(lambda w: w["wo"])}
+    mlp = {"norm": stack(lambda w: w["mlp_norm"]), "w_gate_up": stack(lambda w: jnp.stack([w["w_gate"], w["w_up"]], 1)),
+           "w_down": stack(lambda w: w["w_down"])}
+    tree = {"attn": attn, "mlp": mlp}
     if config.attention_bias:
         attn["bqkv"] = stack(lambda w: _fuse_qkv(w, s.kv_repeat, bias=True))
         tree["attn_out_bias"] = stack(lambda w: w["bo"])
@@ -222,8 +223,8 @@ def disassemble_stage(s: StageLayout, config: ModelConfig, tree: dict) -> list[d
     layers = []
     for j in range(s.stack):
         q, k, v = _split_qkv(attn["wqkv"][j], s.kv_repeat, config.n_heads)
-        w = {"attn_norm": tree["attn_norm"][j], "wq": q, "wk": k, "wv": v, "wo": attn["wo"][j],
-             "mlp_norm": tree["mlp_norm"][j], "w_gate": mlp["w_gate_up"][j][:, 0], "w_up": mlp["w_gate_up"][j][:, 1],
+        w = {"attn_norm": attn["norm"][j], "wq": q, "wk": k, "wv": v, "wo": attn["wo"][j],
+             "mlp_norm": mlp["norm"][j], "w_gate": mlp["w_gate_up"][j][:, 0], "w_up": mlp["w_gate_up"][j][:, 1],
              "w_down": mlp["w_down"][j]}
         if config.attention_bias:
             w["bq"], w["bk"], w["bv"] = _split_qkv(attn["bqkv"][j], s.kv_repeat, config.n_heads)
