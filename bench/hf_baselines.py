@@ -17,12 +17,13 @@ Random weights built directly on the device in the target dtype (7B in seconds).
 min_new_tokens = max_new_tokens, so EOS never stops a run. Definitions (records as bench/torch_tp.py writes them):
   prefill_1024, prefill_4096  ms        one forward of the prompt with use_cache=True (logits of the last position
                                         only, as generate asks for), host clock with device syncs
-  decode                      ms/token  (time(generate 129 new tokens) - time(generate 1 new token)) / 128, the same
-                                        128-token prompt: the difference removes the prefill and generate's set-up,
-                                        leaving 128 decode steps of generate's own loop
-  single_token                ms        time(generate 2 new tokens) - time(generate 1 new token) after a 256-token
-                                        prompt: one decode step of generate's loop, launched from the host with the
-                                        cache at position 256 (generate syncs every step)
+  decode                      ms/token  one generate of 129 new tokens after the 128-token prompt: the time from the
+                                        first token to the last over 128, stamped by a stopping criterion (CUDA
+                                        events, no added sync): generate's own loop. The record's
+                                        forward_loop_ms_per_token is the model alone: its decode forward called 128
+                                        times in a Python loop, no generate
+  single_token                ms        after a 256-token prompt: the token ids up, one call of the forward generate
+                                        uses (compiled for hf-static-compile), argmax on the device, ids back
   generate_4096               s         wall time of generate(4096 new tokens) after a 128-token prompt
   peak_memory                 GiB       torch.cuda.max_memory_allocated over the configuration's run
 LP (`--lp-delta`): the paired decoder layers are replaced by one module that runs the pair by the LP equations
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import os
 import time
 from collections.abc import Callable
@@ -41,13 +43,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from bench.records import PROMPT_LEN
+from bench.records import PROMPT_LEN, SINGLE_TOKEN_AT
 from bench.torch_tp import (
     CACHE_MULTIPLE,
     DECODE_STEPS,
     DTYPES,
     GENERATE_TOKENS,
-    SINGLE_TOKEN_AT,
     add_runner_args,
     check_device,
     check_json_out,
@@ -168,6 +169,8 @@ class Runner:
         self.caches: dict[tuple[int, int], object] = {}
         self.fullgraph = True
         self.warm_calls = 2 if self.static and device == "cuda" else 1  # compile, then record the CUDA graphs
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     def sync(self) -> None:
         if self.device == "cuda":
@@ -201,8 +204,12 @@ class Runner:
                                 eos_token_id=eos, pad_token_id=eos[0] if eos else 0, bos_token_id=c.bos_token_id,
                                 **kwargs)
 
-    def generate(self, ids: torch.Tensor, new_tokens: int, cache_len: int) -> torch.Tensor:
+    def generate(self, ids: torch.Tensor, new_tokens: int, cache_len: int, clock: StepClock | None = None):
         kwargs = {"past_key_values": self.cache(ids.shape[0], cache_len)} if self.static else {}
+        if clock is not None:
+            from transformers import StoppingCriteriaList
+
+            kwargs["stopping_criteria"] = StoppingCriteriaList([clock])
         with torch.no_grad():
             out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                       generation_config=self.generation_config(new_tokens), **kwargs)
@@ -227,6 +234,30 @@ class Runner:
             for _ in range(times):
                 self.generate(ids, new_tokens, cache_len)
 
+    def cache_arg(self, cache) -> dict:
+        """The cache as the forward takes it: `cache=` in newer transformers, `past_key_values=` before."""
+        return {self._cache_kw: cache}
+
+    def prefilled(self, ids: torch.Tensor) -> tuple[object, torch.Tensor]:
+        """The cache generate would use (static, of the decode metric's length, or dynamic) after one forward of
+        `ids`, and the next cache position [1]."""
+        from transformers import DynamicCache
+
+        length = round_up(max(PROMPT_LEN + DECODE_STEPS + 1, SINGLE_TOKEN_AT + 2), CACHE_MULTIPLE)
+        cache = self.cache(ids.shape[0], length) if self.static else DynamicCache(config=self.model.config)
+        with torch.no_grad():
+            self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **self.cache_arg(cache))
+        return cache, torch.tensor([ids.shape[1]], device=self.device)
+
+    def decode_forward(self) -> Callable:
+        """The forward generate runs for each new token: with a static cache on the GPU, transformers' compiled call
+        (the same compile config, so the same compiled function); otherwise the model itself."""
+        if self.static and self.device == "cuda":
+            from transformers import CompileConfig
+
+            return self.model.get_compiled_call(CompileConfig(fullgraph=self.fullgraph))
+        return self.model
+
     def prefill_ms(self, ids: torch.Tensor) -> float:
         """One forward of the prompt. The static cache is reset before the clock starts (zeroing a 4096-slot
         cache is not prefill work); the dynamic cache is created inside the forward, as generate does."""
@@ -248,29 +279,83 @@ class Runner:
                 f"fullgraph={self.fullgraph}); prefill eager")
 
 
+class StepClock:
+    """A stopping criterion that stops nothing: each time `generate` has chosen a token it stamps the time (a CUDA
+    event on the GPU, so it adds no synchronisation; the host clock on CPU). The gaps between stamps are generate's
+    own per-token cost, its Python loop included."""
+
+    def __init__(self, device: str):
+        self.cuda, self.stamps = device == "cuda", []
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        if self.cuda:
+            self.stamps.append(torch.cuda.Event(enable_timing=True))
+            self.stamps[-1].record()
+        else:
+            self.stamps.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def ms_per_step(self) -> float:
+        """Mean ms between the first stamp (the prefill's token) and the last."""
+        first, last = self.stamps[0], self.stamps[-1]
+        if self.cuda:
+            last.synchronize()
+            total = first.elapsed_time(last)
+        else:
+            total = 1000 * (last - first)
+        return total / (len(self.stamps) - 1)
+
+
 def _decode_samples(r: Runner, batch: int, repeats: int) -> list[float]:
+    """records' decode for generate: one generate of DECODE_STEPS + 1 tokens; the time from the first token's stamp
+    to the last, over DECODE_STEPS (StepClock)."""
     ids = prompt_tokens(PROMPT_LEN, batch, r.config, r.device)
     length = round_up(max(PROMPT_LEN + DECODE_STEPS + 1, SINGLE_TOKEN_AT + 2), CACHE_MULTIPLE)
     r.warm_generate(ids, DECODE_STEPS + 1, length, r.warm_calls)
-    r.generate(ids, 1, length)
     samples = []
     for _ in range(repeats):
-        full = r.timed(lambda: r.generate(ids, DECODE_STEPS + 1, length))
-        first = r.timed(lambda: r.generate(ids, 1, length))
-        samples.append(1000 * (full - first) / DECODE_STEPS)
+        clock = StepClock(r.device)
+        r.generate(ids, DECODE_STEPS + 1, length, clock)
+        samples.append(clock.ms_per_step())
     return samples
+
+
+def _forward_loop_ms(r: Runner, batch: int) -> float:
+    """The model alone, without generate: after a prefill, DECODE_STEPS calls of the forward generate uses (for
+    hf-static-compile its compiled call) in a Python loop, each fed the previous argmax on the device; ms per step.
+    Set beside `decode`, it tells generate's own overhead from the model's time."""
+    ids = prompt_tokens(PROMPT_LEN, batch, r.config, r.device)
+    forward, (cache, position) = r.decode_forward(), r.prefilled(ids)
+    token = ids[:, -1:]
+
+    def loop(steps: int) -> None:
+        nonlocal token, position
+        for _ in range(steps):
+            token = forward(input_ids=token, cache_position=position, **r.cache_arg(cache)).logits[:, -1:].argmax(-1)
+            position = position + 1
+
+    with torch.no_grad():
+        loop(3)  # compile and record the graphs of this call's shapes
+        return 1000 * r.timed(lambda: loop(DECODE_STEPS)) / DECODE_STEPS
 
 
 def _single_token_samples(r: Runner, batch: int, repeats: int) -> list[float]:
+    """records' single_token for transformers: after a prefill of SINGLE_TOKEN_AT tokens, the token ids go up, one
+    call of the forward generate uses (hf-static-compile: its compiled call on the static cache), argmax on the
+    device, the next ids come back. Three untimed calls first (compile, CUDA graph recording)."""
     ids = prompt_tokens(SINGLE_TOKEN_AT, batch, r.config, r.device)
-    length = round_up(max(PROMPT_LEN + DECODE_STEPS + 1, SINGLE_TOKEN_AT + 2), CACHE_MULTIPLE)  # decode's cache
-    r.warm_generate(ids, 2, length, r.warm_calls)
-    samples = []
-    for _ in range(repeats):
-        two = r.timed(lambda: r.generate(ids, 2, length))
-        one = r.timed(lambda: r.generate(ids, 1, length))
-        samples.append(1000 * (two - one))
-    return samples
+    forward, (cache, position) = r.decode_forward(), r.prefilled(ids)
+    current = ids[:, -1].cpu()
+
+    def step() -> None:
+        nonlocal current, position
+        with torch.no_grad():
+            logits = forward(input_ids=current[:, None].to(r.device), cache_position=position,
+                             **r.cache_arg(cache)).logits
+        current = logits[:, -1].argmax(-1).cpu()
+        position = position + 1
+
+    return [1000 * r.timed(step) for _ in range(repeats + 3)][3:]
 
 
 def _generate_samples(r: Runner, batch: int, repeats: int) -> list[float]:
@@ -300,9 +385,9 @@ def measure(model, impl: str, name: str, config: ModelConfig, plan: LPPlan, batc
     r = Runner(model, impl, device, config)
     records = []
 
-    def done(metric: str, samples: list[float]) -> None:
+    def done(metric: str, samples: list[float], **extra) -> None:
         rec = make_record(impl, name, 1, plan, batch, metric, samples, device, dtype=dtype, note=r.note(),
-                          versions={"transformers": transformers.__version__})
+                          versions={"transformers": transformers.__version__}, **extra)
         log(f"[{impl}] batch {batch} {metric}: {rec['value']} {rec['unit']}")
         emit(rec, json_out)
         records.append(rec)
@@ -310,7 +395,7 @@ def measure(model, impl: str, name: str, config: ModelConfig, plan: LPPlan, batc
     if "decode" in metrics or metrics == ["peak_memory"]:
         samples = _decode_samples(r, batch, repeats if "decode" in metrics else 1)
         if "decode" in metrics:
-            done("decode", samples)
+            done("decode", samples, forward_loop_ms_per_token=round(_forward_loop_ms(r, batch), 4))
     if "single_token" in metrics:
         done("single_token", _single_token_samples(r, batch, repeats))
     if "generate_4096" in metrics:

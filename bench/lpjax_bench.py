@@ -18,11 +18,12 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from bench.records import DECODE_TOKENS, METRICS, PROMPT_LEN, append, make, parse_list, prompt_ids
+from bench.records import DECODE_TOKENS, METRICS, PROMPT_LEN, SINGLE_TOKEN_AT, append, make, parse_list, prompt_ids
 from lpjax.cli import enable_compile_cache
 from lpjax.config import PRESETS
 from lpjax.engine import Engine
 from lpjax.errors import LPJaxError
+from lpjax.model import MIN_MATMUL_ROWS
 from lpjax.plan import LPPlan
 
 IMPL = "lpjax"
@@ -58,17 +59,16 @@ def time_generate(engine: Engine, batch: int, tokens: int, repeats: int) -> list
 
 
 def time_single_token(engine: Engine, batch: int, calls: int) -> list[float]:
-    """One decode step called from the host with a warm cache: token ids up, logits [B, vocab] back on the host.
-    (Running the step as the on-device loop's one iteration instead, state donated in and out, measured no faster
-    on H200: bench/results/README.md.)"""
-    prompts = _prompts(batch, PROMPT_LEN, engine.config.vocab_size)
-    cache = engine.init_cache(batch, 2 * PROMPT_LEN)
+    """records.SINGLE_TOKEN: `Engine.next_token` after a prompt of SINGLE_TOKEN_AT tokens, each call feeding the
+    token the previous one returned (host -> device -> host), at the same cache slot; host clock around the call."""
+    prompts = _prompts(batch, SINGLE_TOKEN_AT, engine.config.vocab_size)
+    cache = engine.init_cache(batch, engine.cache_length(SINGLE_TOKEN_AT, DECODE_TOKENS, None))
     _, cache, n, pad = engine.prefill(cache, prompts)
     tokens = np.full(batch, 5, np.int32)
     out = []
     for i in range(calls + 2):  # the first two compile and warm
         t = time.perf_counter()
-        _, cache = engine.decode_step(cache, tokens, n, pad)
+        tokens, cache = engine.next_token(cache, tokens, n, pad)
         if i >= 2:
             out.append((time.perf_counter() - t) * 1000)
     return out
@@ -105,17 +105,17 @@ def versions(engine: Engine) -> dict:
     d = engine.mesh.devices.flat[0]
     return dict(versions={"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__},
                 device_name=getattr(d, "device_kind", d.platform), dtype=engine.dtype_name,
-                attention=engine.attention)
+                attention=engine.attention, decode_rows=engine.decode_rows)
 
 
 def run(model: str, gpus: int, deltas: list[int], batch: int, metrics: list[str], repeats: int, long_repeats: int,
-        json_out: Path | None, impl: str = IMPL) -> None:
+        json_out: Path | None, impl: str = IMPL, decode_rows: int = MIN_MATMUL_ROWS) -> None:
     if model not in PRESETS:
         raise LPJaxError(f"--model {model}: not a preset ({', '.join(PRESETS)})")
     n_layers = PRESETS[model].n_layers
     for delta in deltas:
         plan = LPPlan.ending_before_last(delta, n_layers)
-        engine = Engine.load(f"random:{model}", plan.spec(), gpus, None)
+        engine = Engine.load(f"random:{model}", plan.spec(), gpus, None, decode_rows=decode_rows)
         print(f"[lpjax] {engine.describe()}", file=sys.stderr, flush=True)
         figures = measure(engine, batch, metrics, repeats, long_repeats)
         context = versions(engine)
@@ -137,6 +137,8 @@ def main(argv=None) -> int:
     p.add_argument("--long-repeats", type=int, default=1, help="repeats of generate_4096 (16+ s each on a 7B model)")
     p.add_argument("--json-out", type=Path, default=None)
     p.add_argument("--impl-name", default=IMPL, help="name in the records (variants: e.g. lpjax+flags)")
+    p.add_argument("--decode-rows", type=int, default=MIN_MATMUL_ROWS,
+                   help="rows a decode step computes at least (1: one slot a row, products padded instead)")
     args = p.parse_args(argv)
     metrics = parse_list(args.metrics)
     unknown = [m for m in metrics if m not in METRICS]
@@ -147,7 +149,7 @@ def main(argv=None) -> int:
             raise LPJaxError(f"--gpus {args.gpus}: only {len(jax.devices())} devices visible")
         enable_compile_cache()
         run(args.model, args.gpus, parse_list(args.lp_delta, int), args.batch, metrics, args.repeats,
-            args.long_repeats, args.json_out, args.impl_name)
+            args.long_repeats, args.json_out, args.impl_name, args.decode_rows)
     except LPJaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -3,7 +3,9 @@
     python -m bench.profile --model random:llama2-7b --lp 16:30 --devices 2 [--tokens 128] [--summary FILE]
 
 Prints, per device: wall time per token, kernel time per token (the rest is gaps between kernels), kernels per
-token, and the kernels that take the most time. The raw trace stays in a temp dir for TensorBoard / xprof.
+token, the kernels that take the most time, and the decode step's budget per stage (kernels and microseconds by
+class: GEMM, all-reduce, cache write, pad, other fusions, gaps). The raw trace stays in a temp dir for TensorBoard /
+xprof.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 import jax
 
 from lpjax.engine import Engine
+from lpjax.model import MIN_MATMUL_ROWS
 
 
 def kernel_events(path: str) -> dict[str, list[tuple[str, int, int]]]:
@@ -36,6 +39,34 @@ def kernel_events(path: str) -> dict[str, list[tuple[str, int, int]]]:
                 continue
             events += [(ev.name, int(ev.start_ns), int(ev.duration_ns)) for ev in line.events]
         out[plane.name] = sorted(events, key=lambda e: e[1])
+    return out
+
+
+KERNEL_CLASSES = (  # (class, pattern on XLA's kernel names), first match wins
+    ("gemm", r"gemm|cublas|xmma|cutlass|gemv"),
+    ("all-reduce", r"psum|all-reduce|all_reduce|allreduce|nccl"),
+    ("all-gather", r"all-gather|all_gather|allgather"),
+    ("cache write", r"dynamic_update_slice"),
+    ("pad", r"pad_fusion|^pad"),
+)
+
+
+def kernel_class(name: str) -> str:
+    """The budget class of a kernel by its name; the rest (norms, residual adds, RoPE, softmax, the attention
+    products, slices) are XLA fusions with generic names: "other fusion"."""
+    return next((cls for cls, pattern in KERNEL_CLASSES if re.search(pattern, name)), "other fusion")
+
+
+def budget(events: list[tuple[str, int, int]], tokens: int, stages: int) -> dict:
+    """Kernels and microseconds per stage (a layer or an LP pair) by class, and the gaps between kernels."""
+    rows = collections.defaultdict(lambda: [0, 0])
+    for name, _, d in events:
+        rows[kernel_class(name)][0] += 1
+        rows[kernel_class(name)][1] += d
+    span = (events[-1][1] + events[-1][2] - events[0][1]) if events else 0
+    per = tokens * stages
+    out = {cls: {"kernels": round(n / per, 2), "us": round(ns / per / 1e3, 2)} for cls, (n, ns) in sorted(rows.items())}
+    out["gaps"] = {"kernels": 0, "us": round((span - sum(d for _, _, d in events)) / per / 1e3, 2)}
     return out
 
 
@@ -69,8 +100,10 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--summary", default=None, help="write the summary JSON here (the trace stays in a temp dir)")
+    p.add_argument("--decode-rows", type=int, default=MIN_MATMUL_ROWS, help="rows a decode step computes at least "
+                                                                             "(1: no padding slots)")
     args = p.parse_args()
-    engine = Engine.load(args.model, args.lp, args.devices, "bfloat16")
+    engine = Engine.load(args.model, args.lp, args.devices, "bfloat16", decode_rows=args.decode_rows)
     prompt = [1] + [100 + (i % 150) for i in range(127)]
     engine.generate([prompt], args.tokens + 1, eos=())  # compile and warm up
     out = tempfile.mkdtemp(prefix="lpjax-trace-")
@@ -82,13 +115,18 @@ def main() -> None:
     trace = glob.glob(f"{out}/**/*.xplane.pb", recursive=True)[0]
     report = {"model": args.model, "lp": engine.plan.spec(), "devices": engine.layout.n_devices,
               "decode_ms_per_token": res.decode_ms_per_step, "wall_s": wall, "jax": jax.__version__,
-              "devices_report": {k: summarise(v, args.tokens, args.top) for k, v in kernel_events(trace).items()}}
+              "decode_rows": args.decode_rows,
+              "devices_report": {k: summarise(v, args.tokens, args.top) | {"budget_per_stage": budget(
+                  v, args.tokens, len(engine.layout.stages))} for k, v in kernel_events(trace).items()}}
     print(f"{engine.describe()}\ndecode {res.decode_ms_per_step:.3f} ms/token (traced run)")
     for dev, s in report["devices_report"].items():
         print(f"{dev}: span {s['span_ms_per_token']:.3f} ms/token, kernels {s['kernel_ms_per_token']:.3f} ms/token, "
               f"{s['kernels_per_token']:.0f} kernels/token")
         for row in s["top"]:
             print(f"   {row['ms_per_token'] * 1000:8.1f} us/token  x{row['calls_per_token']:5.1f}  {row['kernel']}")
+        print(f"budget per stage ({len(engine.layout.stages)} stages; the embedding and LM head spread over them):")
+        for cls, row in s["budget_per_stage"].items():
+            print(f"   {cls:14s} {row['kernels']:6.2f} kernels {row['us']:8.2f} us")
         break  # one device is representative; all are in the JSON
     if args.summary:
         with open(args.summary, "w") as f:

@@ -18,12 +18,17 @@ METRICS = {
     "prefill_4096": ("ms", "latency of a 4096-token prompt"),
     "decode": ("ms/token", "128 new tokens after a 128-token prompt, one on-device loop (per step, whole batch)"),
     "generate_4096": ("s", "wall time to generate 4096 tokens after a 128-token prompt (paper's Figure 1)"),
-    "single_token": ("ms", "one decode step called from the host with a warm cache, its output back on the host"),
+    "single_token": ("ms", "one decode step called from the host: the current token ids go up, the step runs with "
+                           "the greedy choice on the device, the next token ids come back (cache warm, at 256)"),
     "peak_memory": ("GiB", "peak device memory of one GPU (the largest over the GPUs used)"),
 }
+# torch.compile modes of the torch-compile baseline: those without inductor's own CUDA graphs, since the runner
+# captures the compiled decode step in its CUDA graph itself
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 KEY = ("impl", "model", "gpus", "lp_delta", "batch", "metric")
 PROMPT_LEN = 128
 DECODE_TOKENS = 128
+SINGLE_TOKEN_AT = 256  # single_token: the cache slot of the timed step (after a prompt of this many tokens)
 
 
 def parse_list(text: str, kind=str) -> list:

@@ -1,9 +1,10 @@
 """The benchmark harness: every implementation, model shape, GPU count, LP Δ and batch size, in one run.
 
     python -m bench.run --models llama2-7b,llama3.2-3b --gpus 1,2,4 --lp 0,8,14 --batch 1,8 \
-        --impls lpjax,torch-tp,hf-eager,hf-static-compile --machine h200
+        --impls lpjax,torch-compile,torch-tp,hf-eager,hf-static-compile --machine h200
 
-Each configuration runs in its own subprocess (`bench.lpjax_bench`, `bench.torch_tp`, `bench.hf_baselines`), so
+Each configuration runs in its own subprocess (`bench.lpjax_bench`, `bench.torch_tp` for `torch-tp` and
+`torch-compile`, `bench.hf_baselines`), so
 JAX and PyTorch never share a GPU's memory and each reports its own peak. The records (see `bench.records`) are
 merged into `bench/results/<machine>.json` (a record measured again replaces the old one), then `bench.report`
 renders the tables and plots. A configuration that fails is reported at the end; the others still count.
@@ -24,15 +25,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import records
-from bench.records import METRICS, parse_list
+from bench.records import COMPILE_MODES, METRICS, parse_list
 from lpjax.config import PRESETS
 from lpjax.errors import LPJaxError
 from lpjax.plan import LPPlan
 
 IMPLS = {  # name -> (module, what it is)
     "lpjax": ("bench.lpjax_bench", "this library: JAX/XLA, shard_map tensor parallelism, on-device decode loop"),
-    "torch-tp": ("bench.torch_tp", "PyTorch tensor-parallel LP (the paper's method): NCCL, static cache, decode "
-                                   "step in a CUDA graph"),
+    "torch-tp": ("bench.torch_tp", "PyTorch tensor-parallel LP (the paper's method): NCCL, static cache, eager "
+                                   "decode step in a CUDA graph"),
+    "torch-compile": ("bench.torch_tp", "the same PyTorch LP model with prefill and decode step compiled by "
+                                        "torch.compile (inductor, fullgraph, functional collectives), the compiled "
+                                        "step in a CUDA graph"),
     "hf-eager": ("bench.hf_baselines", "transformers LlamaForCausalLM.generate, eager, default dynamic cache"),
     "hf-static-compile": ("bench.hf_baselines", "transformers generate with a static cache and torch.compile"),
 }
@@ -51,7 +55,7 @@ class Job:
     metrics: tuple[str, ...]
     variant: str = ""  # lpjax run under extra XLA flags: records say impl "lpjax+<variant>"
 
-    def command(self, json_out: Path, repeats: int, long_repeats: int, device: str) -> list[str]:
+    def command(self, json_out: Path, repeats: int, long_repeats: int, device: str, compile_mode: str) -> list[str]:
         cmd = [sys.executable, "-m", IMPLS[self.impl][0], "--model", self.model,
                "--lp-delta", ",".join(map(str, self.deltas)), "--batch", str(self.batch),
                "--metrics", ",".join(self.metrics), "--repeats", str(repeats), "--json-out", str(json_out)]
@@ -60,7 +64,8 @@ class Job:
             return cmd + ["--gpus", str(self.gpus), "--long-repeats", str(long_repeats), "--impl-name", name]
         if self.impl in SINGLE_GPU:
             return cmd + ["--impl", self.impl, "--device", device]
-        return cmd + ["--gpus", str(self.gpus), "--device", device, "--impl-name", self.impl]
+        cmd += ["--gpus", str(self.gpus), "--device", device, "--impl-name", self.impl]
+        return cmd + (["--compile", compile_mode] if self.impl == "torch-compile" else [])
 
     def describe(self) -> str:
         name = self.impl + (f"+{self.variant}" if self.variant else "")
@@ -141,7 +146,7 @@ def run_job(job: Job, args, context: dict) -> tuple[list[dict], str | None]:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + args.variants[job.variant]).strip()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "records.jsonl"
-        cmd = job.command(out, args.repeats, args.long_repeats, args.device)
+        cmd = job.command(out, args.repeats, args.long_repeats, args.device, args.torch_compile_mode)
         t = time.perf_counter()
         try:
             proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -171,7 +176,9 @@ def parse_args(argv):
     p.add_argument("--metrics", default="prefill_1024,prefill_4096,decode,single_token,peak_memory")
     p.add_argument("--long-metrics", default="generate_4096", help="slow metrics, only for --long-impls at "
                                                                    "--long-batch")
-    p.add_argument("--long-impls", default="lpjax,torch-tp")
+    p.add_argument("--long-impls", default="lpjax,torch-tp,torch-compile")
+    p.add_argument("--torch-compile-mode", default="max-autotune-no-cudagraphs", choices=COMPILE_MODES,
+                   help="torch.compile mode of the torch-compile baseline")
     p.add_argument("--long-models", default="llama2-7b")
     p.add_argument("--long-batch", type=int, default=1)
     p.add_argument("--lpjax-variant", action="append", default=[], metavar="NAME=FLAGS",

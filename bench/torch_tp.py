@@ -1,7 +1,8 @@
 """PyTorch tensor-parallel Llama with Layer Parallelism: the hand-written baseline lpjax is measured against.
 
     python -m bench.torch_tp --model llama2-7b --gpus 2 --lp-delta 14 --batch 1 \
-        [--metrics decode,prefill_1024,...] [--repeats 5] [--json-out FILE] [--device cpu] [--check]
+        [--compile max-autotune-no-cudagraphs] [--metrics decode,prefill_1024,...] [--repeats 5] [--json-out FILE] \
+        [--device cpu] [--check]
 
 The paper's own method, written plainly: one process per GPU (spawned here with torch.multiprocessing),
 torch.distributed + NCCL, random weights at the preset's real shapes (values do not change speed; std 0.02 so
@@ -9,6 +10,11 @@ nothing overflows in bf16), fused qkv and gate/up matmuls, a static preallocated
 once in a CUDA graph that feeds itself: the token, its position and the output slot live in device buffers the graph
 updates, so the decode loop is graph replays only, greedy argmax on the device, no host round-trip per token.
 Prefill runs eagerly (SDPA, causal).
+
+`--compile MODE` (the harness's `torch-compile`) is the same model written the way gpt-fast writes fast PyTorch:
+prefill (per prompt length) and the whole greedy decode step go through `torch.compile` (inductor, fullgraph, static
+shapes, coordinate-descent tuning); the all-reduces and the logits' all-gather become functional collectives so
+they trace and compile inside the graph; the compiled step is then captured in the same CUDA graph and replayed.
 
 Layout (design.md section 3, the same as lpjax): N ranks form a (pair=2, tp=N/2) grid.
 - A sequential layer is Megatron tensor-parallel over all N ranks: heads and MLP columns split N ways, one
@@ -27,8 +33,8 @@ Metrics (one JSON record each, printed and appended to --json-out by rank 0; med
   decode                      ms/token  128 graph replays after a 128-token prompt's prefill, CUDA events
   generate_4096               s         wall time: prefill of 128 tokens, 4095 replays, tokens copied to the host
                                         (only when asked; --generate-repeats runs, default 1)
-  single_token                ms        one graph replay launched from the host, logits [B, V] copied back to the
-                                        host, cache at position ~256
+  single_token                ms        the token ids [B] copied from the host to the device, one graph replay (the
+                                        step and its argmax), the next token ids copied back; cache at ~256
   peak_memory                 GiB       torch.cuda.max_memory_allocated over the configuration's whole run (weights,
                                         caches, graphs, every measured metric), max over ranks; on CPU the
                                         process's peak RSS
@@ -58,11 +64,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from bench import records
-from bench.records import DECODE_TOKENS, METRICS, PROMPT_LEN
+from bench.records import COMPILE_MODES, DECODE_TOKENS, METRICS, PROMPT_LEN, SINGLE_TOKEN_AT
 from lpjax.cli import run as run_cli
 from lpjax.config import ModelConfig, preset, read_hf_config, round_up
 from lpjax.errors import LPJaxError
@@ -72,7 +79,6 @@ IMPL = "torch-tp-cudagraph"
 UNITS = {metric: unit for metric, (unit, _) in METRICS.items()}
 DEFAULT_METRICS = ("prefill_1024", "prefill_4096", "decode", "single_token", "peak_memory")
 DECODE_STEPS = DECODE_TOKENS  # decode: steps timed after the prefill's first token (129 new tokens in all)
-SINGLE_TOKEN_AT = 256  # single_token: cache position of the timed step
 GENERATE_TOKENS = 4096
 CACHE_MULTIPLE = 128  # static cache lengths are rounded up to this (as lpjax does)
 INIT_STD = 0.02
@@ -338,14 +344,20 @@ class RankModel:
     norm: Tensor
     stages: list[StageShard]
     inv_freq: Tensor  # float32 [head_dim / 2]
+    compile_mode: str | None = None  # None: eager; else the torch.compile mode of prefill and the decode step
 
     @property
     def device(self) -> torch.device:
         return self.embed.device
 
     def all_reduce(self, x: Tensor) -> Tensor:
-        if self.world > 1:
-            dist.all_reduce(x)
+        """The sum over all ranks. Compiled code uses the functional all-reduce: Dynamo traces it (not the in-place
+        `dist.all_reduce`) and inductor schedules it inside the graph."""
+        if self.world == 1:
+            return x
+        if self.compile_mode:
+            return funcol.all_reduce(x, "sum", dist.group.WORLD)
+        dist.all_reduce(x)
         return x
 
 
@@ -408,7 +420,7 @@ def rope_inv_freq(c: ModelConfig, device) -> Tensor:
 
 
 def build_rank_model(config: ModelConfig, plan: LPPlan, rank: int, world: int, device, dtype: torch.dtype,
-                     state: Mapping | None = None, seed: int = 0) -> RankModel:
+                     state: Mapping | None = None, seed: int = 0, compile_mode: str | None = None) -> RankModel:
     """This rank's shard of the model: slices of `state` (HF names) or, without one, random weights."""
     c, device = config, torch.device(device)
     src = _Source(state, device, dtype, seed, rank)
@@ -428,7 +440,7 @@ def build_rank_model(config: ModelConfig, plan: LPPlan, rank: int, world: int, d
     if hi - lo < per:  # the padded tail of the vocabulary: zero rows, their logits are dropped
         head = torch.cat([head, head.new_zeros(per - (hi - lo), c.dim)])
     return RankModel(c, plan, rank, world, dtype, embed, head, src.vector("model.norm.weight", c.dim, fill=1.0),
-                     stages, rope_inv_freq(c, device))
+                     stages, rope_inv_freq(c, device), compile_mode)
 
 
 # ---------------------------------------------------------------------------------------------- forward
@@ -491,7 +503,9 @@ def _logits(m: RankModel, x: Tensor) -> Tensor:
     """float32 logits [..., vocab]: this rank's vocabulary rows, all-gathered."""
     local = F.linear(rms_norm(x, m.norm, m.config.norm_eps), m.lm_head).float()
     if m.world > 1:
-        if local.is_cuda:
+        if m.compile_mode:  # traceable; gathers along a new leading dim of ranks
+            gathered = funcol.all_gather_tensor(local.contiguous(), 0, dist.group.WORLD).view(m.world, *local.shape)
+        elif local.is_cuda:
             gathered = local.new_empty((m.world, *local.shape))
             dist.all_gather_into_tensor(gathered, local.contiguous())
         else:  # gloo
@@ -560,6 +574,44 @@ def decode_step(m: RankModel, cache: Cache, token: Tensor, pos: Tensor, key_pos:
     return _logits(m, x[:, 0])
 
 
+_PROGRAMS: dict = {}
+
+
+def program(fn: Callable, mode: str | None) -> Callable:
+    """`fn` as a rank runs it: eager (mode None), or compiled by `torch.compile` with inductor as one whole graph
+    (fullgraph), static shapes (one compile per shape: every prompt length gets its own kernels), and gpt-fast's
+    inductor settings (coordinate-descent tuning of the generated Triton kernels). Compiled once per (fn, mode)."""
+    if not mode:
+        return fn
+    if (fn, mode) not in _PROGRAMS:
+        import torch._inductor.config as inductor
+
+        inductor.coordinate_descent_tuning = True
+        inductor.triton.unique_kernel_names = True
+        inductor.fx_graph_cache = True
+        _PROGRAMS[fn, mode] = torch.compile(fn, fullgraph=True, dynamic=False,
+                                            mode=None if mode == "default" else mode)
+    return _PROGRAMS[fn, mode]
+
+
+def run_prefill(m: RankModel, tokens: Tensor, cache: Cache | None = None, last_only: bool = True) -> Tensor:
+    """`prefill` eager or compiled, as the rank model says."""
+    return program(prefill, m.compile_mode)(m, tokens, cache, last_only)
+
+
+def greedy_step(m: RankModel, cache: Cache, token: Tensor, pos: Tensor, count: Tensor, out: Tensor,
+                key_pos: Tensor) -> Tensor:
+    """One greedy decode step with its bookkeeping on the device: the argmax replaces `token` and is written to
+    `out` at `count`; `pos` and `count` advance. Returns the step's logits [B, V]."""
+    logits = decode_step(m, cache, token, pos, key_pos)
+    nxt = logits.argmax(dim=-1)
+    token.copy_(nxt)
+    out.index_copy_(1, count, nxt[:, None])
+    count.add_(1)
+    pos.add_(1)
+    return logits
+
+
 class Decoder:
     """Greedy decoding over a static cache of `length` slots. One step reads its token and position from device
     buffers and writes the next token, position and output slot back, so on CUDA it is captured once as a graph and
@@ -581,16 +633,13 @@ class Decoder:
 
     def _step(self) -> None:
         # the captured step's logits tensor is the graph's static output: every replay rewrites it in place
-        self.logits = decode_step(self.m, self.cache, self.token, self.pos, self.key_pos)
-        nxt = self.logits.argmax(dim=-1)
-        self.token.copy_(nxt)
-        self.out.index_copy_(1, self.count, nxt[:, None])
-        self.count.add_(1)
-        self.pos.add_(1)
+        self.logits = program(greedy_step, self.m.compile_mode)(self.m, self.cache, self.token, self.pos, self.count,
+                                                                self.out, self.key_pos)
 
     def _capture(self) -> None:
-        """The documented recipe: warm up on a side stream (cuBLAS workspaces, NCCL, allocator), then capture.
-        'thread_local' keeps the NCCL watchdog thread's event queries from invalidating the capture."""
+        """The documented recipe: warm up on a side stream (cuBLAS workspaces, NCCL, allocator; compiled code
+        compiles in the first warm-up step), then capture. 'thread_local' keeps the NCCL watchdog thread's event
+        queries from invalidating the capture."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -626,7 +675,7 @@ def generate(m: RankModel, dec: Decoder, prompt: Tensor, new_tokens: int) -> Ten
     """Greedy: prefill then new_tokens - 1 decode steps. Returns the new tokens [B, new_tokens] (on the device)."""
     if prompt.shape[1] + new_tokens > dec.length:
         raise LPJaxError(f"{prompt.shape[1]} + {new_tokens} tokens do not fit a cache of {dec.length}")
-    first = prefill(m, prompt, dec.cache).argmax(dim=-1)
+    first = run_prefill(m, prompt, dec.cache).argmax(dim=-1)
     dec.start(first, prompt.shape[1])
     dec.run(new_tokens - 1)
     return torch.cat([first[:, None], dec.out[:, : new_tokens - 1]], dim=1)
@@ -655,6 +704,7 @@ class Job:
     json_out: str | None = None
     cuda_graph: bool = True
     impl: str = IMPL
+    compile_mode: str | None = None  # torch.compile mode of prefill and the decode step (None: eager)
     tokens: tuple[tuple[int, ...], ...] = ()  # check: the prompt rows
     new_tokens: int = 0  # check: greedy tokens to generate through the cached path
     result_path: str | None = None  # check: where rank 0 saves its result
@@ -722,7 +772,7 @@ def _run_rank(rank: int, job: Job) -> None:
 def _build(job: Job, rank: int, plan: LPPlan) -> RankModel:
     state = HFState(Path(job.directory)) if job.directory else None
     return build_rank_model(job.config, plan, rank, job.world, job.device if job.device == "cpu" else
-                            torch.device("cuda", rank), DTYPES[job.dtype], state, job.seed)
+                            torch.device("cuda", rank), DTYPES[job.dtype], state, job.seed, job.compile_mode)
 
 
 def _device_sync(device: str) -> None:
@@ -738,13 +788,13 @@ def _check_rank(rank: int, job: Job) -> None:
     tokens = torch.tensor(job.tokens, dtype=torch.long, device=job.device if job.device == "cpu" else "cuda")
     for plan in job.plans:
         m = _build(job, rank, plan)
-        result = {"lp": plan.spec(), "logits": prefill(m, tokens, last_only=False).cpu()}
+        result = {"lp": plan.spec(), "logits": run_prefill(m, tokens, last_only=False).cpu()}
         if job.new_tokens:
             T, n = tokens.shape[1], job.new_tokens
             dec = Decoder(m, tokens.shape[0], round_up(T + n, CACHE_MULTIPLE), job.cuda_graph)
             new = generate(m, dec, tokens, n)
             # the same sequence through the full forward: its argmax at each position must be the next new token
-            full = prefill(m, torch.cat([tokens, new[:, :-1]], dim=1), last_only=False)[:, T - 1:]
+            full = run_prefill(m, torch.cat([tokens, new[:, :-1]], dim=1), last_only=False)[:, T - 1:]
             top, low = full.max(dim=-1).values, full.min(dim=-1).values
             gap = (top - full.gather(-1, new[..., None])[..., 0]) / (top - low)  # 0 where the choices agree
             result |= {"generated": new.cpu(), "full_argmax": full.argmax(dim=-1).cpu(), "gap": gap.cpu()}
@@ -756,7 +806,8 @@ def _check_rank(rank: int, job: Job) -> None:
 
 
 def check(model: str, tokens, lps: tuple[str, ...] | list[str] = ("",), world: int = 1, new_tokens: int = 0,
-          device: str = "cpu", dtype: str | None = None, seed: int = 0, cuda_graph: bool = True) -> list[dict]:
+          device: str = "cpu", dtype: str | None = None, seed: int = 0, cuda_graph: bool = True,
+          compile_mode: str | None = None) -> list[dict]:
     """For each plan: the full-sequence float32 logits [B, T, V] of `tokens` on `world` ranks and, with
     new_tokens, the greedy tokens of the cached path (prefill + decode steps; graph replays on CUDA) with the
     argmax of the full forward over the same sequence. `model`: a preset name or an HF checkpoint directory."""
@@ -769,7 +820,8 @@ def check(model: str, tokens, lps: tuple[str, ...] | list[str] = ("",), world: i
     with tempfile.TemporaryDirectory(prefix="torch-tp-check-") as tmp:
         job = Job("check", name, config, str(directory) if directory else None, world, device,
                   dtype or ("float32" if device == "cpu" else "bfloat16"), plans, seed, tokens=rows,
-                  new_tokens=new_tokens, result_path=os.path.join(tmp, "result.pt"), cuda_graph=cuda_graph)
+                  new_tokens=new_tokens, result_path=os.path.join(tmp, "result.pt"), cuda_graph=cuda_graph,
+                  compile_mode=compile_mode)
         launch(job)
         return torch.load(job.result_path)
 
@@ -793,7 +845,8 @@ class _Clock:
     def sync_all(self) -> None:
         """Every rank idle and past the same point: the next timed region starts together."""
         _device_sync(self.device)
-        self.m.all_reduce(self.flag)
+        if self.m.world > 1:
+            dist.all_reduce(self.flag)
         _device_sync(self.device)
 
     def wall(self, fn: Callable[[], object]) -> float:
@@ -821,7 +874,7 @@ def _decode_samples(m: RankModel, dec: Decoder, clock: _Clock, batch: int, repea
     prompt = prompt_tokens(PROMPT_LEN, batch, m.config, m.device)
     samples = []
     for i in range(repeats + 1):  # the first run is the warm-up
-        dec.start(prefill(m, prompt, dec.cache).argmax(dim=-1), PROMPT_LEN)
+        dec.start(run_prefill(m, prompt, dec.cache).argmax(dim=-1), PROMPT_LEN)
         ms = clock.device_ms(lambda: dec.run(DECODE_STEPS))
         if i:
             samples.append(ms / DECODE_STEPS)
@@ -829,13 +882,18 @@ def _decode_samples(m: RankModel, dec: Decoder, clock: _Clock, batch: int, repea
 
 
 def _single_token_samples(m: RankModel, dec: Decoder, clock: _Clock, batch: int, repeats: int) -> list[float]:
+    """records.SINGLE_TOKEN: the current token ids [B] copied from the host into the step's input buffer, one graph
+    replay (the step, greedy argmax included), the next token ids copied back to the host."""
     prompt = prompt_tokens(SINGLE_TOKEN_AT, batch, m.config, m.device)
-    dec.start(prefill(m, prompt, dec.cache).argmax(dim=-1), SINGLE_TOKEN_AT)
+    dec.start(run_prefill(m, prompt, dec.cache).argmax(dim=-1), SINGLE_TOKEN_AT)
     dec.run(2)  # warm
+    current = dec.token.cpu()
 
-    def step() -> None:  # token and position are already on the device; the logits come back to the host
+    def step() -> None:
+        nonlocal current
+        dec.token.copy_(current)
         dec.run(1)
-        dec.logits.cpu()
+        current = dec.token.cpu()
 
     return [1000 * clock.wall(step) for _ in range(repeats)]
 
@@ -845,7 +903,7 @@ def _prefill_samples(m: RankModel, clock: _Clock, batch: int, length: int, repea
     prompt = prompt_tokens(length, batch, m.config, m.device)
 
     def run() -> None:
-        prefill(m, prompt, cache).argmax(dim=-1)
+        run_prefill(m, prompt, cache).argmax(dim=-1)
 
     return [1000 * clock.wall(run) for _ in range(repeats + 1)][1:]  # the first is the warm-up
 
@@ -880,7 +938,7 @@ def _bench_config(rank: int, job: Job, m: RankModel, clock: _Clock, batch: int) 
     """Every asked metric of one (plan, batch) configuration, in an order that reuses the decode graph."""
     metrics = set(job.metrics)
     say = log if rank == 0 else (lambda *a: None)
-    extra = {"dtype": job.dtype, "cuda_graph": job.device == "cuda" and job.cuda_graph,
+    extra = {"dtype": job.dtype, "cuda_graph": job.device == "cuda" and job.cuda_graph, "compile": job.compile_mode,
              "embedding": "replicated embedding, vocabulary-parallel LM head",
              "rope": job.config.rope_scaling.kind if job.config.rope_scaling else "default"}
 
@@ -954,6 +1012,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.torch_tp", description=__doc__.splitlines()[0])
     add_runner_args(p, "ranks: GPUs (or gloo processes with --device cpu)")
     p.add_argument("--impl-name", default=IMPL, help=f"impl in the records (default {IMPL})")
+    p.add_argument("--compile", default=None, choices=COMPILE_MODES, metavar="MODE",
+                   help=f"torch.compile prefill and the decode step (inductor, fullgraph; "
+                        f"{' or '.join(COMPILE_MODES)}); the compiled step is still captured in the CUDA graph")
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="decode eagerly on CUDA (a fallback; records say cuda_graph: false)")
     p.add_argument("--check", action="store_true",
@@ -968,7 +1029,7 @@ def _run_check(name: str, args: argparse.Namespace, plans: list[LPPlan]) -> int:
     config = resolve_model(args.model)[1]
     tokens = prompt_tokens(32, 2, config).tolist()
     results = check(args.model, tokens, [p.spec() for p in plans], args.gpus, 16, args.device, args.dtype,
-                    args.seed, not args.no_cuda_graph)
+                    args.seed, not args.no_cuda_graph, args.compile)
     exact = (args.dtype or ("float32" if args.device == "cpu" else "bfloat16")) == "float32"
     ok = True
     for plan, r in zip(plans, results):
@@ -997,7 +1058,7 @@ def main(argv: list[str] | None = None) -> int:
     job = Job("bench", name, config, str(directory) if directory else None, args.gpus, args.device,
               args.dtype or ("bfloat16" if args.device == "cuda" else "float32"), tuple(plans), args.seed,
               tuple(parse_ints(args.batch, "--batch", 1)), tuple(parse_metrics(args.metrics)), args.repeats,
-              args.generate_repeats, args.json_out, not args.no_cuda_graph, args.impl_name)
+              args.generate_repeats, args.json_out, not args.no_cuda_graph, args.impl_name, args.compile)
     launch(job)
     return 0
 

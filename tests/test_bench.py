@@ -22,25 +22,27 @@ def _records(path):
 def harness(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "cpu.json"
     cmd = [sys.executable, "-m", "bench.run", "--models", "tiny", "--gpus", "2", "--lp", "0,4", "--batch", "1",
-           "--impls", "lpjax,torch-tp,hf-eager", "--metrics", METRICS, "--long-metrics", "", "--repeats", "2",
-           "--device", "cpu", "--machine", "cpu-test", "--out", str(out)]
+           "--impls", "lpjax,torch-tp,torch-compile,hf-eager", "--torch-compile-mode", "default", "--metrics", METRICS,
+           "--long-metrics", "", "--repeats", "2", "--device", "cpu", "--machine", "cpu-test", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
 
 
 def test_every_configuration_has_its_records(harness):
+    """Every implementation, Δ and metric is there, and every figure is a positive duration."""
     out, _ = harness
     got = _records(out)
     keys = {(r["impl"], r["gpus"], r["lp_delta"], r["metric"]) for r in got}
-    for impl, gpus in (("lpjax", 2), ("torch-tp", 2), ("hf-eager", 1)):
+    for impl, gpus in (("lpjax", 2), ("torch-tp", 2), ("torch-compile", 2), ("hf-eager", 1)):
         for delta in (0, 4):
             for metric in METRICS.split(","):
                 assert (impl, gpus, delta, metric) in keys, (impl, gpus, delta, metric)
     for r in got:
         assert r["model"] == "tiny" and r["batch"] == 1 and r["machine"] == "cpu-test" and r["date"]
         assert r["unit"] == records.METRICS[r["metric"]][0]
-        assert r["value"] > 0 and len(r["samples"]) >= 1
+        assert r["value"] > 0 and len(r["samples"]) >= 1 and all(s > 0 for s in r["samples"])  # no metric is a
+        # difference of two timings, so none can go negative on a loaded machine
         assert r["lp"] == ("" if r["lp_delta"] == 0 else "2:6")  # Δ=4 of 8 layers ends two before the last
 
 

@@ -85,6 +85,20 @@ def test_torch_tp_matches_reference_and_decodes_like_the_full_forward(checkpoint
     assert rel_err(logits[lp], logits[""]) > 1e-3  # the plan really changed the function
 
 
+@pytest.mark.parametrize("world", [1, 2])
+def test_torch_compile_baseline_matches_reference_and_decodes_like_the_full_forward(checkpoints, world):
+    """The torch-compile baseline: prefill and the greedy decode step through torch.compile (inductor's CPU backend
+    here, really compiled), with functional collectives over gloo ranks when world > 1."""
+    directory, model = checkpoints("shardable")
+    ids = prompt(model)
+    (r,) = torch_tp.check(directory, ids, ("2:6",), world=world, new_tokens=6, compile_mode="default")
+    ref = torch_lp_logits(model, ids, LPPlan.parse("2:6", model.config.num_hidden_layers).pairs)
+    assert rel_err(r["logits"].numpy(), ref) <= 1e-4
+    assert r["generated"].shape == (2, 6) and torch.equal(r["generated"], r["full_argmax"])
+    if world == 1:  # ran in this process: both programs went through torch.compile
+        assert {(torch_tp.prefill, "default"), (torch_tp.greedy_step, "default")} <= torch_tp._PROGRAMS.keys()
+
+
 def test_torch_tp_layout_slots_and_kv_replication():
     stage = LPPlan.parse("2:4", 8).stages[2]
     assert stage.layers == (2, 3)
