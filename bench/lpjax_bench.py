@@ -23,7 +23,6 @@ from lpjax.cli import enable_compile_cache
 from lpjax.config import PRESETS
 from lpjax.engine import Engine
 from lpjax.errors import LPJaxError
-from lpjax.model import MIN_MATMUL_ROWS
 from lpjax.plan import LPPlan
 
 IMPL = "lpjax"
@@ -62,7 +61,7 @@ def time_single_token(engine: Engine, batch: int, calls: int) -> list[float]:
     """records.SINGLE_TOKEN: `Engine.next_token` after a prompt of SINGLE_TOKEN_AT tokens, each call feeding the
     token the previous one returned (host -> device -> host), at the same cache slot; host clock around the call."""
     prompts = _prompts(batch, SINGLE_TOKEN_AT, engine.config.vocab_size)
-    cache = engine.init_cache(batch, engine.cache_length(SINGLE_TOKEN_AT, DECODE_TOKENS, None))
+    cache = engine.init_cache(batch, engine.cache_length(SINGLE_TOKEN_AT, DECODE_TOKENS, None))  # 384, as torch
     _, cache, n, pad = engine.prefill(cache, prompts)
     tokens = np.full(batch, 5, np.int32)
     out = []
@@ -105,17 +104,17 @@ def versions(engine: Engine) -> dict:
     d = engine.mesh.devices.flat[0]
     return dict(versions={"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__},
                 device_name=getattr(d, "device_kind", d.platform), dtype=engine.dtype_name,
-                attention=engine.attention, decode_rows=engine.decode_rows)
+                attention=engine.attention)
 
 
 def run(model: str, gpus: int, deltas: list[int], batch: int, metrics: list[str], repeats: int, long_repeats: int,
-        json_out: Path | None, impl: str = IMPL, decode_rows: int = MIN_MATMUL_ROWS) -> None:
+        json_out: Path | None, impl: str = IMPL) -> None:
     if model not in PRESETS:
         raise LPJaxError(f"--model {model}: not a preset ({', '.join(PRESETS)})")
     n_layers = PRESETS[model].n_layers
     for delta in deltas:
         plan = LPPlan.ending_before_last(delta, n_layers)
-        engine = Engine.load(f"random:{model}", plan.spec(), gpus, None, decode_rows=decode_rows)
+        engine = Engine.load(f"random:{model}", plan.spec(), gpus, None)
         print(f"[lpjax] {engine.describe()}", file=sys.stderr, flush=True)
         figures = measure(engine, batch, metrics, repeats, long_repeats)
         context = versions(engine)
@@ -137,8 +136,6 @@ def main(argv=None) -> int:
     p.add_argument("--long-repeats", type=int, default=1, help="repeats of generate_4096 (16+ s each on a 7B model)")
     p.add_argument("--json-out", type=Path, default=None)
     p.add_argument("--impl-name", default=IMPL, help="name in the records (variants: e.g. lpjax+flags)")
-    p.add_argument("--decode-rows", type=int, default=MIN_MATMUL_ROWS,
-                   help="rows a decode step computes at least (1: one slot a row, products padded instead)")
     args = p.parse_args(argv)
     metrics = parse_list(args.metrics)
     unknown = [m for m in metrics if m not in METRICS]
@@ -149,7 +146,7 @@ def main(argv=None) -> int:
             raise LPJaxError(f"--gpus {args.gpus}: only {len(jax.devices())} devices visible")
         enable_compile_cache()
         run(args.model, args.gpus, parse_list(args.lp_delta, int), args.batch, metrics, args.repeats,
-            args.long_repeats, args.json_out, args.impl_name, args.decode_rows)
+            args.long_repeats, args.json_out, args.impl_name)
     except LPJaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -22,7 +22,6 @@ import time
 import jax
 
 from lpjax.engine import Engine
-from lpjax.model import MIN_MATMUL_ROWS
 
 
 def kernel_events(path: str) -> dict[str, list[tuple[str, int, int]]]:
@@ -100,10 +99,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--summary", default=None, help="write the summary JSON here (the trace stays in a temp dir)")
-    p.add_argument("--decode-rows", type=int, default=MIN_MATMUL_ROWS, help="rows a decode step computes at least "
-                                                                             "(1: no padding slots)")
     args = p.parse_args()
-    engine = Engine.load(args.model, args.lp, args.devices, "bfloat16", decode_rows=args.decode_rows)
+    engine = Engine.load(args.model, args.lp, args.devices, "bfloat16")
     prompt = [1] + [100 + (i % 150) for i in range(127)]
     engine.generate([prompt], args.tokens + 1, eos=())  # compile and warm up
     out = tempfile.mkdtemp(prefix="lpjax-trace-")
@@ -115,7 +112,6 @@ def main() -> None:
     trace = glob.glob(f"{out}/**/*.xplane.pb", recursive=True)[0]
     report = {"model": args.model, "lp": engine.plan.spec(), "devices": engine.layout.n_devices,
               "decode_ms_per_token": res.decode_ms_per_step, "wall_s": wall, "jax": jax.__version__,
-              "decode_rows": args.decode_rows,
               "devices_report": {k: summarise(v, args.tokens, args.top) | {"budget_per_stage": budget(
                   v, args.tokens, len(engine.layout.stages))} for k, v in kernel_events(trace).items()}}
     print(f"{engine.describe()}\ndecode {res.decode_ms_per_step:.3f} ms/token (traced run)")

@@ -177,7 +177,7 @@ def parse_args(argv):
     p.add_argument("--long-metrics", default="generate_4096", help="slow metrics, only for --long-impls at "
                                                                    "--long-batch")
     p.add_argument("--long-impls", default="lpjax,torch-tp,torch-compile")
-    p.add_argument("--torch-compile-mode", default="max-autotune-no-cudagraphs", choices=COMPILE_MODES,
+    p.add_argument("--torch-compile-mode", default="default", choices=COMPILE_MODES,
                    help="torch.compile mode of the torch-compile baseline")
     p.add_argument("--long-models", default="llama2-7b")
     p.add_argument("--long-batch", type=int, default=1)

@@ -13,7 +13,7 @@ Prefill runs eagerly (SDPA, causal).
 
 `--compile MODE` (the harness's `torch-compile`) is the same model written the way gpt-fast writes fast PyTorch:
 prefill (per prompt length) and the whole greedy decode step go through `torch.compile` (inductor, fullgraph, static
-shapes, coordinate-descent tuning); the all-reduces and the logits' all-gather become functional collectives so
+shapes); the all-reduces and the logits' all-gather become functional collectives so
 they trace and compile inside the graph; the compiled step is then captured in the same CUDA graph and replayed.
 
 Layout (design.md section 3, the same as lpjax): N ranks form a (pair=2, tp=N/2) grid.
@@ -579,16 +579,12 @@ _PROGRAMS: dict = {}
 
 def program(fn: Callable, mode: str | None) -> Callable:
     """`fn` as a rank runs it: eager (mode None), or compiled by `torch.compile` with inductor as one whole graph
-    (fullgraph), static shapes (one compile per shape: every prompt length gets its own kernels), and gpt-fast's
-    inductor settings (coordinate-descent tuning of the generated Triton kernels). Compiled once per (fn, mode)."""
+    (fullgraph) with static shapes (one compile per shape: every prompt length gets its own kernels). Compiled once
+    per (fn, mode). (max-autotune-no-cudagraphs with gpt-fast's coordinate-descent tuning had not compiled a 7B
+    model after 5 minutes on an H200 machine's 16 cores, so the harness's default mode is "default".)"""
     if not mode:
         return fn
     if (fn, mode) not in _PROGRAMS:
-        import torch._inductor.config as inductor
-
-        inductor.coordinate_descent_tuning = True
-        inductor.triton.unique_kernel_names = True
-        inductor.fx_graph_cache = True
         _PROGRAMS[fn, mode] = torch.compile(fn, fullgraph=True, dynamic=False,
                                             mode=None if mode == "default" else mode)
     return _PROGRAMS[fn, mode]

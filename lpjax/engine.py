@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 from lpjax.cli import progress_bar
 from lpjax.config import round_up
 from lpjax.errors import LPJaxError
-from lpjax.model import MIN_MATMUL_ROWS, LlamaLM, Positions
+from lpjax.model import LlamaLM, Positions
 from lpjax.plan import LPPlan
 from lpjax.sampling import Sampling, sample
 from lpjax.sharding import RULES, Layout, describe_mesh, make_mesh, named
@@ -36,15 +36,6 @@ CACHE_MULTIPLE = 128
 def _eos_array(eos: tuple[int, ...]) -> jax.Array:
     """EOS ids as an array for `jnp.isin` (-1, which no token is, when there are none)."""
     return jnp.array(eos or (-1,), jnp.int32)
-
-
-def decode_width(batch: int, rows: int = MIN_MATMUL_ROWS) -> int:
-    """Token slots a decode step feeds per row so that the step computes at least `rows` rows: every weight product
-    then has its 8 rows from the embedding on, and `model.project` pads none (4 pad kernels a layer otherwise,
-    bench/NOTES.md). Slot 0 holds the new token; the others repeat it at the next positions. Their keys land in
-    cache slots the following steps overwrite before reading, and the real query never attends to them (they lie
-    in its future), so tokens are unchanged; only the logits of slot 0 are computed."""
-    return -(-rows // batch)
 
 
 def prefill_bucket(n: int) -> int:
@@ -75,9 +66,8 @@ class Engine:
     """A model with an LP plan, loaded onto a mesh."""
 
     def __init__(self, source: WeightSource, plan: LPPlan, mesh: Mesh, dtype: str, params: dict | None = None,
-                 attention: str = "auto", show_progress: bool = False, decode_rows: int = MIN_MATMUL_ROWS):
+                 attention: str = "auto", show_progress: bool = False):
         self.source, self.config, self.plan, self.mesh = source, source.config, plan, mesh
-        self.decode_rows = decode_rows  # rows a decode step computes at least (decode_width); 1: no padding slots
         self.dtype_name = dtype
         self.dtype = DTYPES[dtype]
         self.layout = Layout.build(self.config, plan, mesh)
@@ -100,8 +90,7 @@ class Engine:
 
     @classmethod
     def load(cls, model: str, lp: str | None = None, devices: int | None = None, dtype: str | None = None,
-             seed: int = 0, attention: str = "auto", show_progress: bool = False,
-             decode_rows: int = MIN_MATMUL_ROWS) -> Engine:
+             seed: int = 0, attention: str = "auto", show_progress: bool = False) -> Engine:
         source = open_source(model, seed)
         mesh = make_mesh(devices)
         if dtype is None:  # the checkpoint's; random weights: bfloat16, but float32 on CPUs (no fast bf16 there)
@@ -111,14 +100,12 @@ class Engine:
         if dtype not in DTYPES:
             raise LPJaxError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
         plan = LPPlan.parse(lp, source.config.n_layers)
-        return cls(source, plan, mesh, dtype, attention=attention, show_progress=show_progress,
-                   decode_rows=decode_rows)
+        return cls(source, plan, mesh, dtype, attention=attention, show_progress=show_progress)
 
     def with_plan(self, lp: str | LPPlan) -> Engine:
         """The same weights under another plan (re-read from the source; checkpoints are plan-independent)."""
         plan = lp if isinstance(lp, LPPlan) else LPPlan.parse(lp, self.config.n_layers)
-        return Engine(self.source, plan, self.mesh, self.dtype_name, attention=self.attention,
-                      decode_rows=self.decode_rows)
+        return Engine(self.source, plan, self.mesh, self.dtype_name, attention=self.attention)
 
     @property
     def tokenizer(self):
@@ -222,19 +209,15 @@ class Engine:
 
         return self._compile(("cache", batch, max_len), lambda: jax.jit(zeros, out_shardings=shardings))()
 
-    def cache_length(self, prompt_len: int, max_new_tokens: int, max_len: int | None, batch: int = 1) -> int:
-        """Static cache length: room for the prompt bucket and every new token, within the context, plus the
-        padding slots of the last decode step (`decode_width`), which may lie past the context: no real query
-        ever reads them."""
+    def cache_length(self, prompt_len: int, max_new_tokens: int, max_len: int | None) -> int:
+        """Static cache length: room for the prompt bucket and every new token, within the context."""
         limit = max_len or self.config.max_seq_len
-        need = prompt_len + max_new_tokens
-        if need > limit:
+        if prompt_len + max_new_tokens > limit:
             raise LPJaxError(
                 f"prompt of {prompt_len} tokens plus --max-new-tokens {max_new_tokens} does not fit the context of "
                 f"{limit} tokens" + ("" if max_len else " (the model's max_position_embeddings)")
             )
-        length = min(limit, round_up(max(prefill_bucket(prompt_len), need), CACHE_MULTIPLE))
-        return max(length, need + decode_width(batch, self.decode_rows) - 1)
+        return min(limit, round_up(max(prefill_bucket(prompt_len), prompt_len + max_new_tokens), CACHE_MULTIPLE))
 
     def prefill(self, cache: dict, prompts: list[list[int]], pad_id: int = 0):
         """Run the prompts (left-padded) through the model, filling the cache. Returns (last logits [B, V],
@@ -264,20 +247,16 @@ class Engine:
     def _host_step(self, name: str, post: Callable, cache: dict, tokens, index: int, pad) -> tuple[np.ndarray, dict]:
         """One decode step called from the host: `tokens` [B] fed at cache slot `index`, then `post(logits [B, V])`
         on device; returns its result on the host and the new cache (donated)."""
-        fwd = self._forward("decode", cached=True, one_position=True)
-        width = decode_width(len(tokens), self.decode_rows)
-        if index + width > self._cache_shape(cache)[3]:  # no room for the padding slots: one slot a row
-            width = 1
+        fwd = self._forward("decode", cached=True, one_position=False)
 
         def step(params, cache, tokens, index, pad):
-            wide = jnp.repeat(tokens[:, None], width, axis=1)
-            logits, cache = fwd(params, wide, Positions.step(pad, index, width), cache, 0)
-            return post(logits), cache
+            logits, cache = fwd(params, tokens[:, None], Positions.step(pad, index), cache, 0)
+            return post(logits[:, 0]), cache
 
         args = (self.params, cache, self._put(np.asarray(tokens, np.int32)), self._put(np.int32(index)),
                 self._put(np.asarray(pad, np.int32)))
-        fn = self._compile((name, len(tokens), width, self._cache_shape(cache)),
-                           lambda: jax.jit(step, donate_argnums=1), *args)
+        fn = self._compile((name, len(tokens), self._cache_shape(cache)), lambda: jax.jit(step, donate_argnums=1),
+                           *args)
         out, cache = fn(*args)
         return self._get(out), cache
 
@@ -292,8 +271,8 @@ class Engine:
         return self._host_step("next", lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32), cache, tokens,
                                index, pad)
 
-    def _decode_loop(self, sampling: Sampling, steps: int, eos: tuple[int, ...], pad_id: int, width: int):
-        fwd = self._forward("decode", cached=True, one_position=True)
+    def _decode_loop(self, sampling: Sampling, steps: int, eos: tuple[int, ...], pad_id: int):
+        fwd = self._forward("decode", cached=True, one_position=False)
         eos_ids = _eos_array(eos)
 
         def loop(params, cache, state):
@@ -305,10 +284,9 @@ class Engine:
                 cache, st, i = carry
                 token = jax.lax.dynamic_index_in_dim(st["out"], st["count"] - 1, axis=1, keepdims=False)
                 index = st["index"]
-                wide = jnp.repeat(token[:, None], width, axis=1)
-                logits, cache = fwd(params, wide, Positions.step(st["pad"], index, width), cache, 0)
+                logits, cache = fwd(params, token[:, None], Positions.step(st["pad"], index), cache, 0)
                 key, sub = jax.random.split(st["key"])
-                nxt = jnp.where(st["done"], pad_id, sample(logits, sub, sampling))
+                nxt = jnp.where(st["done"], pad_id, sample(logits[:, 0], sub, sampling))
                 out = jax.lax.dynamic_update_slice_in_dim(st["out"], nxt[:, None], st["count"], axis=1)
                 done = st["done"] | jnp.isin(nxt, eos_ids)
                 st = dict(st, out=out, done=done, key=key, count=st["count"] + 1, index=index + 1)
@@ -335,12 +313,10 @@ class Engine:
         fn = self._compile(("start", B, max_new_tokens, sampling, tuple(eos)), lambda: jax.jit(start), *args)
         return fn(*args)
 
-    def decode(self, cache: dict, state: dict, sampling: Sampling, steps: int, eos: tuple[int, ...], pad_id: int,
-               width: int = 1):
-        """Run up to `steps` decode steps on device (stopping early when every row hit EOS or the budget), each
-        feeding `width` slots a row (`decode_width`; the cache needs width - 1 free slots past the last token)."""
-        key = ("decode", sampling, steps, tuple(eos), pad_id, width, state["out"].shape, self._cache_shape(cache))
-        loop = self._decode_loop(sampling, steps, eos, pad_id, width)
+    def decode(self, cache: dict, state: dict, sampling: Sampling, steps: int, eos: tuple[int, ...], pad_id: int):
+        """Run up to `steps` decode steps on device (stopping early when every row hit EOS or the budget)."""
+        key = ("decode", sampling, steps, tuple(eos), pad_id, state["out"].shape, self._cache_shape(cache))
+        loop = self._decode_loop(sampling, steps, eos, pad_id)
         fn = self._compile(key, lambda: jax.jit(loop, donate_argnums=(1, 2)), self.params, cache, state)
 
         def one_step(c):  # on a copy of the state (it is donated), at the cache slot the real run writes first
@@ -366,8 +342,7 @@ class Engine:
         eos = tuple(self.config.eos_token_ids if eos is None else eos)
         sampling = sampling or Sampling()
         steps = chunk or max_new_tokens
-        L = self.cache_length(max(len(p) for p in prompts), max_new_tokens, max_len, len(prompts))
-        width = decode_width(len(prompts), self.decode_rows)
+        L = self.cache_length(max(len(p) for p in prompts), max_new_tokens, max_len)
         compile_start = self.compile_s
         cache = self.init_cache(len(prompts), L)
         # Compiles happen synchronously on the host inside these calls; their time is measured and taken out.
@@ -382,7 +357,7 @@ class Engine:
                 on_tokens([list(map(int, r)) for r in self._get(state["out"])[:, :count]])
             if count >= max_new_tokens or bool(np.all(done)):
                 break
-            cache, state = self.decode(cache, state, sampling, steps, eos, pad_id, width)
+            cache, state = self.decode(cache, state, sampling, steps, eos, pad_id)
         t2, c2 = time.perf_counter(), self.compile_s
         out, count = self._get(state["out"]), int(self._get(state["count"]))
         tokens = []

@@ -51,10 +51,9 @@ class Positions:
         return cls(positions, pad, jnp.int32(0))
 
     @classmethod
-    def step(cls, pad: jax.Array, index: jax.Array, width: int = 1) -> Positions:
-        """`width` token slots per row written from cache slot `index`: the new token, then (width > 1) the padding
-        slots of a decode step that computes 8 rows (`lpjax.engine.decode_width`)."""
-        return cls((index - pad)[:, None] + jnp.arange(width)[None, :], pad, index)
+    def step(cls, pad: jax.Array, index: jax.Array) -> Positions:
+        """One new token per row, written at cache slot `index`."""
+        return cls((index - pad)[:, None], pad, index)
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:

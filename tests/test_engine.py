@@ -99,20 +99,14 @@ def test_sampling_rejects_bad_values():
             Sampling(**bad)
 
 
-def test_padding_slots_of_a_decode_step_change_no_token(engines):
-    """A decode step computes 8 rows (the new token, then copies of it in the next cache slots) so no weight product
-    needs a pad; the copies' keys are overwritten before any real query reads them. Tokens equal those of a
-    one-slot step, and a host-called step's greedy token is the argmax of its logits."""
-    from lpjax.engine import Engine, decode_width
 
-    wide = engines("gqa_head_dim", "1:5")
-    narrow = Engine(wide.source, wide.plan, wide.mesh, wide.dtype_name, params=wide.params, decode_rows=1)
-    assert (decode_width(1), decode_width(3), decode_width(8), decode_width(3, rows=1)) == (8, 3, 1, 1)
-    prompts = [wide.tokenizer.encode(p) for p in PROMPTS]
-    assert wide.generate(prompts, 20, eos=()).tokens == narrow.generate(prompts, 20, eos=()).tokens
-    cache = wide.init_cache(len(prompts), 64)
-    logits, cache, n, pad = wide.prefill(cache, prompts)
+def test_host_called_step_returns_the_greedy_token_of_its_logits(engines):
+    """`next_token` is `decode_step` with the argmax taken on the device: the same token ids, without the logits."""
+    engine = engines("gqa_head_dim", "1:5")
+    prompts = [engine.tokenizer.encode(p) for p in PROMPTS]
+    cache = engine.init_cache(len(prompts), 64)
+    logits, cache, n, pad = engine.prefill(cache, prompts)
     tokens = np.argmax(np.asarray(logits), axis=-1)
-    step_logits, cache = wide.decode_step(cache, tokens, n, pad)
-    again, cache = wide.next_token(cache, tokens, n, pad)  # the same slot, written again
-    assert again.tolist() == np.argmax(step_logits, axis=-1).tolist()
+    step_logits, cache = engine.decode_step(cache, tokens, n, pad)
+    again, cache = engine.next_token(cache, tokens, n, pad)  # the same slot, written again
+    assert again.dtype == np.int32 and again.tolist() == np.argmax(step_logits, axis=-1).tolist()
