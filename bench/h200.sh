@@ -34,7 +34,9 @@ else
   impls=lpjax,torch-compile,torch-tp
   metrics=prefill_1024,decode,single_token,peak_memory
 fi
-$py -m bench.run --models "$models" --gpus "$gpus" --lp 0,14 --lp-for llama3.2-3b=0,10 \
+lp_for=()
+[[ ",$models," == *,llama3.2-3b,* ]] && lp_for=(--lp-for llama3.2-3b=0,10)
+$py -m bench.run --models "$models" --gpus "$gpus" --lp 0,14 "${lp_for[@]}" \
   --impls "${IMPLS:-$impls}" --metrics "${METRICS:-$metrics}" --long-metrics "${LONG_METRICS-generate_4096}" \
   --long-models llama2-7b --repeats 3 --machine "$machine" --out "$out/records.json" --timeout 1200 \
   > "$out/tables.md" 2> "$out/run.log"
