@@ -10,7 +10,7 @@ once in a CUDA graph that feeds itself: the token, its position and the output s
 updates, so the decode loop is graph replays only, greedy argmax on the device, no host round-trip per token.
 Prefill runs eagerly (SDPA, causal).
 
-Layout (design.md section 3, the same as lpjax): N ranks form a (pair=2, tp=N/2) grid.
+Layout (docs/design.md section 3, the same as lpjax): N ranks form a (pair=2, tp=N/2) grid.
 - A sequential layer is Megatron tensor-parallel over all N ranks: heads and MLP columns split N ways, one
   all-reduce after the attention half and one after the MLP half.
 - An LP pair (a, b) puts layer a on ranks 0..N/2-1 and layer b on ranks N/2..N-1, each split N/2 ways. The same two

@@ -13,7 +13,6 @@ restore each layer straight into the shardings its LP plan needs (plain per-laye
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -23,14 +22,12 @@ import orbax.checkpoint as ocp
 
 from lpjax.config import read_hf_config
 from lpjax.errors import LPJaxError
-from lpjax.weights import DTYPES, WeightSource, global_shapes, layer_shapes
+from lpjax.schema import global_shapes, layer_shapes
+from lpjax.tokenizer import copy_tokenizer
+from lpjax.weights import DTYPES, WeightSource
 
 FORMAT = "lpjax-orbax-v1"
 MARKER = "lpjax.json"
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
-    "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja",
-)
 
 
 def is_converted(path: Path) -> bool:
@@ -39,25 +36,6 @@ def is_converted(path: Path) -> bool:
 
 def _item(i: int | None) -> str:
     return "globals" if i is None else f"layer_{i:04d}"
-
-
-def copy_tokenizer(src: Path, out: Path) -> None:
-    """Copy the tokenizer files `src` has (any of TOKENIZER_FILES) into `out`."""
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, out / name)
-
-
-def prepare_output_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to write over anything a user already has, unless asked to."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite:
-            raise LPJaxError(f"--out {out}: already exists and is not empty (pass --overwrite to replace it)")
-        if not is_converted(out):
-            raise LPJaxError(
-                f"--out {out}: --overwrite only replaces an lpjax checkpoint directory, and this is not one")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def write_checkpoint(
@@ -96,6 +74,7 @@ class OrbaxSource(WeightSource):
             raise LPJaxError(f"{directory / MARKER}: unreadable ({e})") from None
         if meta.get("format") != FORMAT:
             raise LPJaxError(f"{directory}: unknown checkpoint format {meta.get('format')!r} (expected {FORMAT})")
+        self.meta = meta  # provenance; a fine-tune records the plan it was trained for under "training"
         self.config, self.hf_config = read_hf_config(directory)
         self.dtype = np.dtype(DTYPES.get(meta.get("dtype"), np.float32))
         missing = [_item(i) for i in [None, *range(self.config.n_layers)]

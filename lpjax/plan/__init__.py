@@ -2,8 +2,9 @@
 
 A plan is a set of disjoint pairs of consecutive layers (a, a+1). Its usual spelling is a range `START:END` of even
 length, paired (START, START+1), (START+2, START+3), ...; a list of ranges `4:6,10:16` is a plan too. The model runs
-as a sequence of *stages*: a stage is one layer, or one pair evaluated on the same input (design.md section 1).
-Plans are applied at load time, so changing the plan never needs a re-conversion.
+as a sequence of *stages*: a stage is one layer, or one pair evaluated on the same input (docs/design.md section 1).
+Plans are applied at load time, so changing the plan never needs a re-conversion. `python -m lpjax.plan` is the
+plan search (lpjax/plan/__main__.py over lpjax/quality/search.py).
 """
 
 from __future__ import annotations
@@ -117,8 +118,3 @@ class LPPlan:
             return f"none (sequential, {self.n_layers} layers)"
         return f"{self.spec()} (Δ={self.delta}, depth {self.depth} of {self.n_layers})"
 
-
-if __name__ == "__main__":  # `python -m lpjax.plan`: the plan search, which lives in lpjax/search.py
-    from lpjax import cli, search
-
-    cli.run(search.main)

@@ -1,0 +1,121 @@
+"""Hugging Face Llama directories, read and written without torch.
+
+Reading: every tensor of the directory's safetensors, checked against the weights the config implies (names,
+shapes and layouts from `lpjax/schema.py`); each device's shard is sliced straight out of the memory-mapped files.
+`HFNamedSource` is the part any source of HF-named tensors shares (a GGUF reader that renames its tensors to HF's
+plugs in here). Writing (`write_hf`): an HF Llama directory transformers loads, from any source's canonical weights.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from lpjax.config import read_hf_config
+from lpjax.errors import LPJaxError
+from lpjax.schema import BY_NAME, canonical_shapes, weights
+from lpjax.sources.safetensors import read_safetensors, safetensors_files, write_safetensors
+from lpjax.weights import WeightSource
+
+# Buffers some old checkpoints carry that are not weights (recomputed from the config).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class HFNamedSource(WeightSource):
+    """A source whose tensors carry HF names: `index(tensors)` checks {HF name: lazy numpy array} against the
+    config (every weight present at its shape, nothing unused) and keeps canonical views; `read` places them."""
+
+    def index(self, tensors: dict[str, np.ndarray], where: str) -> None:
+        self.views: dict[str, np.ndarray] = {}
+        expected = set()
+        for key, shape in canonical_shapes(self.config).items():
+            name, _, layer = key.partition("@")
+            w = BY_NAME[name]
+            hf_name = w.hf_key(int(layer) if layer else None)
+            expected.add(hf_name)
+            if hf_name not in tensors:
+                raise LPJaxError(f"{where}: tensor {hf_name} is missing")
+            want = w.hf_shape(shape)
+            if tuple(tensors[hf_name].shape) != want:
+                got = tuple(tensors[hf_name].shape)
+                raise LPJaxError(f"{where}: tensor {hf_name} has shape {got}, expected {want}")
+            self.views[key] = w.from_hf(tensors[hf_name], shape)
+        if self.config.tied_embeddings:
+            expected.add(BY_NAME["lm_head"].hf_key())  # some tied checkpoints store the shared matrix twice
+        unused = sorted(n for n in tensors if n not in expected and not n.endswith(_IGNORED_SUFFIXES))
+        if unused:
+            raise LPJaxError(
+                f"{where}: tensor {unused[0]} is not used by a Llama of this config.json"
+                + (f" (and {len(unused) - 1} more)" if len(unused) > 1 else "")
+            )
+        self.dtype = next(iter(tensors.values())).dtype if tensors else np.dtype(np.float32)
+
+    def read(self, keys, dtype):
+        out = {}
+        for key, sharding in keys.items():
+            view = self.views[key]
+            out[key] = jax.make_array_from_callback(
+                view.shape, sharding, lambda idx, view=view: np.asarray(view[idx]).astype(dtype)
+            )
+        return out
+
+
+class HFSource(HFNamedSource):
+    """An HF directory: `config.json`, safetensors (one file or sharded with an index), tokenizer files."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.config, self.hf_config = read_hf_config(directory)
+        tensors: dict[str, np.ndarray] = {}
+        for f in safetensors_files(directory):
+            tensors.update(read_safetensors(f))
+        self.index(tensors, str(directory))
+        self.description = f"Hugging Face checkpoint {directory}"
+
+
+def hf_config_dict(config, dtype: str) -> dict:
+    """A Hugging Face `LlamaConfig` dict for `config` (transformers can load it; every lpjax tool reads it)."""
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "hidden_size": config.dim, "intermediate_size": config.ffn_dim, "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads, "num_key_value_heads": config.n_kv_heads, "head_dim": config.head_dim,
+        "vocab_size": config.vocab_size, "rms_norm_eps": config.norm_eps, "rope_theta": config.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "max_position_embeddings": config.max_seq_len, "tie_word_embeddings": config.tied_embeddings,
+        "attention_bias": config.attention_bias, "mlp_bias": config.mlp_bias, "initializer_range": 0.02,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_ids[0] if len(config.eos_token_ids) == 1 else list(config.eos_token_ids),
+        "torch_dtype": dtype, "dtype": dtype, "use_cache": True,
+    }
+
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+def write_hf(out: Path, config, hf_config: dict, items, np_dtype: np.dtype,
+             progress: Callable[[int, int], None] | None = None) -> None:
+    """Write `items` ((layer or None for globals, canonical numpy weights), in file order: globals first, then layers
+    0..L-1) as an HF Llama directory's `model.safetensors` and `config.json` (tokenizer files are the caller's).
+    Streams: one layer in memory at a time."""
+    shapes = {}
+    for w in weights(config, per_layer=False):
+        shapes[w.hf_key()] = (w.hf_shape(w.shape(config)), np_dtype)
+    for i in range(config.n_layers):
+        for w in weights(config, per_layer=True):
+            shapes[w.hf_key(i)] = (w.hf_shape(w.shape(config)), np_dtype)
+    total = config.n_layers + 1
+
+    def tensors():
+        for n, (layer, arrays) in enumerate(items):
+            for name, array in arrays.items():
+                w = BY_NAME[name]
+                yield w.hf_key(layer), w.to_hf(np.asarray(array).astype(np_dtype))
+            if progress:
+                progress(n + 1, total)
+
+    write_safetensors(out / WEIGHTS_FILE, shapes, tensors(), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
