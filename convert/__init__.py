@@ -1,5 +1,5 @@
 """Checkout convenience: `python -m convert` is `python -m lpjax.convert` (not installed; see pyproject.toml)."""
 
-from lpjax.convert import convert, convert_model, convert_path
+from lpjax.convert import convert, convert_model
 
-__all__ = ["convert", "convert_model", "convert_path"]
+__all__ = ["convert", "convert_model"]

@@ -47,7 +47,7 @@ def prepare_output_dir(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def canonical_items(source: WeightSource, dtype: str) -> Iterator[tuple[int | None, dict[str, np.ndarray]]]:
+def source_items(source: WeightSource, dtype: str) -> Iterator[tuple[int | None, dict[str, np.ndarray]]]:
     """(None, globals), then (layer, its weights), as host numpy arrays in `dtype`, one layer at a time."""
     one = NamedSharding(Mesh(np.array(jax.devices()[:1]), ("one",)), P())
     c = source.config
@@ -70,7 +70,7 @@ def export(source: WeightSource, out: Path, fmt: str = "lpjax", dtype: str | Non
     prepare_output_dir(out, overwrite)
     c = source.config
     hf_config = dict(source.hf_config or hf_config_dict(c, dtype), torch_dtype=dtype, dtype=dtype)
-    items = canonical_items(source, dtype)
+    items = source_items(source, dtype)
     trained_for = (getattr(source, "meta", None) or {}).get("training", {}).get("lp") or ""
     if fmt == "hf":
         hf_config[EXPORT_KEY] = {"exported_from": source.description, "lp": trained_for}

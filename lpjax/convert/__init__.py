@@ -11,7 +11,6 @@ from pathlib import Path
 from lpjax.config import ModelConfig
 from lpjax.errors import LPJaxError
 from lpjax.export import export
-from lpjax.sources import open_source
 from lpjax.sources.hf import HFSource
 
 
@@ -29,12 +28,6 @@ def convert_model(source, out: Path, dtype: str | None = None, overwrite: bool =
     """Any opened source (`lpjax.sources.open_source`) to `out`; returns its config and a note for the user."""
     note = export(source, Path(out), fmt, dtype, overwrite, progress)
     return source.config, note
-
-
-def convert_path(model: str, out: Path, dtype: str | None = None, overwrite: bool = False, fmt: str = "lpjax",
-                 progress: Callable[[int, int], None] | None = None) -> tuple[ModelConfig, str | None]:
-    """`--model` as every tool takes it: an HF or lpjax directory, or random:NAME."""
-    return convert_model(open_source(model), out, dtype, overwrite, fmt, progress)
 
 
 def _bar(show: bool, progress):
