@@ -118,3 +118,26 @@ def test_convert_command_exports_and_never_overwrites_unasked(checkpoints, tmp_p
         convert_model(open_source(str(src)), mine, fmt="hf", overwrite=True)
     assert (mine / "notes.txt").read_text() == "mine"
     convert_model(open_source(str(src)), out, fmt="hf", overwrite=True)  # an earlier export is ours to replace
+
+
+def test_hf_config_of_every_preset_reads_back_as_the_same_config():
+    """Models without an HF config of their own (random presets, trained models) get one that says the same,
+    RoPE scaling included."""
+    from lpjax.config import PRESETS, from_hf
+    from lpjax.sources.hf import hf_config_dict
+
+    for name, config in PRESETS.items():
+        assert from_hf(hf_config_dict(config, "bfloat16")) == config, name
+
+
+def test_random_weights_export_to_both_formats_with_the_same_logits(tmp_path):
+    """`random:NAME` is a source like any other: exported as lpjax it reloads bit for bit, exported as HF
+    transformers computes its logits."""
+    ids = np.array([[256, 40, 41, 42, 43, 44, 45, 46, 47]])
+    engine = Engine.load("random:tiny", "", 1, "float32")
+    for fmt in ("lpjax", "hf"):
+        _, note = convert_model(open_source("random:tiny"), tmp_path / fmt, "float32", fmt=fmt)
+        assert "no tokenizer" in note
+    assert np.array_equal(Engine.load(str(tmp_path / "lpjax"), "2:4", 1, "float32").logits(ids),
+                          engine.with_plan("2:4").logits(ids))
+    assert rel_err(transformers_logits(transformers_model(tmp_path / "hf"), ids), engine.logits(ids)) <= 1e-4
