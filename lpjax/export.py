@@ -17,10 +17,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from lpjax.config import to_hf
 from lpjax.errors import LPJaxError
 from lpjax.schema import global_shapes, layer_shapes
 from lpjax.sources.converted import is_converted, write_checkpoint
-from lpjax.sources.hf import hf_config_dict, write_hf
+from lpjax.sources.hf import write_hf
 from lpjax.tokenizer import copy_tokenizer
 from lpjax.weights import DTYPES, WeightSource, source_dtype
 
@@ -69,7 +70,7 @@ def export(source: WeightSource, out: Path, fmt: str = "lpjax", dtype: str | Non
         raise LPJaxError("--out must differ from the model directory")
     prepare_output_dir(out, overwrite)
     c = source.config
-    hf_config = dict(source.hf_config or hf_config_dict(c, dtype), torch_dtype=dtype, dtype=dtype)
+    hf_config = dict(source.hf_config or to_hf(c, dtype), torch_dtype=dtype, dtype=dtype)
     items = source_items(source, dtype)
     trained_for = (getattr(source, "meta", None) or {}).get("training", {}).get("lp") or ""
     if fmt == "hf":

@@ -26,10 +26,9 @@ import tempfile
 from pathlib import Path
 
 from lpjax import cli
-from lpjax.config import ModelConfig, round_up
+from lpjax.config import ModelConfig, round_up, to_hf
 from lpjax.errors import LPJaxError
 from lpjax.plan import LPPlan
-from lpjax.sources.hf import hf_config_dict
 from lpjax.tokenizer import copy_tokenizer, has_tokenizer, load_tokenizer
 from lpjax.training import cli as training_cli
 from lpjax.training.data import prepare_data, text_digest, train_tokenizer, unigram_nll
@@ -132,7 +131,7 @@ def main(argv=None) -> int:
     to = sys.stderr if args.json else sys.stdout
     if not res.completed:
         return training_cli.report_stopped(res, hp, out, summary, args.json)
-    write_model(out, layout, res.params, hf_config_dict(config, args.save_dtype), args.save_dtype,
+    write_model(out, layout, res.params, to_hf(config, args.save_dtype), args.save_dtype,
                 f"trained by lpjax.train ({res.step} steps)",
                 {"kind": "train", "steps": res.step, "tokens": res.step * hp.tokens_per_step})
     line = "trained " + training_cli.summary_line(res, hp)

@@ -123,11 +123,10 @@ def test_convert_command_exports_and_never_overwrites_unasked(checkpoints, tmp_p
 def test_hf_config_of_every_preset_reads_back_as_the_same_config():
     """Models without an HF config of their own (random presets, trained models) get one that says the same,
     RoPE scaling included."""
-    from lpjax.config import PRESETS, from_hf
-    from lpjax.sources.hf import hf_config_dict
+    from lpjax.config import PRESETS, from_hf, to_hf
 
     for name, config in PRESETS.items():
-        assert from_hf(hf_config_dict(config, "bfloat16")) == config, name
+        assert from_hf(to_hf(config, "bfloat16")) == config, name
 
 
 def test_random_weights_export_to_both_formats_with_the_same_logits(tmp_path):
