@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from lpjax.config import read_hf_config
+from lpjax.config import ModelConfig, read_hf_config
 from lpjax.errors import LPJaxError
 from lpjax.schema import BY_NAME, canonical_shapes, weights
 from lpjax.sources.safetensors import read_safetensors, safetensors_files, write_safetensors
@@ -80,11 +80,11 @@ class HFSource(HFNamedSource):
 WEIGHTS_FILE = "model.safetensors"
 
 
-def write_hf(out: Path, config, hf_config: dict, items, np_dtype: np.dtype,
+def write_hf(out: Path, config: ModelConfig, hf_config: dict, items, np_dtype: np.dtype,
              progress: Callable[[int, int], None] | None = None) -> None:
-    """Write `items` ((layer or None for globals, canonical numpy weights), in file order: globals first, then layers
-    0..L-1) as an HF Llama directory's `model.safetensors` and `config.json` (tokenizer files are the caller's).
-    Streams: one layer in memory at a time."""
+    """Write `items` ((layer or None for globals, that item's canonical numpy weights), the globals and every layer
+    once, in any order) as an HF Llama directory's `model.safetensors` and `config.json` (tokenizer files are the
+    caller's). Streams: one item in memory at a time."""
     shapes = {}
     for w in weights(config, per_layer=False):
         shapes[w.hf_key()] = (w.hf_shape(w.shape(config)), np_dtype)
