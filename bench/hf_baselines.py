@@ -27,7 +27,7 @@ min_new_tokens = max_new_tokens, so EOS never stops a run. Definitions (records 
   generate_4096               s         wall time of generate(4096 new tokens) after a 128-token prompt
   peak_memory                 GiB       torch.cuda.max_memory_allocated over the configuration's run
 LP (`--lp-delta`): the paired decoder layers are replaced by one module that runs the pair by the LP equations
-(design.md section 1) from the two HF layers' own norms, attention and MLP; each attention keeps its `layer_idx`,
+(docs/design.md section 1) from the two HF layers' own norms, attention and MLP; each attention keeps its `layer_idx`,
 so it keeps its own slot of the dynamic or static cache.
 """
 

@@ -16,7 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from lpjax.sweep import plot
+from lpjax.quality.sweep import plot
 
 FINETUNES = (("default", "LP, default range"), ("searched", "LP, searched plan"),
              ("control", "control: same layers trained without LP"))

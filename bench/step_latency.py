@@ -19,7 +19,7 @@ import numpy as np
 
 from bench.records import PROMPT_LEN, prompt_ids
 from lpjax.engine import Engine
-from lpjax.model import Positions
+from lpjax.model import DECODE, Positions
 
 
 def measure(engine: Engine, calls: int) -> dict:
@@ -27,10 +27,10 @@ def measure(engine: Engine, calls: int) -> dict:
     cache = engine.init_cache(1, 2 * PROMPT_LEN)
     _, cache, n, pad = engine.prefill(cache, prompts)
     tokens = np.full(1, 5, np.int32)
-    fwd = engine._forward("decode", cached=True, one_position=False)
+    fwd = engine._forward(DECODE, cached=True, one_position=False)
 
     def step(params, cache, tokens, index, pad):
-        logits, cache = fwd(params, tokens[:, None], Positions.step(pad, index), cache, 0)
+        logits, cache = fwd(params, tokens[:, None], Positions.step(pad, index), cache)
         return logits[:, 0], cache
 
     args = [engine._put(tokens), engine._put(np.int32(n)), engine._put(pad)]

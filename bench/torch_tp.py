@@ -13,10 +13,10 @@ Prefill runs eagerly (SDPA, causal).
 
 `--compile MODE` (the harness's `torch-compile`) is the same model written the way gpt-fast writes fast PyTorch:
 prefill (per prompt length) and the whole greedy decode step go through `torch.compile` (inductor, fullgraph, static
-shapes); the all-reduces and the logits' all-gather become functional collectives so
-they trace and compile inside the graph; the compiled step is then captured in the same CUDA graph and replayed.
+shapes); the all-reduces and the logits' all-gather become functional collectives so they trace and compile inside
+the graph; the compiled step is then captured in the same CUDA graph and replayed.
 
-Layout (design.md section 3, the same as lpjax): N ranks form a (pair=2, tp=N/2) grid.
+Layout (docs/design.md section 3, the same as lpjax): N ranks form a (pair=2, tp=N/2) grid.
 - A sequential layer is Megatron tensor-parallel over all N ranks: heads and MLP columns split N ways, one
   all-reduce after the attention half and one after the MLP half.
 - An LP pair (a, b) puts layer a on ranks 0..N/2-1 and layer b on ranks N/2..N-1, each split N/2 ways. The same two

@@ -1,38 +1,5 @@
-"""Convert a Hugging Face Llama checkpoint into lpjax's Orbax format (see lpjax/checkpoint.py)."""
+"""Checkout convenience: `python -m convert` is `python -m lpjax.convert` (not installed; see pyproject.toml)."""
 
-from __future__ import annotations
+from lpjax.convert import convert, convert_model
 
-from pathlib import Path
-
-import numpy as np
-
-from lpjax.checkpoint import prepare_output_dir, write_checkpoint
-from lpjax.cli import progress_bar
-from lpjax.errors import LPJaxError
-from lpjax.weights import DTYPES, HFSource, global_shapes, layer_shapes, source_dtype
-
-
-def convert(hf_dir: Path, out: Path, dtype: str | None = None, overwrite: bool = False, show_progress: bool = True):
-    """Read `hf_dir` one layer at a time and write it, cast to `dtype` (default: as stored), to `out`."""
-    if not hf_dir.is_dir():
-        raise LPJaxError(f"--hf {hf_dir}: no such directory")
-    source = HFSource(hf_dir)  # validates config and every tensor before anything is written
-    dtype = dtype or source_dtype(source)
-    if dtype not in DTYPES:
-        raise LPJaxError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
-    if out.resolve() == hf_dir.resolve():
-        raise LPJaxError("--out must differ from --hf")
-    prepare_output_dir(out, overwrite)
-    np_dtype = np.dtype(DTYPES[dtype])
-    c = source.config
-    views = source.checkpoint.views
-
-    def items():
-        yield None, {k: np.asarray(views[k]).astype(np_dtype) for k in global_shapes(c)}
-        for i in range(c.n_layers):
-            yield i, {k: np.asarray(views[f"{k}@{i}"]).astype(np_dtype) for k in layer_shapes(c)}
-
-    bar = progress_bar(f"converting {c.n_layers} layers") if show_progress else None
-    write_checkpoint(out, source.hf_config, items(), dtype, f"converted from {hf_dir.name}", tokenizer_dir=hf_dir,
-                     progress=bar, total=c.n_layers + 1)
-    return source.config
+__all__ = ["convert", "convert_model"]

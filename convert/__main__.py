@@ -1,28 +1,7 @@
-"""`python -m convert --hf DIR --out DIR [--dtype D] [--overwrite]`: HF Llama -> lpjax Orbax checkpoint."""
-
-from __future__ import annotations
-
-import argparse
-from pathlib import Path
+"""`python -m convert` in a checkout: forwards to `python -m lpjax.convert`."""
 
 from lpjax import cli
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m convert", description=__doc__)
-    p.add_argument("--hf", required=True, type=Path, help="Hugging Face Llama directory (config.json + safetensors)")
-    p.add_argument("--out", required=True, type=Path, help="output directory (must be new or empty)")
-    p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), default=None,
-                   help="stored dtype (default: as in the HF checkpoint)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing lpjax checkpoint at --out")
-    args = p.parse_args(argv)
-    from convert import convert
-
-    config = convert(args.hf, args.out, args.dtype, args.overwrite)
-    print(f"wrote {args.out}: {config.n_layers} layers, {config.n_params / 1e6:.1f}M parameters; "
-          f"load it with --model {args.out}")
-    return 0
-
+from lpjax.convert.__main__ import main
 
 if __name__ == "__main__":
     cli.run(main)

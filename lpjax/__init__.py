@@ -10,7 +10,7 @@ _HOMES = {"Engine": "lpjax.engine", "GenerationResult": "lpjax.engine", "LPJaxEr
 
 
 def __getattr__(name: str):
-    """Import on first use: `python -m lpjax.plan` must not find lpjax.plan already imported by the package."""
+    """Import on first use, so `import lpjax.config` (or the torch-side benchmarks) does not pull in jax."""
     if name in _HOMES:
         return getattr(importlib.import_module(_HOMES[name]), name)
     raise AttributeError(f"module 'lpjax' has no attribute {name!r}")

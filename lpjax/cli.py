@@ -116,6 +116,11 @@ def progress_bar(label: str, min_interval_s: float = 0.5) -> Callable[[int, int]
     return show
 
 
+def load_bar() -> Callable[[int, int], None]:
+    """The progress bar of a model load (stages placed on the devices)."""
+    return progress_bar("loading stages")
+
+
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Run a CLI's main with the error contract."""
     try:
@@ -143,3 +148,10 @@ def read_text_file(path: str) -> str:
     if not text.strip():
         raise LPJaxError(f"--text {path}: the file is empty")
     return text
+
+
+def read_texts(paths: list[str] | None) -> list[str]:
+    """The texts to score, or a one-line reason they cannot be used."""
+    if not paths:
+        raise LPJaxError("--text: give at least one UTF-8 text file to score")
+    return [read_text_file(p) for p in paths]

@@ -138,6 +138,31 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
     )
 
 
+def to_hf(config: ModelConfig, dtype: str) -> dict[str, Any]:
+    """The inverse of `from_hf`: a Hugging Face `LlamaConfig` dict for `config` (transformers loads it, every lpjax
+    tool reads it back as the same config), for models with no HF config of their own (trained, random)."""
+    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
+    scaling = config.rope_scaling
+    if scaling is not None:
+        rope = dict(rope, rope_type=scaling.kind, factor=scaling.factor)
+        if scaling.kind == "llama3":
+            rope.update(low_freq_factor=scaling.low_freq_factor, high_freq_factor=scaling.high_freq_factor,
+                        original_max_position_embeddings=scaling.original_max_position_embeddings)
+    extra = {} if scaling is None else {"rope_scaling": {k: v for k, v in rope.items() if k != "rope_theta"}}
+    return extra | {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "hidden_size": config.dim, "intermediate_size": config.ffn_dim, "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads, "num_key_value_heads": config.n_kv_heads, "head_dim": config.head_dim,
+        "vocab_size": config.vocab_size, "rms_norm_eps": config.norm_eps, "rope_theta": config.rope_theta,
+        "rope_parameters": rope,
+        "max_position_embeddings": config.max_seq_len, "tie_word_embeddings": config.tied_embeddings,
+        "attention_bias": config.attention_bias, "mlp_bias": config.mlp_bias, "initializer_range": 0.02,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_ids[0] if len(config.eos_token_ids) == 1 else list(config.eos_token_ids),
+        "torch_dtype": dtype, "dtype": dtype, "use_cache": True,
+    }
+
+
 def read_hf_config(directory: Path) -> tuple[ModelConfig, dict[str, Any]]:
     """Read and validate `DIR/config.json`; return the config and the raw dict."""
     path = Path(directory) / "config.json"

@@ -6,6 +6,8 @@
   row writes the cache at the same slot; only the last position's logits are computed.
 - Decode: one jitted `lax.while_loop` that feeds the last token, samples on device and stops at EOS or the token
   budget; the host only sees the loop's result (or a chunk of it, for streaming). The cache is donated.
+
+The cache is a dict of `StageCache` per stage, the loop's carry a `DecodeState`: both registered dataclasses.
 """
 
 from __future__ import annotations
@@ -17,17 +19,20 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lpjax.cli import progress_bar
+from lpjax.cache import StageCache
+from lpjax.compile import CompileCache, resolve_attention
 from lpjax.config import round_up
 from lpjax.errors import LPJaxError
-from lpjax.model import LlamaLM, Positions
+from lpjax.model import DECODE, LlamaLM, Mode, Positions
 from lpjax.plan import LPPlan
 from lpjax.sampling import Sampling, sample
 from lpjax.sharding import RULES, Layout, describe_mesh, make_mesh, named
-from lpjax.weights import DTYPES, WeightSource, load_params, open_source, source_dtype
+from lpjax.sources import open_source
+from lpjax.weights import DTYPES, WeightSource, load_params, source_dtype
 
 MIN_BUCKET = 16
 CACHE_MULTIPLE = 128
@@ -41,6 +46,19 @@ def _eos_array(eos: tuple[int, ...]) -> jax.Array:
 def prefill_bucket(n: int) -> int:
     """Power-of-two prompt bucket (at least MIN_BUCKET): one compile serves every prompt up to its size."""
     return max(MIN_BUCKET, 1 << (max(n, 1) - 1).bit_length())
+
+
+@struct.dataclass
+class DecodeState:
+    """The decode loop's carry: `out` [B, max_new_tokens] tokens so far (`count` of them), `done` [B] rows that hit
+    EOS, the sampling `key`, the cache slot `index` of the next token, the left padding `pad` [B]."""
+
+    out: jax.Array
+    done: jax.Array
+    key: jax.Array
+    count: jax.Array
+    index: jax.Array
+    pad: jax.Array
 
 
 @dataclasses.dataclass
@@ -66,22 +84,18 @@ class Engine:
     """A model with an LP plan, loaded onto a mesh."""
 
     def __init__(self, source: WeightSource, plan: LPPlan, mesh: Mesh, dtype: str, params: dict | None = None,
-                 attention: str = "auto", show_progress: bool = False):
+                 attention: str = "auto", progress: Callable[[int, int], None] | None = None):
         self.source, self.config, self.plan, self.mesh = source, source.config, plan, mesh
         self.dtype_name = dtype
         self.dtype = DTYPES[dtype]
         self.layout = Layout.build(self.config, plan, mesh)
-        platform = mesh.devices.flat[0].platform
-        if attention == "auto":
-            attention = "cudnn" if platform == "gpu" and dtype in ("bfloat16", "float16") else "xla"
-        self.attention = attention
-        if params is None:
-            bar = progress_bar(f"loading {len(self.layout.stages)} stages") if show_progress else None
-            params = load_params(source, self.layout, mesh, self.dtype, bar)
+        self.attention = resolve_attention(attention, mesh.devices.flat[0].platform, dtype)
+        if params is None:  # `progress(stages loaded, stages)` reports the load
+            params = load_params(source, self.layout, mesh, self.dtype, progress)
         self.params = params
         self.param_specs = RULES.param_specs(params, self.layout)
         self.cache_specs = RULES.cache_specs(self.layout)
-        self._compiled: dict = {}  # key -> compiled executable (one per static shape / setting)
+        self._compiled = CompileCache()  # one executable per static shape / setting
         self._warmed: set = set()  # keys whose executable has run once
         self.compile_s = 0.0  # seconds spent compiling and on first runs, kept out of every timing
         self._tokenizer = None
@@ -90,7 +104,7 @@ class Engine:
 
     @classmethod
     def load(cls, model: str, lp: str | None = None, devices: int | None = None, dtype: str | None = None,
-             seed: int = 0, attention: str = "auto", show_progress: bool = False) -> Engine:
+             seed: int = 0, attention: str = "auto", progress: Callable[[int, int], None] | None = None) -> Engine:
         source = open_source(model, seed)
         mesh = make_mesh(devices)
         if dtype is None:  # the checkpoint's; random weights: bfloat16, but float32 on CPUs (no fast bf16 there)
@@ -100,7 +114,7 @@ class Engine:
         if dtype not in DTYPES:
             raise LPJaxError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
         plan = LPPlan.parse(lp, source.config.n_layers)
-        return cls(source, plan, mesh, dtype, attention=attention, show_progress=show_progress)
+        return cls(source, plan, mesh, dtype, attention=attention, progress=progress)
 
     def with_plan(self, lp: str | LPPlan) -> Engine:
         """The same weights under another plan (re-read from the source; checkpoints are plan-independent)."""
@@ -121,16 +135,17 @@ class Engine:
 
     # ---------------------------------------------------------------- sharded forward
 
-    def _forward(self, mode: str, cached: bool, one_position: bool):
-        """The model's forward as a function of global arrays, run per device inside `shard_map`."""
-        local = LlamaLM(self.layout, local=True, param_dtype=self.dtype, attention_impl=self.attention)
+    def _forward(self, mode: Mode, cached: bool, one_position: bool):
+        """The model's forward as a function of global arrays, run per device inside `shard_map`:
+        `fwd(params, tokens, pos, cache)`, or with `one_position` `fwd(params, tokens, pos, cache, logits_index)`."""
+        per_device = LlamaLM(self.layout, per_device=True, param_dtype=self.dtype, attention_impl=self.attention)
 
-        def body(params, tokens, pos, cache, logits_index):
-            return local.apply({"params": params}, tokens, pos, cache, mode, logits_index if one_position else None)
+        def body(params, tokens, pos, cache, *logits_index):
+            return per_device.apply({"params": params}, tokens, pos, cache, mode, *logits_index)
 
         cache_spec = self.cache_specs if cached else P()
         return jax.shard_map(
-            body, mesh=self.mesh, in_specs=(self.param_specs, P(), P(), cache_spec, P()),
+            body, mesh=self.mesh, in_specs=(self.param_specs, P(), P(), cache_spec) + ((P(),) if one_position else ()),
             out_specs=(P(), cache_spec), check_vma=False,
         )
 
@@ -145,13 +160,12 @@ class Engine:
         return np.asarray(x.addressable_data(0))
 
     def _compile(self, key, build: Callable[[], Callable], *args):
-        if key not in self._compiled:
-            t0 = time.perf_counter()
-            self._compiled[key] = build().lower(*args).compile()
-            self.compile_s += time.perf_counter() - t0
-        return self._compiled[key]
+        before = self._compiled.seconds
+        compiled = self._compiled.get(key, build, args)
+        self.compile_s += self._compiled.seconds - before
+        return compiled
 
-    def _first_run(self, key, cache: dict, run: Callable[[dict], dict]) -> dict:
+    def _first_run(self, key, cache: dict[str, StageCache], run: Callable) -> dict[str, StageCache]:
         """The first time `key` runs, run it once outside the timings (`run` maps the cache to the cache to go on
         with): the first execution also sets up collectives and buffers (seen on H200: a 2-GPU prefill took 0.96 s
         the first time, 0.03 s after). Its time counts as compile time."""
@@ -164,9 +178,9 @@ class Engine:
         return cache
 
     @staticmethod
-    def _cache_shape(cache: dict) -> tuple[int, ...]:
+    def _cache_shape(cache: dict[str, StageCache]) -> tuple[int, ...]:
         """[stack, batch, kv_heads, max_len, head_dim] of the first stage's cache (all stages share batch/max_len)."""
-        return next(iter(cache.values()))["k"].shape
+        return next(iter(cache.values())).k.shape
 
     # ---------------------------------------------------------------- full forward (eval, tests)
 
@@ -176,10 +190,10 @@ class Engine:
         B, T = tokens.shape
         padded = pad is not None and bool(np.any(pad))
         pad = np.zeros(B, np.int32) if pad is None else np.asarray(pad, np.int32)
-        fwd = self._forward("padded" if padded else "full", cached=False, one_position=False)
+        fwd = self._forward(Mode(padded=padded), cached=False, one_position=False)
 
         def run(params, tokens, pad):
-            return post(fwd(params, tokens, Positions.prompt(pad, T), None, 0)[0], tokens)
+            return post(fwd(params, tokens, Positions.prompt(pad, T), None)[0], tokens)
 
         args = (self.params, self._put(tokens), self._put(pad))
         return self._get(self._compile((name, B, T, padded), lambda: jax.jit(run), *args)(*args))
@@ -199,13 +213,13 @@ class Engine:
 
     # ---------------------------------------------------------------- cache, prefill, decode
 
-    def init_cache(self, batch: int, max_len: int) -> dict:
+    def init_cache(self, batch: int, max_len: int) -> dict[str, StageCache]:
         c = self.config
         shardings = named(self.mesh, self.cache_specs)
 
         def zeros():
-            return {s.name: {kv: jnp.zeros((s.stack, batch, s.kv_heads, max_len, c.head_dim), self.dtype)
-                             for kv in ("k", "v")} for s in self.layout.stages}
+            return {s.name: StageCache(*(jnp.zeros((s.stack, batch, s.kv_heads, max_len, c.head_dim), self.dtype)
+                                         for _ in ("k", "v"))) for s in self.layout.stages}
 
         return self._compile(("cache", batch, max_len), lambda: jax.jit(zeros, out_shardings=shardings))()
 
@@ -219,7 +233,7 @@ class Engine:
             )
         return min(limit, round_up(max(prefill_bucket(prompt_len), prompt_len + max_new_tokens), CACHE_MULTIPLE))
 
-    def prefill(self, cache: dict, prompts: list[list[int]], pad_id: int = 0):
+    def prefill(self, cache: dict[str, StageCache], prompts: list[list[int]], pad_id: int = 0):
         """Run the prompts (left-padded) through the model, filling the cache. Returns (last logits [B, V],
         cache, n, pad): n is the padded prompt length (the next cache slot), pad the left padding per row."""
         B = len(prompts)
@@ -231,7 +245,7 @@ class Engine:
         for b, p in enumerate(prompts):
             tokens[b, pad[b]:n] = p
         padded = bool(pad.any())
-        fwd = self._forward("prefill_padded" if padded else "prefill", cached=True, one_position=True)
+        fwd = self._forward(Mode(padded=padded), cached=True, one_position=True)
 
         def run(params, cache, tokens, pad, last):
             return fwd(params, tokens, Positions.prompt(pad, tokens.shape[1]), cache, last)
@@ -244,13 +258,14 @@ class Engine:
         logits, cache = fn(self.params, cache, *inputs)
         return logits, cache, n, pad
 
-    def _host_step(self, name: str, post: Callable, cache: dict, tokens, index: int, pad) -> tuple[np.ndarray, dict]:
+    def _host_step(self, name: str, post: Callable, cache: dict[str, StageCache], tokens, index: int,
+                   pad) -> tuple[np.ndarray, dict[str, StageCache]]:
         """One decode step called from the host: `tokens` [B] fed at cache slot `index`, then `post(logits [B, V])`
         on device; returns its result on the host and the new cache (donated)."""
-        fwd = self._forward("decode", cached=True, one_position=False)
+        fwd = self._forward(DECODE, cached=True, one_position=False)
 
         def step(params, cache, tokens, index, pad):
-            logits, cache = fwd(params, tokens[:, None], Positions.step(pad, index), cache, 0)
+            logits, cache = fwd(params, tokens[:, None], Positions.step(pad, index), cache)
             return post(logits[:, 0]), cache
 
         args = (self.params, cache, self._put(np.asarray(tokens, np.int32)), self._put(np.int32(index)),
@@ -260,36 +275,38 @@ class Engine:
         out, cache = fn(*args)
         return self._get(out), cache
 
-    def decode_step(self, cache: dict, tokens, index: int, pad) -> tuple[np.ndarray, dict]:
+    def decode_step(self, cache: dict[str, StageCache], tokens, index: int,
+                    pad) -> tuple[np.ndarray, dict[str, StageCache]]:
         """One decode step called from the host: feed `tokens` [B] at cache slot `index`; returns (logits [B, V]
         on the host, new cache). The engine's own loop never does this per token; tests and latency probes do."""
         return self._host_step("step", lambda logits: logits, cache, tokens, index, pad)
 
-    def next_token(self, cache: dict, tokens, index: int, pad) -> tuple[np.ndarray, dict]:
+    def next_token(self, cache: dict[str, StageCache], tokens, index: int,
+                   pad) -> tuple[np.ndarray, dict[str, StageCache]]:
         """The same step with the greedy choice made on the device: only the next token ids [B] come back to the
         host, not [B, V] float32 logits (128 KB a row for a 32k vocabulary: ~0.46 ms on H200, bench/NOTES.md)."""
         return self._host_step("next", lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32), cache, tokens,
                                index, pad)
 
     def _decode_loop(self, sampling: Sampling, steps: int, eos: tuple[int, ...], pad_id: int):
-        fwd = self._forward("decode", cached=True, one_position=False)
+        fwd = self._forward(DECODE, cached=True, one_position=False)
         eos_ids = _eos_array(eos)
 
-        def loop(params, cache, state):
+        def loop(params, cache, state: DecodeState):
             def cond(carry):
                 _, st, i = carry
-                return (i < steps) & (st["count"] < st["out"].shape[1]) & ~jnp.all(st["done"])
+                return (i < steps) & (st.count < st.out.shape[1]) & ~jnp.all(st.done)
 
             def body(carry):
                 cache, st, i = carry
-                token = jax.lax.dynamic_index_in_dim(st["out"], st["count"] - 1, axis=1, keepdims=False)
-                index = st["index"]
-                logits, cache = fwd(params, token[:, None], Positions.step(st["pad"], index), cache, 0)
-                key, sub = jax.random.split(st["key"])
-                nxt = jnp.where(st["done"], pad_id, sample(logits[:, 0], sub, sampling))
-                out = jax.lax.dynamic_update_slice_in_dim(st["out"], nxt[:, None], st["count"], axis=1)
-                done = st["done"] | jnp.isin(nxt, eos_ids)
-                st = dict(st, out=out, done=done, key=key, count=st["count"] + 1, index=index + 1)
+                token = jax.lax.dynamic_index_in_dim(st.out, st.count - 1, axis=1, keepdims=False)
+                index = st.index
+                logits, cache = fwd(params, token[:, None], Positions.step(st.pad, index), cache)
+                key, sub = jax.random.split(st.key)
+                nxt = jnp.where(st.done, pad_id, sample(logits[:, 0], sub, sampling))
+                out = jax.lax.dynamic_update_slice_in_dim(st.out, nxt[:, None], st.count, axis=1)
+                done = st.done | jnp.isin(nxt, eos_ids)
+                st = st.replace(out=out, done=done, key=key, count=st.count + 1, index=index + 1)
                 return cache, st, i + 1
 
             cache, state, _ = jax.lax.while_loop(cond, body, (cache, state, jnp.int32(0)))
@@ -298,7 +315,7 @@ class Engine:
         return loop
 
     def start_state(self, logits, n: int, pad: np.ndarray, max_new_tokens: int, sampling: Sampling, seed: int,
-                    eos: tuple[int, ...]) -> dict:
+                    eos: tuple[int, ...]) -> DecodeState:
         """Decode-loop state after prefill: the first new token sampled from the prefill logits."""
         B = logits.shape[0]
 
@@ -307,21 +324,22 @@ class Engine:
             first = sample(logits, sub, sampling)
             out = jnp.zeros((B, max_new_tokens), jnp.int32).at[:, 0].set(first)
             done = jnp.isin(first, _eos_array(eos))
-            return dict(out=out, done=done, key=key, count=jnp.int32(1), index=n, pad=pad)
+            return DecodeState(out=out, done=done, key=key, count=jnp.int32(1), index=n, pad=pad)
 
         args = (logits, self._put(jax.random.key_data(jax.random.key(seed))), self._put(pad), self._put(np.int32(n)))
         fn = self._compile(("start", B, max_new_tokens, sampling, tuple(eos)), lambda: jax.jit(start), *args)
         return fn(*args)
 
-    def decode(self, cache: dict, state: dict, sampling: Sampling, steps: int, eos: tuple[int, ...], pad_id: int):
+    def decode(self, cache: dict[str, StageCache], state: DecodeState, sampling: Sampling, steps: int,
+               eos: tuple[int, ...], pad_id: int):
         """Run up to `steps` decode steps on device (stopping early when every row hit EOS or the budget)."""
-        key = ("decode", sampling, steps, tuple(eos), pad_id, state["out"].shape, self._cache_shape(cache))
+        key = ("decode", sampling, steps, tuple(eos), pad_id, state.out.shape, self._cache_shape(cache))
         loop = self._decode_loop(sampling, steps, eos, pad_id)
         fn = self._compile(key, lambda: jax.jit(loop, donate_argnums=(1, 2)), self.params, cache, state)
 
         def one_step(c):  # on a copy of the state (it is donated), at the cache slot the real run writes first
-            scratch = dict(jax.tree.map(jnp.copy, state))
-            scratch["count"] = jnp.maximum(scratch["count"], state["out"].shape[1] - 1)
+            scratch = jax.tree.map(jnp.copy, state)
+            scratch = scratch.replace(count=jnp.maximum(scratch.count, state.out.shape[1] - 1))
             return fn(self.params, c, scratch)[0]
 
         cache = self._first_run(key, cache, one_step)
@@ -349,17 +367,17 @@ class Engine:
         t0, c0 = time.perf_counter(), self.compile_s
         logits, cache, n, pad = self.prefill(cache, prompts, pad_id)
         state = self.start_state(logits, n, pad, max_new_tokens, sampling, seed, eos)
-        jax.block_until_ready(state["out"])
+        jax.block_until_ready(state.out)
         t1, c1 = time.perf_counter(), self.compile_s
         while True:
-            count, done = int(self._get(state["count"])), self._get(state["done"])
+            count, done = int(self._get(state.count)), self._get(state.done)
             if on_tokens:
-                on_tokens([list(map(int, r)) for r in self._get(state["out"])[:, :count]])
+                on_tokens([list(map(int, r)) for r in self._get(state.out)[:, :count]])
             if count >= max_new_tokens or bool(np.all(done)):
                 break
             cache, state = self.decode(cache, state, sampling, steps, eos, pad_id)
         t2, c2 = time.perf_counter(), self.compile_s
-        out, count = self._get(state["out"]), int(self._get(state["count"]))
+        out, count = self._get(state.out), int(self._get(state.count))
         tokens = []
         for row in out[:, :count]:
             row = list(map(int, row))

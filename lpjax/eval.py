@@ -10,93 +10,11 @@ So every token after the text's first is scored exactly once, with at least `win
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-from collections.abc import Iterator
-
-import numpy as np
 
 from lpjax import cli
 from lpjax.errors import LPJaxError
-
-DEFAULT_WINDOW = 1024
-
-
-def windows(n: int, window: int, stride: int) -> Iterator[tuple[int, int, int]]:
-    """(begin, end, first_scored) for a text of n tokens: the window is tokens[begin:end], and tokens
-    first_scored..end-1 are scored in it (first_scored >= begin + 1)."""
-    prev_end = 0
-    begin = 0
-    while True:
-        end = min(begin + window, n)
-        yield begin, end, max(prev_end, begin + 1)
-        prev_end = end
-        if end == n:
-            return
-        begin += stride
-
-
-def perplexity(engine, texts: list[list[int]], window: int, stride: int, batch_size: int = 1,
-               progress=None) -> dict:
-    """Total NLL and token count over `texts` (token id lists), scored as the module docstring says."""
-    if not 0 < stride <= window - 1 and window > 1:
-        raise LPJaxError(f"--stride {stride}: must be between 1 and --window - 1 ({window - 1})")
-    jobs = [(k, w) for k, t in enumerate(texts) for w in windows(len(t), window, stride)]
-    pad_id = 0
-    total, count, per_text = 0.0, 0, [[0.0, 0] for _ in texts]
-    for start in range(0, len(jobs), batch_size):
-        group = jobs[start:start + batch_size]
-        tokens = np.full((len(group), window), pad_id, np.int32)
-        for r, (k, (b, e, _)) in enumerate(group):
-            tokens[r, : e - b] = texts[k][b:e]
-        nll = engine.token_nll(tokens)  # nll[r, j] scores tokens[r, j+1]
-        for r, (k, (b, e, first)) in enumerate(group):
-            part = nll[r, first - b - 1 : e - b - 1].astype(np.float64)
-            total += float(part.sum())
-            count += part.size
-            per_text[k][0] += float(part.sum())
-            per_text[k][1] += part.size
-        if progress:
-            progress(min(start + batch_size, len(jobs)), len(jobs))
-    return {"nll": total / count, "ppl": math.exp(total / count), "tokens": count, "windows": len(jobs),
-            "per_text": [{"nll": s / c, "ppl": math.exp(s / c), "tokens": c} for s, c in per_text]}
-
-
-def resolve_window(window: int | None, stride: int | None, max_len: int | None, context: int) -> tuple[int, int]:
-    """`lpjax.eval`'s window and stride defaults and checks."""
-    window = window or max_len or min(context, DEFAULT_WINDOW)
-    if window > context:
-        raise LPJaxError(f"--window {window}: longer than the model's context of {context} tokens")
-    if window < 2:
-        raise LPJaxError(f"--window {window}: needs at least 2 tokens")
-    stride = stride or max(1, window // 2)
-    if not 0 < stride < window:
-        raise LPJaxError(f"--stride {stride}: must be between 1 and --window - 1 ({window - 1})")
-    return window, stride
-
-
-def read_texts(paths: list[str] | None) -> list[str]:
-    """The texts to score, or a one-line reason they cannot be used."""
-    if not paths:
-        raise LPJaxError("--text: give at least one UTF-8 text file to score")
-    return [cli.read_text_file(p) for p in paths]
-
-
-def encode_texts(tokenizer, paths: list[str], contents: list[str], max_tokens: int = 0) -> list[list[int]]:
-    """Token ids of each text (as `lpjax.eval` tokenises them), keeping only the first `max_tokens` tokens of all
-    texts together when `max_tokens` > 0 (texts left with fewer than 2 tokens are dropped: nothing to score)."""
-    out, left = [], max_tokens or None
-    for path, text in zip(paths, contents):
-        ids = tokenizer.encode(text)
-        if len(ids) < 2:
-            raise LPJaxError(f"--text {path}: has fewer than 2 tokens, nothing to score")
-        if left is not None:
-            ids, left = ids[:left], max(0, left - len(ids))
-        if len(ids) >= 2:
-            out.append(ids)
-    if not out:
-        raise LPJaxError(f"--max-tokens {max_tokens}: keeps fewer than 2 tokens, nothing to score")
-    return out
+from lpjax.quality.perplexity import DEFAULT_WINDOW, encode_texts, perplexity, resolve_window
 
 
 def parse_args(argv):
@@ -117,7 +35,8 @@ def main(argv=None) -> int:
     from lpjax.engine import Engine
 
     contents = [cli.read_text_file(f) for f in args.text]
-    engine = Engine.load(args.model, args.lp, args.devices, args.dtype, show_progress=cli.is_main_process())
+    engine = Engine.load(args.model, args.lp, args.devices, args.dtype,
+                         progress=cli.load_bar() if cli.is_main_process() else None)
     window, stride = resolve_window(args.window, args.stride, args.max_len, engine.config.max_seq_len)
     if args.batch_size < 1:
         raise LPJaxError(f"--batch-size {args.batch_size}: must be at least 1")

@@ -1,6 +1,6 @@
 """`python -m lpjax.finetune`: recover a model's quality under an LP plan by training only its paired layers.
 
-LP changes the function a model computes (design.md section 5). This trains the weights of the layers the plan
+LP changes the function a model computes (docs/design.md section 5). This trains the weights of the layers the plan
 pairs -- evaluated as pairs, as the plan runs them -- and freezes everything else bit for bit (no gradient, no
 optimizer state). It reports the val perplexity of the sequential model, of the plan before training and of the
 plan after, and writes the model to OUT in lpjax's converted format with the source's tokenizer; run it with the
@@ -21,12 +21,18 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from lpjax import cli, train
+from lpjax import cli
 from lpjax.errors import LPJaxError
 from lpjax.plan import LPPlan
 from lpjax.sharding import make_mesh
+from lpjax.sources import open_source
 from lpjax.tokenizer import load_tokenizer
-from lpjax.weights import load_params, open_source, source_dtype
+from lpjax.training import cli as training_cli
+from lpjax.training.data import prepare_data, text_digest
+from lpjax.training.loop import fit
+from lpjax.training.programs import Programs, cast_tree, data_mesh, single_device_layout
+from lpjax.training.rundir import check_run, start_run, write_model
+from lpjax.weights import load_params, retarget, source_dtype
 
 
 def parse_args(argv):
@@ -37,7 +43,7 @@ def parse_args(argv):
                    help="the LP plan whose paired layers are trained, e.g. 4:8 (required)")
     p.add_argument("--control", action="store_true",
                    help="train the plan's layers without LP (sequentially): the reference run for the same steps")
-    train.add_training_args(p, steps=200, batch_size=8, lr=3e-4, warmup=20, weight_decay=0.0, seq_len=None)
+    training_cli.add_training_args(p, steps=200, batch_size=8, lr=3e-4, warmup=20, weight_decay=0.0, seq_len=None)
     p.add_argument("--save-dtype", choices=("bfloat16", "float32", "float16"), default=None,
                    help="dtype of the written model (default: the source's, so frozen weights stay bit-identical)")
     return p.parse_args(argv)
@@ -48,7 +54,7 @@ def main(argv=None) -> int:
     cli.enable_compile_cache()
     if args.model.startswith("random:"):
         raise LPJaxError(f"--model {args.model}: fine-tuning needs a trained model directory, not random weights")
-    texts, val_text = train.read_texts(args)
+    texts, val_text = training_cli.read_texts(args)
     source = open_source(args.model)
     config = source.config
     plan = LPPlan.parse(args.lp, config.n_layers)
@@ -57,30 +63,29 @@ def main(argv=None) -> int:
     seq_len = args.seq_len or min(256, config.max_seq_len)
     if seq_len > config.max_seq_len:
         raise LPJaxError(f"--seq-len {seq_len}: longer than the model's context of {config.max_seq_len} tokens")
-    hp = train.hyper_from_args(args, seq_len)
-    cadence = train.cadence_from_args(args)
+    hp = training_cli.hyper_from_args(args, seq_len)
+    cadence = training_cli.cadence_from_args(args)
     out: Path = args.out
     if out.resolve() == Path(args.model).resolve():
         raise LPJaxError("--out must differ from --model")
     save_dtype = args.save_dtype or source_dtype(source)
     setup = {"kind": "finetune", "model": str(Path(args.model).resolve()), "config": config.to_json(),
              "lp": plan.spec(), "control": args.control, "hyper": dataclasses.asdict(hp),
-             "text": train.text_digest(texts),
-             "val": train.text_digest([val_text]) if val_text else None}
-    resuming = train.check_run(out, setup, args.overwrite, args.resume)
+             "text": text_digest(texts), "val": text_digest([val_text]) if val_text else None}
+    resuming = check_run(out, setup, args.overwrite, args.resume)
 
     tok = load_tokenizer(source.directory, config.vocab_size, config.eos_token_ids)
-    stream, val = train.prepare_data(tok, texts, val_text, hp, args.val_windows)
+    stream, val = prepare_data(tok, texts, val_text, hp, args.val_windows)
     run_plan = LPPlan(config.n_layers) if args.control else plan  # the plan the layers train (and are saved) under
-    layout = train.single_device_layout(config, run_plan)
-    mesh = train.data_mesh(args.devices)
+    layout = single_device_layout(config, run_plan)
+    mesh = data_mesh(args.devices)
     paired = {i for pair in plan.pairs for i in pair}
     pairs = frozenset(s.name for s in layout.stages if paired.intersection(s.stage.layers))
-    programs = train.Programs(layout, hp, pairs, mesh, args.attention)
-    bar = cli.progress_bar(f"loading {len(layout.stages)} stages") if cli.is_main_process() else None
+    programs = Programs(layout, hp, pairs, mesh, args.attention, training_cli.note)
+    bar = cli.load_bar() if cli.is_main_process() else None
     params = load_params(source, layout, make_mesh(1), jnp.float32, bar)  # float32 masters
     if not resuming:
-        train.start_run(out, setup, source.directory)
+        start_run(out, setup, source.directory)
     trainable_count = sum(x.size for k in pairs for x in jax.tree.leaves(params[k]))
     what = f"layers {plan.spec()} without LP (control)" if args.control else f"LP plan {plan.describe()}"
     cli.say(f"[fine-tuning {source.description}: {what}; {trainable_count / 1e6:.2f}M of "
@@ -92,31 +97,31 @@ def main(argv=None) -> int:
     label = "sequential (control)" if args.control else f"LP {plan.spec()}"
     if val is not None:
         trainable, frozen = programs.split(params)
-        trainable, frozen = programs.put(trainable), programs.put(train.cast_tree(frozen, programs.compute))
+        trainable, frozen = programs.put(trainable), programs.put(cast_tree(frozen, programs.compute))
         before = programs.evaluator(val, trainable, frozen)(trainable, frozen)
         del trainable, frozen
-        seq_layout = train.single_device_layout(config, LPPlan(config.n_layers))
-        seq_params = programs.put(train.retarget(params, layout, seq_layout))
-        seq = train.Programs(seq_layout, hp, frozenset(seq_params), mesh, programs.attention)
+        seq_layout = single_device_layout(config, LPPlan(config.n_layers))
+        seq_params = programs.put(retarget(params, layout, seq_layout))
+        seq = Programs(seq_layout, hp, frozenset(seq_params), mesh, programs.attention, training_cli.note)
         sequential = seq.evaluator(val, seq_params, {})(seq_params, {})
         cli.say(f"val perplexity: sequential {sequential['ppl']:.3f}, {label} before fine-tuning "
                 f"{before['ppl']:.3f}", file=sys.stderr)
 
-    res = train.fit(programs, params, stream, val, out, cadence, cli.is_main_process(), label="fine-tuning")
+    res = fit(programs, params, stream, val, out, cadence, training_cli.step_bar(hp, "fine-tuning"), training_cli.note)
     summary = dict(res.summary(hp), lp=plan.spec(), delta=plan.delta, control=args.control,
                    trainable_params=trainable_count,
                    params=config.n_params, devices=mesh.devices.size, out=str(out),
                    train_loss_first=res.history[0][1] if res.history else None)
     to = sys.stderr if args.json else sys.stdout
     if not res.completed:
-        return train.report_stopped(res, hp, out, summary, args.json)
+        return training_cli.report_stopped(res, hp, out, summary, args.json)
     hf_config = dict(source.hf_config, torch_dtype=save_dtype, dtype=save_dtype)
     how = f"layers {plan.spec()} without LP (control)" if args.control else f"for --lp {plan.spec()}"
-    train.write_model(out, layout, res.params, hf_config, save_dtype,
+    write_model(out, layout, res.params, hf_config, save_dtype,
                       f"fine-tuned from {Path(args.model).name} {how} ({res.step} steps)",
                       {"kind": "finetune", "lp": run_plan.spec(), "trained_layers": plan.spec(),
                        "control": args.control, "steps": res.step, "from": str(args.model)})
-    line = "fine-tuned " + train.summary_line(res, hp)
+    line = "fine-tuned " + training_cli.summary_line(res, hp)
     if val is not None:
         after = res.final_val
         summary.update(val_ppl_sequential=sequential["ppl"], val_ppl_before=before["ppl"], val_ppl_after=after["ppl"],

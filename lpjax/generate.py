@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         args.model = DEFAULT_MODEL
     prompts = args.prompt or [DEFAULT_PROMPT]
     engine = Engine.load(args.model, "" if default else args.lp, args.devices, args.dtype, seed=args.seed,
-                         show_progress=cli.is_main_process() and not default)
+                         progress=cli.load_bar() if cli.is_main_process() and not default else None)
     cli.say(f"[{engine.describe()}]", file=sys.stderr)
     if not default:
         result = run_once(engine, args, prompts)

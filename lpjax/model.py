@@ -1,7 +1,7 @@
 """Pure-functional Flax (linen) Llama with Layer Parallelism.
 
 Every layer runs as a *stage* whose weights carry a leading stack axis: 1 for a sequential layer, 2 for an LP pair
-(design.md section 1). A stage vmaps the same attention block and MLP block over that axis, each returning only its
+(docs/design.md section 1). A stage vmaps the same attention block and MLP block over that axis, each returning only its
 *delta*, and sums the deltas:
 
     h   = x + sum_s A_s(n1_s(x))
@@ -9,14 +9,17 @@ Every layer runs as a *stage* whose weights carry a leading stack axis: 1 for a 
 
 With a stack of 1 this is the ordinary pre-norm Llama layer, so one piece of code serves both.
 
-The modules never see a mesh. `LlamaLM(local=True)` is built with per-device sizes and runs inside `shard_map`:
-each block's output is a partial sum (its heads / MLP columns, its layer of the pair), and one `psum` over all
-devices per half-stage finishes both the tensor-parallel sum and the pair sum. `local=False` builds the whole model
-(for `init` and shape checks) with no collectives.
+The modules never see a mesh. `LlamaLM(per_device=True)` is built with per-device sizes and runs inside
+`shard_map`: each block's output is a partial sum (its heads / MLP columns, its layer of the pair), and one `psum`
+over all devices per half-stage finishes both the tensor-parallel sum and the pair sum. `per_device=False` builds
+the whole model (for `init`, shape checks and single-device training) with no collectives.
+
+What a call does is a `Mode` (static: each mode is its own compiled program); the cache is a dict of `StageCache`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -25,10 +28,25 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from lpjax.cache import StageCache
 from lpjax.config import ModelConfig
+from lpjax.schema import INIT_STD
 from lpjax.sharding import ALL, Layout, StageLayout
 
-INIT_STD = 0.02
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """What one forward call does. With no cache: a causal pass over the call's tokens (training, eval). With a
+    cache and `decode=False`: prefill (the same pass, also writing keys/values into the empty cache from slot 0).
+    `decode=True`: append the call's tokens at `pos.index` and attend over the whole cache. `padded`: rows are
+    left-padded, so a fresh pass masks the padding keys (decode always masks them)."""
+
+    decode: bool = False
+    padded: bool = False
+
+
+FULL = Mode()
+DECODE = Mode(decode=True)
 
 
 @struct.dataclass
@@ -128,12 +146,12 @@ def _cached_attention(q, k_cache, v_cache, pos: Positions):
     return out.reshape(B, T, H, hd).astype(q.dtype)
 
 
-def _write_cache(cache: dict, k: jax.Array, v: jax.Array, index) -> dict:
+def _write_cache(cache: StageCache, k: jax.Array, v: jax.Array, index) -> StageCache:
     """Write keys/values [B, T, K, hd] into the head-major cache [B, K, L, hd] at slots index..index+T-1."""
     def write(c, x):
         return jax.lax.dynamic_update_slice_in_dim(c, x.transpose(0, 2, 1, 3).astype(c.dtype), index, axis=2)
 
-    return {"k": write(cache["k"], k), "v": write(cache["v"], v)}
+    return StageCache(k=write(cache.k, k), v=write(cache.v, v))
 
 
 MIN_MATMUL_ROWS = 8
@@ -171,7 +189,7 @@ class AttentionBlock(nn.Module):
     attention_impl: str = "xla"
 
     @nn.compact
-    def __call__(self, x, cache, pos: Positions, mode: str):
+    def __call__(self, x, cache: StageCache | None, pos: Positions, mode: Mode):
         c = self.config
         D, hd = c.dim, c.head_dim
         B, T = x.shape[:2]
@@ -187,12 +205,11 @@ class AttentionBlock(nn.Module):
         k, v = qkv[:, :, :, G], qkv[:, :, :, G + 1]
         inv_freq = rope_inv_freq(c)
         q, k = apply_rope(q, pos.positions, inv_freq), apply_rope(k, pos.positions, inv_freq)
-        if mode == "decode":
+        if mode.decode:
             cache = _write_cache(cache, k, v, pos.index)
-            out = _cached_attention(q, cache["k"], cache["v"], pos)
+            out = _cached_attention(q, cache.k, cache.v, pos)
         else:
-            padded = mode in ("padded", "prefill_padded")
-            out = _fresh_attention(q, k, v, pos.pad if padded else None, self.attention_impl)
+            out = _fresh_attention(q, k, v, pos.pad if mode.padded else None, self.attention_impl)
             if cache is not None:  # prefill: the cache is empty, write this call's keys at slot 0
                 cache = _write_cache(cache, k, v, 0)
         # A plain [B, T, H*hd] x [H*hd, D] matmul behind a barrier: otherwise XLA fuses the attention's probs @ V
@@ -231,8 +248,8 @@ def _stacked(block, size: int):
     )
 
 
-class Stage(nn.Module):
-    """A sequential layer (stack 1) or an LP pair (stack 2)."""
+class StageBlock(nn.Module):
+    """The computation of one `plan.Stage`: a sequential layer (stack 1) or an LP pair (stack 2)."""
 
     config: ModelConfig
     stack: int  # layers in the stage (1 or 2); output biases are replicated, so they keep this size
@@ -240,16 +257,16 @@ class Stage(nn.Module):
     heads: int
     kv_heads: int
     ffn: int
-    collective: bool = False
+    per_device: bool = False  # inside shard_map: finish the partial sums with one psum over every device
     param_dtype: jnp.dtype = jnp.float32
     attention_impl: str = "xla"
 
     def _reduce(self, deltas):
         total = deltas.sum(axis=0)  # the pair sum (a no-op for a stack of one)
-        return jax.lax.psum(total, ALL) if self.collective else total
+        return jax.lax.psum(total, ALL) if self.per_device else total
 
     @nn.compact
-    def __call__(self, x, cache, pos: Positions, mode: str):
+    def __call__(self, x, cache: StageCache | None, pos: Positions, mode: Mode):
         c = self.config
         attn = _stacked(AttentionBlock, self.local_stack)(c, self.heads, self.kv_heads, self.param_dtype,
                                                          self.attention_impl, name="attn")
@@ -265,19 +282,19 @@ class Stage(nn.Module):
 
 
 class Embed(nn.Module):
-    """Token embedding, split over the vocabulary when `collective`: each device looks up the ids it owns and
+    """Token embedding, split over the vocabulary when `per_device`: each device looks up the ids it owns and
     one psum assembles the rows. `attend` is the tied LM head."""
 
     vocab: int
     dim: int
-    collective: bool = False
+    per_device: bool = False
     param_dtype: jnp.dtype = jnp.float32
 
     def setup(self):
         self.embedding = _param(self, "embedding", (self.vocab, self.dim))
 
     def __call__(self, tokens):
-        if not self.collective:
+        if not self.per_device:
             return jnp.take(self.embedding, tokens, axis=0)
         local = tokens - jax.lax.axis_index(ALL) * self.vocab
         owned = (local >= 0) & (local < self.vocab)
@@ -300,36 +317,35 @@ class Norm(nn.Module):
 class LlamaLM(nn.Module):
     """Llama decoder with an LP plan baked into its stages (`layout`).
 
-    `local=True`: per-device sizes and live collectives (run inside `shard_map` over the layout's mesh).
-    Modes: "full" (no cache, causal over the call), "padded" (same, rows left-padded), "prefill" /
-    "prefill_padded" (the same, also writing keys/values into an empty cache), "decode" (append to the cache at
-    `pos.index` and attend over it). `logits_index` picks one position's logits (prefill needs only the last).
-    Returns float32 logits over the real vocabulary and the new cache.
+    `per_device=True`: per-device sizes and live collectives (run inside `shard_map` over the layout's mesh).
+    `mode` says what the call does (see `Mode`); `logits_index`, when given, picks one position's logits (prefill
+    needs only the last). Returns float32 logits over the real vocabulary and the new cache (None without one).
     """
 
     layout: Layout
-    local: bool = False
+    per_device: bool = False
     param_dtype: jnp.dtype = jnp.float32
     attention_impl: str = "xla"
 
     def _sizes(self, s: StageLayout) -> tuple[int, int, int, int]:
-        """(layers, heads, KV heads, MLP width) of stage `s` held on one device (or the whole, if not local)."""
-        c, d = self.layout.config, (s.split if self.local else 1)
-        layers = s.stack // self.layout.pair_size if self.local and s.stage.is_pair else s.stack
+        """(layers, heads, KV heads, MLP width) of stage `s` held on one device (or the whole, if not per device)."""
+        c, d = self.layout.config, (s.split if self.per_device else 1)
+        layers = s.stack // self.layout.pair_size if self.per_device and s.stage.is_pair else s.stack
         return layers, c.n_heads // d, s.kv_heads // d, c.ffn_dim // d
 
     @nn.compact
-    def __call__(self, tokens, pos: Positions, cache=None, mode: str = "full", logits_index=None):
+    def __call__(self, tokens, pos: Positions, cache: dict[str, StageCache] | None = None, mode: Mode = FULL,
+                 logits_index=None):
         c, lay = self.layout.config, self.layout
-        n = lay.n_devices if self.local else 1
+        n = lay.n_devices if self.per_device else 1
         vocab = lay.vocab_padded // n
-        embed = Embed(vocab, c.dim, self.local, self.param_dtype, name="embed")
+        embed = Embed(vocab, c.dim, self.per_device, self.param_dtype, name="embed")
         x = embed(tokens)
         new_cache = {}
         for s in lay.stages:
             layers, heads, kv_heads, ffn = self._sizes(s)
-            stage = Stage(c, s.stack, layers, heads, kv_heads, ffn, self.local, self.param_dtype,
-                          self.attention_impl, name=s.name)
+            stage = StageBlock(c, s.stack, layers, heads, kv_heads, ffn, self.per_device, self.param_dtype,
+                               self.attention_impl, name=s.name)
             x, new_cache[s.name] = stage(x, None if cache is None else cache[s.name], pos, mode)
         x = Norm(c.norm_eps, self.param_dtype, name="norm")(x)
         if logits_index is not None:
@@ -339,6 +355,6 @@ class LlamaLM(nn.Module):
         else:
             logits = x @ self.param("lm_head", nn.initializers.normal(INIT_STD), (c.dim, vocab), self.param_dtype)
         logits = logits.astype(jnp.float32)
-        if self.local and n > 1:
+        if self.per_device and n > 1:
             logits = jax.lax.all_gather(logits, ALL, axis=logits.ndim - 1, tiled=True)
         return logits[..., : c.vocab_size], (new_cache if cache is not None else None)

@@ -1,4 +1,4 @@
-"""Device mesh and how every parameter and cache array is split over it (design.md section 3).
+"""Device mesh and how every parameter and cache array is split over it (docs/design.md section 3).
 
 One mesh with axes ("pair", "tp") of shape (2, N/2), or (1, 1) on one device.
 - Sequential layers: Megatron tensor parallelism over all N devices (heads and MLP columns split over both axes).
@@ -21,9 +21,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from lpjax.cache import StageCache
 from lpjax.config import ModelConfig, round_up
 from lpjax.errors import LPJaxError
 from lpjax.plan import LPPlan, Stage
+from lpjax.schema import GLOBAL_PARAMS, STAGE_PARAMS, WEIGHTS
 
 MESH_AXES = ("pair", "tp")
 ALL = MESH_AXES  # "every device": the axes a sequential layer, the vocabulary and each all-reduce span
@@ -123,33 +125,10 @@ class Layout:
 class ShardingRules:
     """Logical axes of every array and their mesh axes, per stage kind (one place, as in jax-llm-examples)."""
 
-    # Stage parameters, keyed "attn/NAME", "mlp/NAME" or "NAME" (stage-level), leading axis = the pair stack.
-    stage_params: tuple[tuple[str, tuple], ...] = (
-        ("attn/norm", ("stack", None)),
-        ("attn/wqkv", ("stack", None, "kv_heads", None, None)),  # [S, D, KV, G+2, hd]: per KV head, G q + k + v
-        ("attn/bqkv", ("stack", "kv_heads", None, None)),
-        ("attn/wo", ("stack", "heads", None)),  # [S, H*hd, D]: rows are whole heads, split like them
-        ("mlp/norm", ("stack", None)),
-        ("mlp/w_gate_up", ("stack", None, None, "mlp")),  # [S, D, 2, F]
-        ("mlp/b_gate_up", ("stack", None, "mlp")),
-        ("mlp/w_down", ("stack", "mlp", None)),
-        # Output biases are added once, after the all-reduce, so every device holds all of them.
-        ("attn_out_bias", (None, None)),
-        ("mlp_out_bias", (None, None)),
-    )
-    # Canonical (checkpoint) weights of one layer, before a stage stacks and fuses them.
-    layer_weights: tuple[tuple[str, tuple], ...] = (
-        ("attn_norm", (None,)), ("wq", (None, "heads", None)), ("wk", (None, "kv_heads", None)),
-        ("wv", (None, "kv_heads", None)), ("wo", ("heads", None)), ("bq", ("heads", None)),
-        ("bk", ("kv_heads", None)), ("bv", ("kv_heads", None)), ("bo", (None,)), ("mlp_norm", (None,)),
-        ("w_gate", (None, "mlp")), ("w_up", (None, "mlp")), ("w_down", ("mlp", None)), ("b_gate", ("mlp",)),
-        ("b_up", ("mlp",)), ("b_down", (None,)),
-    )
-    global_params: tuple[tuple[str, tuple], ...] = (
-        ("embed/embedding", ("vocab", None)),
-        ("lm_head", (None, "vocab")),
-        ("norm/scale", (None,)),
-    )
+    # Logical axes of the model tree's leaves and of the canonical weights: derived from lpjax/schema.py.
+    stage_params: tuple[tuple[str, tuple], ...] = tuple((p.path, p.axes) for p in STAGE_PARAMS)
+    layer_weights: tuple[tuple[str, tuple], ...] = tuple((w.name, w.axes) for w in WEIGHTS if w.per_layer)
+    global_params: tuple[tuple[str, tuple], ...] = tuple((p.path, p.axes) for p in GLOBAL_PARAMS)
     cache: tuple = ("stack", None, "kv_heads", None, None)  # [stack, batch, kv_heads, max_len, head_dim]
     sequential: tuple[tuple[str, object], ...] = (("stack", None), ("heads", ALL), ("kv_heads", ALL), ("mlp", ALL))
     pair: tuple[tuple[str, object], ...] = (("stack", "pair"), ("heads", "tp"), ("kv_heads", "tp"), ("mlp", "tp"))
@@ -181,8 +160,8 @@ class ShardingRules:
             return P()
         return self._spec(logical, stage)
 
-    def cache_specs(self, layout: Layout) -> dict:
-        return {s.name: {"k": self._spec(self.cache, s), "v": self._spec(self.cache, s)} for s in layout.stages}
+    def cache_specs(self, layout: Layout) -> dict[str, StageCache]:
+        return {s.name: StageCache(k=self._spec(self.cache, s), v=self._spec(self.cache, s)) for s in layout.stages}
 
 
 RULES = ShardingRules()

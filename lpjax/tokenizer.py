@@ -4,6 +4,7 @@ byte-level fallback that random-weight models use."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from lpjax.errors import LPJaxError
@@ -67,6 +68,19 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+    "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja",
+)
+
+
+def copy_tokenizer(src: Path, out: Path) -> None:
+    """Copy the tokenizer files `src` has (any of TOKENIZER_FILES) into `out`."""
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, out / name)
 
 
 def has_tokenizer(directory: Path) -> bool:

@@ -1,20 +1,18 @@
-"""Weights: the canonical per-layer format, where weights come from, and how a plan stacks them onto a mesh.
+"""Weights: how a plan turns canonical per-layer weights into the model tree on a mesh, and back.
 
-Canonical format (plan-independent, what checkpoints store): globals `embedding` [V, D], `norm` [D], `lm_head`
-[D, V] (untied only), and for each layer i `wq` [D, H, hd], `wk`/`wv` [D, K, hd], `wo` [H*hd, D], `w_gate`/`w_up`
-[D, F], `w_down` [F, D], norms [D] and optional biases. Keys are `name` for globals and `name@i` for layer i.
+Canonical weights (plan-independent, what checkpoints store) are declared in `lpjax/schema.py`: globals
+`embedding`, `norm`, `lm_head` (untied only), and per layer `wq`, `wk`, `wv`, `wo`, `w_gate`, `w_up`, `w_down`, norms
+and optional biases. Keys are `name` for globals and `name@i` for layer i.
 
-Sources: an HF directory (lazy memory-mapped safetensors), a converted lpjax directory (Orbax, one checkpoint per
-layer), or random weights at a preset's shape. Every source hands out one layer at a time, already placed on the
-devices that need it; `load_params` then stacks each stage under `jit` with the stage's output sharding, so pairs
-are restacked on device and no model is ever whole in host memory or on one device.
+A `WeightSource` (lpjax/sources/) hands out one layer at a time, already placed on the devices that need it;
+`load_params` then stacks each stage under `jit` with the stage's output sharding, so pairs are restacked on device
+and no model is ever whole in host memory or on one device. `disassemble_*` invert the assembly exactly (training
+and export write through them).
 """
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 import jax
@@ -23,144 +21,26 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lpjax.config import ModelConfig, preset, read_hf_config
-from lpjax.errors import LPJaxError
-from lpjax.model import INIT_STD
+from lpjax.config import ModelConfig
+from lpjax.schema import global_shapes, layer_shapes
 from lpjax.sharding import RULES, Layout, StageLayout
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
-ATTENTION_BIASES = ("bq", "bk", "bv", "bo")
-MLP_BIASES = ("b_gate", "b_up", "b_down")
-
-
-def layer_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Canonical shapes of one layer's weights."""
-    D, H, K, hd, F = config.dim, config.n_heads, config.n_kv_heads, config.head_dim, config.ffn_dim
-    shapes = {
-        "attn_norm": (D,), "wq": (D, H, hd), "wk": (D, K, hd), "wv": (D, K, hd), "wo": (H * hd, D),
-        "bq": (H, hd), "bk": (K, hd), "bv": (K, hd), "bo": (D,),
-        "mlp_norm": (D,), "w_gate": (D, F), "w_up": (D, F), "w_down": (F, D),
-        "b_gate": (F,), "b_up": (F,), "b_down": (D,),
-    }
-    skip = (() if config.attention_bias else ATTENTION_BIASES) + (() if config.mlp_bias else MLP_BIASES)
-    return {k: v for k, v in shapes.items() if k not in skip}
-
-
-def global_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    shapes = {"embedding": (config.vocab_size, config.dim), "norm": (config.dim,)}
-    if not config.tied_embeddings:
-        shapes["lm_head"] = (config.dim, config.vocab_size)
-    return shapes
-
-
-def canonical_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every canonical weight of the model, keyed `name` or `name@layer`."""
-    out = dict(global_shapes(config))
-    for i in range(config.n_layers):
-        out.update({f"{n}@{i}": s for n, s in layer_shapes(config).items()})
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Sources
 
 
 class WeightSource:
-    """Hands out canonical weights already placed with the given shardings."""
+    """Where weights come from (lpjax/sources/): hands out canonical weights, already placed with the given
+    shardings. `read({key: sharding}, dtype)` -> {key: array}; keys are `name` (globals) or `name@layer`."""
 
     config: ModelConfig
+    hf_config: dict | None = None  # the HF config dict the model came with (None: made from `config`)
     description: str
     directory: Path | None = None  # where config and tokenizer live (None: random weights)
     dtype: np.dtype | None = None  # what the checkpoint stores (None: random weights)
 
     def read(self, keys: dict[str, NamedSharding], dtype) -> dict[str, jax.Array]:
         raise NotImplementedError
-
-
-class HFSource(WeightSource):
-    """An HF directory: each device's shard is sliced straight out of the memory-mapped safetensors."""
-
-    def __init__(self, directory: Path):
-        from lpjax.hf import HFCheckpoint
-
-        self.directory = directory
-        self.config, self.hf_config = read_hf_config(directory)
-        self.checkpoint = HFCheckpoint(directory, self.config, canonical_shapes(self.config))
-        self.dtype = self.checkpoint.dtype
-        self.description = f"Hugging Face checkpoint {directory}"
-
-    def read(self, keys, dtype):
-        out = {}
-        for key, sharding in keys.items():
-            view = self.checkpoint.views[key]
-            out[key] = jax.make_array_from_callback(
-                view.shape, sharding, lambda idx, view=view: np.asarray(view[idx]).astype(dtype)
-            )
-        return out
-
-
-class RandomSource(WeightSource):
-    """Random weights at a preset's shape, generated on device in the target dtype (speed does not depend on the
-    values). A weight's random key depends only on its canonical key, so every plan and mesh sees the same model.
-    One jitted generator per layer layout: compiled once, called per layer."""
-
-    def __init__(self, name: str, seed: int = 0):
-        self.config = preset(name)
-        self.hf_config = None
-        self.seed = seed
-        self.description = f"random:{name} (random weights at real shapes)"
-        self._makers: dict = {}
-
-    def read(self, keys, dtype):
-        by_layer: dict[str, dict[str, NamedSharding]] = {}
-        for key, sharding in keys.items():
-            name, _, layer = key.partition("@")
-            by_layer.setdefault(layer, {})[name] = sharding
-        out = {}
-        for layer, shardings in by_layer.items():
-            shapes = (layer_shapes if layer else global_shapes)(self.config)
-            names = tuple(sorted(shardings))
-            sig = (names, tuple(shardings[n] for n in names), jnp.dtype(dtype).name)
-            if sig not in self._makers:
-                self._makers[sig] = jax.jit(partial(_random_weights, {n: shapes[n] for n in names}, dtype),
-                                            out_shardings=dict(shardings))
-            rng = jax.random.fold_in(jax.random.key(self.seed), int(layer) + 1 if layer else 0)
-            got = self._makers[sig](rng)
-            out.update({f"{n}@{layer}" if layer else n: v for n, v in got.items()})
-        return out
-
-
-def _random_weights(shapes: dict[str, tuple[int, ...]], dtype, rng) -> dict[str, jax.Array]:
-    """Norms 1, biases 0, matrices N(0, INIT_STD); each weight's key folds in a hash of its name."""
-    out = {}
-    for name, shape in shapes.items():
-        if "norm" in name:
-            out[name] = jnp.ones(shape, dtype)
-        elif name.startswith("b"):
-            out[name] = jnp.zeros(shape, dtype)
-        else:
-            key = jax.random.fold_in(rng, zlib.crc32(name.encode()) & 0x7FFFFFFF)
-            out[name] = (INIT_STD * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
-    return out
-
-
-def open_source(model: str, seed: int = 0) -> WeightSource:
-    """`random:NAME`, a converted lpjax directory, or an HF directory."""
-    if model.startswith("random:"):
-        return RandomSource(model.split(":", 1)[1], seed)
-    path = Path(model)
-    if not path.exists():
-        hint = " (lpjax reads local directories only; download the checkpoint first)" if (
-            model.count("/") == 1 and not model.startswith((".", "/"))) else ""
-        raise LPJaxError(f"--model {model}: no such file or directory{hint}")
-    if not path.is_dir():
-        raise LPJaxError(f"--model {model}: not a directory (expected an HF or lpjax model directory, or random:NAME)")
-    from lpjax.checkpoint import OrbaxSource, is_converted
-
-    if is_converted(path):
-        return OrbaxSource(path)
-    return HFSource(path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -303,3 +183,29 @@ def source_dtype(source: WeightSource) -> str:
         return "bfloat16"
     name = np.dtype(source.dtype).name
     return name if name in DTYPES else "float32"
+
+
+def canonical_layers(layout, params: dict) -> tuple[dict, dict[int, dict]]:
+    """(globals, {layer: weights}): the canonical weights of a model tree."""
+    layers = {}
+    for s in layout.stages:
+        layers.update(zip(s.stage.layers, disassemble_stage(s, layout.config, params[s.name])))
+    return disassemble_globals(layout, params), layers
+
+
+def retarget(params: dict, layout, target) -> dict:
+    """The same weights as a model tree of another plan's layout."""
+    g, layers = canonical_layers(layout, params)
+    out = assemble_globals(target, g)
+    for s in target.stages:
+        out[s.name] = assemble_stage(s, target.config, [layers[i] for i in s.stage.layers])
+    return out
+
+
+def canonical_items(layout, params: dict, dtype: str):
+    """(layer or None, canonical weights as numpy in `dtype`) for every item of the converted format."""
+    np_dtype = np.dtype(DTYPES[dtype])
+    g, layers = canonical_layers(layout, params)
+    yield None, {k: np.asarray(v).astype(np_dtype) for k, v in g.items()}
+    for i in sorted(layers):
+        yield i, {k: np.asarray(v).astype(np_dtype) for k, v in layers[i].items()}

@@ -84,7 +84,7 @@ def make_checkpoint(directory: Path, name: str, seed: int = 0, dtype: str = "flo
 
 
 def torch_lp_logits(model, input_ids, pairs):
-    """Independent PyTorch reference of design.md section 1, built from the HF model's own modules:
+    """Independent PyTorch reference of docs/design.md section 1, built from the HF model's own modules:
     for each pair (a, b), h = x + A_a(n1_a(x)) + A_b(n1_b(x)); out = h + M_a(n2_a(h)) + M_b(n2_b(h))."""
     import torch
 

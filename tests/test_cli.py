@@ -56,6 +56,16 @@ def test_generate_without_arguments_runs_the_embedded_default():
     assert all(len(r["tokens"]) == 8 for r in res["runs"])
 
 
+def test_embedded_default_model_is_a_handful_of_hf_files_read_without_torch():
+    from lpjax.generate import DEFAULT_MODEL
+    from lpjax.sources import open_source
+    from lpjax.sources.hf import HFSource
+
+    files = sorted(p.name for p in Path(DEFAULT_MODEL).iterdir())
+    assert files == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    assert isinstance(open_source(DEFAULT_MODEL), HFSource)
+
+
 def test_embedded_default_model_speaks_python(tmp_path):
     """The shipped model is trained, not random: on standard-library source it is far better than chance (a
     vocabulary of 4096) and than a unigram model (~560 on held-out stdlib files)."""

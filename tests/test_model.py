@@ -1,4 +1,4 @@
-"""Logits parity with transformers, and LP against an independent PyTorch reference of design.md section 1."""
+"""Logits parity with transformers, and LP against an independent PyTorch reference of docs/design.md section 1."""
 
 import numpy as np
 import pytest
@@ -53,7 +53,7 @@ def plain_forward(engine, ids):
     import jax
     import jax.numpy as jnp
 
-    from lpjax.model import AttentionBlock, MLPBlock, Positions, rms_norm
+    from lpjax.model import FULL, AttentionBlock, MLPBlock, Positions, rms_norm
 
     c = engine.config
     T = ids.shape[1]
@@ -66,7 +66,7 @@ def plain_forward(engine, ids):
             sp = p[f"layer_{i}"]
             first = lambda tree: {k: v[0] for k, v in tree.items()}  # noqa: E731
             attn = AttentionBlock(c, c.n_heads, c.n_kv_heads).apply({"params": first(sp["attn"])}, x, None, pos,
-                                                                   "full")[0]
+                                                                   FULL)[0]
             h = x + attn
             x = h + MLPBlock(c, c.ffn_dim).apply({"params": first(sp["mlp"])}, h)
         x = rms_norm(x, p["norm"]["scale"], c.norm_eps)
@@ -96,7 +96,7 @@ def test_flax_init_shapes_match_loader_layout(engines):
     from lpjax.weights import abstract_params
 
     engine = engines("bias", "0:2")
-    model = LlamaLM(engine.layout, local=False, param_dtype=jnp.float32)
+    model = LlamaLM(engine.layout, per_device=False, param_dtype=jnp.float32)
     tokens = jnp.zeros((1, 4), jnp.int32)
     pos = Positions(jnp.zeros((1, 4), jnp.int32), jnp.zeros((1,), jnp.int32), jnp.int32(0))
     init = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, pos)["params"])

@@ -34,7 +34,7 @@ def launch(module_args, processes=2, local_devices=2, timeout=300):
 
 
 def test_two_processes_equal_one(checkpoints, engines, text_file):
-    from lpjax.eval import perplexity
+    from lpjax.quality.perplexity import perplexity
 
     directory = checkpoints("shardable")[0]
     outs = launch(["lpjax.eval", "--model", directory, "--lp", "2:6", "--text", text_file, "--window", 48,

@@ -9,10 +9,10 @@ from test_cli import assert_clean_error, last_json, run
 
 from lpjax import cli
 from lpjax.errors import LPJaxError
-from lpjax.eval import encode_texts, perplexity
 from lpjax.plan import LPPlan
-from lpjax.search import Scorer, SearchSpace, beam_search, plan_perplexity, search
-from lpjax.sweep import pareto_front, sweep_plans
+from lpjax.quality.perplexity import encode_texts, perplexity
+from lpjax.quality.search import Scorer, SearchSpace, beam_search, plan_perplexity, search
+from lpjax.quality.sweep import pareto_front, sweep_plans
 
 SWEEP_ARGS = ["--window", 32, "--stride", 16, "--batch-size", 8, "--max-tokens", 128, "--dtype", "float32"]
 
@@ -117,7 +117,7 @@ def test_search_space_limits():
 def test_beam_search_on_a_6_layer_model_is_exhaustive(checkpoints, text_file, quick_compiles):
     """Perplexity-scored search on the 6-layer checkpoint with layer 5 kept sequential: a beam of 4 holds every
     one-pair plan, so it must find the brute-force optimum over all 3 plans of Δ=4; greedy's plan is valid and no
-    worse than the default range 0:4. The search's scores are `lpjax.eval.perplexity` of the plan's engine."""
+    worse than the default range 0:4. The search's scores are `quality.perplexity.perplexity` of the plan's engine."""
     from lpjax.engine import Engine
 
     # an engine of its own, not the shared fixture's: its programs are compiled under quick_compiles
@@ -200,8 +200,11 @@ def error_of(main, argv, capsys) -> str:
     ("sweep", ["--model", "/nonexistent/model", "--text", "{text}"], "no such file"),
 ])
 def test_bad_input_gets_one_line_and_exit_2(checkpoints, text_file, tmp_path, capsys, tool, args, words):
-    from lpjax import search, sweep
+    import importlib
 
+    from lpjax import sweep
+
+    search = importlib.import_module("lpjax.plan.__main__")  # the search's command line
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     model = [] if "--model" in args else ["--model", checkpoints("mha")[0]]

@@ -61,7 +61,7 @@ def test_tied_embeddings_with_a_padded_vocabulary(engines):
 def count_collectives(engine) -> tuple[int, int]:
     cache = engine.init_cache(2, 32)  # the shapes run_all compiled already
     engine.decode_step(cache, np.array([5, 6]), 12, np.array([0, 5]))
-    hlo = next(c for k, c in engine._compiled.items() if k[0] == "step").as_text()
+    hlo = next(c for k, c in engine._compiled.programs.items() if k[0] == "step").as_text()
     all_reduce = len(re.findall(r"\ball-reduce(?:-start)?\(", hlo))
     all_gather = len(re.findall(r"\ball-gather(?:-start)?\(", hlo))
     return all_reduce, all_gather
@@ -88,7 +88,7 @@ def test_each_device_holds_one_layer_of_each_pair(engines):
     # sequential layers split 4 ways: the 2 KV heads are repeated to 4, each device one group of 2 q heads
     assert engine.layout.stages[0].kv_repeat == 2
     assert {s.data.shape for s in engine.params["layer_0"]["attn"]["wqkv"].addressable_shards} == {(1, 64, 1, 4, 8)}
-    k_cache = engine.init_cache(1, 32)["pair_2_3"]["k"]
+    k_cache = engine.init_cache(1, 32)["pair_2_3"].k
     assert tuple(k_cache.sharding.spec) == ("pair", None, "tp", None, None)
 
 

@@ -15,6 +15,8 @@ from helpers import CONFIGS, CORPUS
 
 from lpjax import finetune, train
 from lpjax.errors import LPJaxError
+from lpjax.training import programs
+from lpjax.training.rundir import STATE_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 VAL = "Layer parallelism evaluates pairs of consecutive layers on the same input. The quick brown fox jumps. " * 3
@@ -28,7 +30,7 @@ STEPS = 30
 def fast_compile():
     """The CPU backend's optimisation level 0 halves these tests' compile times (same programs, less optimised)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "XLA_OPTIONS", {"xla_backend_optimization_level": 0})
+        mp.setattr(programs, "XLA_OPTIONS", {"xla_backend_optimization_level": 0})
         yield
 
 
@@ -43,7 +45,8 @@ def canonical(path) -> dict[str, np.ndarray]:
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from lpjax.weights import canonical_shapes, open_source
+    from lpjax.schema import canonical_shapes
+    from lpjax.sources import open_source
 
     source = open_source(str(path))
     sharding = NamedSharding(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",)), PartitionSpec())
@@ -89,7 +92,7 @@ def test_train_from_scratch_lowers_loss_and_loads_in_the_engine(trained):
     result = engine.generate([tok.encode("fox")], 6)
     assert 1 <= len(result.tokens[0]) <= 6 and isinstance(tok.decode(result.tokens[0]), str)
     # the run's val perplexity is lpjax.eval's with --window seq_len --stride seq_len-1
-    from lpjax.eval import perplexity
+    from lpjax.quality.perplexity import perplexity
 
     assert perplexity(engine, [tok.encode(VAL)], 16, 15)["ppl"] == pytest.approx(res["val_ppl"], rel=1e-4)
 
@@ -100,7 +103,7 @@ def test_resume_after_interruption_matches_the_uninterrupted_run(trained, texts,
     argv = ["--text", texts[0], "--val", texts[1], "--out", out, "--steps", STEPS, *TINY]
     stopped = run_json(train.main, [*argv, "--stop-after", 13], capsys)
     assert stopped["stopped"] and stopped["steps"] == 13 and not (out / "lpjax.json").exists()
-    assert sorted(p.name for p in (out / train.STATE_DIR).iterdir()) == ["10", "13"]
+    assert sorted(p.name for p in (out / STATE_DIR).iterdir()) == ["10", "13"]
     resumed = run_json(train.main, argv, capsys)
     assert resumed["resumed_from"] == 13 and resumed["steps"] == STEPS
     assert [s for s, _ in resumed["history"]] == list(range(14, STEPS + 1))  # no step lost or repeated
@@ -114,7 +117,7 @@ def test_resume_after_interruption_matches_the_uninterrupted_run(trained, texts,
     # --overwrite starts over in it
     fresh = run_json(train.main, [*argv, "--overwrite", "--stop-after", 2], capsys)
     assert fresh["resumed_from"] == 0 and fresh["steps"] == 2 and not (out / "lpjax.json").exists()
-    assert [p.name for p in (out / train.STATE_DIR).iterdir()] == ["2"]
+    assert [p.name for p in (out / STATE_DIR).iterdir()] == ["2"]
 
 
 def test_data_parallel_run_follows_the_single_device_run(trained, texts, tmp_path, capsys):
@@ -164,15 +167,9 @@ def test_disassemble_inverts_assemble(name):
 
     from lpjax.config import from_hf
     from lpjax.plan import LPPlan
+    from lpjax.schema import global_shapes, layer_shapes
     from lpjax.sharding import Layout, make_mesh
-    from lpjax.weights import (
-        assemble_globals,
-        assemble_stage,
-        disassemble_globals,
-        disassemble_stage,
-        global_shapes,
-        layer_shapes,
-    )
+    from lpjax.weights import assemble_globals, assemble_stage, disassemble_globals, disassemble_stage
 
     hf = dict(CONFIGS["bias"], num_attention_heads=8, num_key_value_heads=2) if name == "bias_gqa" else CONFIGS[name]
     config = from_hf(dict({"model_type": "llama", "vocab_size": 320}, **hf))

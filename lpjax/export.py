@@ -1,0 +1,91 @@
+"""Writing a model out, from any source lpjax loads: lpjax's converted format (`lpjax`, the default) or a Hugging
+Face Llama directory (`hf`: safetensors, config.json, tokenizer files) that transformers loads.
+
+Weights are written as they are: an LP fine-tune exported to HF keeps its trained weights, but the plan it was tuned
+for is not part of a Llama, so a runtime that knows LP must apply it (config.json records it under `lpjax`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from lpjax.config import to_hf
+from lpjax.errors import LPJaxError
+from lpjax.schema import global_shapes, layer_shapes
+from lpjax.sources.converted import is_converted, write_checkpoint
+from lpjax.sources.hf import write_hf
+from lpjax.tokenizer import copy_tokenizer
+from lpjax.weights import DTYPES, WeightSource, source_dtype
+
+FORMATS = ("lpjax", "hf")
+EXPORT_KEY = "lpjax"  # the config.json key of an HF export: where it came from, the LP plan it was tuned for
+
+
+def is_hf_export(path: Path) -> bool:
+    try:
+        return EXPORT_KEY in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def prepare_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to write over anything a user already has, unless asked to (and then only over lpjax's own output)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise LPJaxError(f"--out {out}: already exists and is not empty (pass --overwrite to replace it)")
+        if not (out.is_dir() and (is_converted(out) or is_hf_export(out))):
+            raise LPJaxError(
+                f"--out {out}: --overwrite only replaces an lpjax checkpoint or export directory, and this is not one")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def source_items(source: WeightSource, dtype: str) -> Iterator[tuple[int | None, dict[str, np.ndarray]]]:
+    """(None, globals), then (layer, its weights), as host numpy arrays in `dtype`, one layer at a time."""
+    one = NamedSharding(Mesh(np.array(jax.devices()[:1]), ("one",)), P())
+    c = source.config
+    for layer, names in [(None, global_shapes(c)), *((i, layer_shapes(c)) for i in range(c.n_layers))]:
+        keys = {n if layer is None else f"{n}@{layer}": one for n in names}
+        got = source.read(keys, DTYPES[dtype])
+        yield layer, {k.partition("@")[0]: np.asarray(v) for k, v in got.items()}
+
+
+def export(source: WeightSource, out: Path, fmt: str = "lpjax", dtype: str | None = None, overwrite: bool = False,
+           progress: Callable[[int, int], None] | None = None) -> str | None:
+    """Write `source` to `out` in `fmt`, cast to `dtype` (default: as stored). Returns a note for the user, if any."""
+    if fmt not in FORMATS:
+        raise LPJaxError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
+    dtype = dtype or source_dtype(source)
+    if dtype not in DTYPES:
+        raise LPJaxError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    if source.directory is not None and out.resolve() == Path(source.directory).resolve():
+        raise LPJaxError("--out must differ from the model directory")
+    prepare_output_dir(out, overwrite)
+    c = source.config
+    hf_config = dict(source.hf_config or to_hf(c, dtype), torch_dtype=dtype, dtype=dtype)
+    items = source_items(source, dtype)
+    trained_for = (getattr(source, "meta", None) or {}).get("training", {}).get("lp") or ""
+    if fmt == "hf":
+        hf_config[EXPORT_KEY] = {"exported_from": source.description, "lp": trained_for}
+        write_hf(out, c, hf_config, items, np.dtype(DTYPES[dtype]), progress)
+    else:
+        hf_config.pop(EXPORT_KEY, None)
+        write_checkpoint(out, hf_config, items, dtype, f"converted from {source.description}", progress=progress,
+                         total=c.n_layers + 1)
+    if source.directory is not None:
+        copy_tokenizer(Path(source.directory), out)
+    notes = []
+    if source.directory is None:
+        notes.append("random weights have no tokenizer files: lpjax uses its byte-level tokenizer for them")
+    if fmt == "hf" and trained_for:
+        notes.append(f"these weights were fine-tuned for --lp {trained_for}: a runtime that knows LP must apply "
+                     "that plan (transformers runs them sequentially)")
+    return "; ".join(notes) or None

@@ -1,0 +1,2 @@
+"""LP quality as libraries: perplexity on text, the plan sweep (perplexity against decode time), the plan search.
+The command lines over them are `lpjax.eval`, `lpjax.sweep` and `lpjax.plan`."""

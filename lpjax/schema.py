@@ -1,0 +1,199 @@
+"""Every weight of the model, declared once.
+
+A `Weight` is one canonical (plan-independent, checkpointed) tensor: its shape from the config, its logical axes,
+its Hugging Face name and layout, how it is initialised and whether AdamW decays it. A `TreeParam` is one leaf of the
+model tree a plan assembles from them (fused, stacked per stage). Everything else is derived from these two tables:
+shapes (`layer_shapes`, `global_shapes`), shardings (`sharding.ShardingRules`), the HF name map (`sources/hf.py`,
+`sources/hf.py:write_hf`), initialisation (`init_std`, used by random weights and training) and the weight-decay mask
+(`decayed_paths`). Adding a weight is one row here plus its use in the model (`model.py`) and in the fusion
+(`weights.assemble_stage`).
+
+HF layouts: `id` (same array), `T` (HF stores [out, in]: transposed), `in_heads` (HF [n*hd, D] <-> [D, n, hd]),
+`heads` (HF [n*hd] <-> [n, hd]).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from lpjax.config import ModelConfig
+
+INIT_STD = 0.02  # every matrix's N(0, std); the residual-writing ones are scaled down by depth
+
+
+def _always(config: ModelConfig) -> bool:
+    return True
+
+
+def _attention_bias(config: ModelConfig) -> bool:
+    return config.attention_bias
+
+
+def _mlp_bias(config: ModelConfig) -> bool:
+    return config.mlp_bias
+
+
+def _untied(config: ModelConfig) -> bool:
+    return not config.tied_embeddings
+
+
+@dataclasses.dataclass(frozen=True)
+class Weight:
+    """One canonical weight. Layer weights are keyed `name@i`, globals `name`."""
+
+    name: str
+    per_layer: bool
+    shape: Callable[[ModelConfig], tuple[int, ...]]
+    axes: tuple[str | None, ...]  # logical axes (sharding.ShardingRules maps them to mesh axes)
+    hf_name: str  # `{i}` is the layer
+    hf_layout: str  # id | T | in_heads | heads
+    init: str  # ones | zeros | normal | residual (normal, scaled by 1/sqrt(2 * layers) when training from scratch)
+    decayed: bool = False  # AdamW weight decay (matrices only)
+    present: Callable[[ModelConfig], bool] = _always
+
+    def key(self, layer: int | None = None) -> str:
+        return self.name if layer is None else f"{self.name}@{layer}"
+
+    def hf_key(self, layer: int | None = None) -> str:
+        return self.hf_name.format(i=layer)
+
+    def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The HF tensor shape that holds this weight at canonical `shape`."""
+        if self.hf_layout == "T":
+            return shape[::-1]
+        if self.hf_layout == "in_heads":  # [D, n, hd] <- [n*hd, D]
+            return (shape[1] * shape[2], shape[0])
+        if self.hf_layout == "heads":  # [n, hd] <- [n*hd]
+            return (shape[0] * shape[1],)
+        return shape
+
+    def from_hf(self, tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """A lazy view of HF `tensor` in the canonical layout (numpy transposes and reshapes are views)."""
+        if self.hf_layout == "T":
+            return tensor.T
+        if self.hf_layout == "in_heads":
+            return tensor.T.reshape(shape)
+        return tensor.reshape(shape)
+
+    def to_hf(self, array: np.ndarray) -> np.ndarray:
+        """Inverse of `from_hf`: the canonical array in HF's layout (contiguous, ready to write)."""
+        if self.hf_layout == "T":
+            out = array.T
+        elif self.hf_layout == "in_heads":
+            out = array.reshape(array.shape[0], -1).T
+        else:
+            out = array.reshape(self.hf_shape(array.shape))
+        return np.ascontiguousarray(out)
+
+
+def _w(name, per_layer, shape, axes, hf, layout, init, decayed=False, present=_always) -> Weight:
+    return Weight(name, per_layer, shape, axes, hf, layout, init, decayed, present)
+
+
+_L = "model.layers.{i}."
+WEIGHTS: tuple[Weight, ...] = (
+    _w("embedding", False, lambda c: (c.vocab_size, c.dim), ("vocab", None), "model.embed_tokens.weight", "id",
+       "normal", decayed=True),
+    _w("norm", False, lambda c: (c.dim,), (None,), "model.norm.weight", "id", "ones"),
+    _w("lm_head", False, lambda c: (c.dim, c.vocab_size), (None, "vocab"), "lm_head.weight", "T", "normal",
+       decayed=True, present=_untied),
+    _w("attn_norm", True, lambda c: (c.dim,), (None,), _L + "input_layernorm.weight", "id", "ones"),
+    _w("wq", True, lambda c: (c.dim, c.n_heads, c.head_dim), (None, "heads", None), _L + "self_attn.q_proj.weight",
+       "in_heads", "normal", decayed=True),
+    _w("wk", True, lambda c: (c.dim, c.n_kv_heads, c.head_dim), (None, "kv_heads", None),
+       _L + "self_attn.k_proj.weight", "in_heads", "normal", decayed=True),
+    _w("wv", True, lambda c: (c.dim, c.n_kv_heads, c.head_dim), (None, "kv_heads", None),
+       _L + "self_attn.v_proj.weight", "in_heads", "normal", decayed=True),
+    _w("wo", True, lambda c: (c.n_heads * c.head_dim, c.dim), ("heads", None), _L + "self_attn.o_proj.weight", "T",
+       "residual", decayed=True),
+    _w("bq", True, lambda c: (c.n_heads, c.head_dim), ("heads", None), _L + "self_attn.q_proj.bias", "heads", "zeros",
+       present=_attention_bias),
+    _w("bk", True, lambda c: (c.n_kv_heads, c.head_dim), ("kv_heads", None), _L + "self_attn.k_proj.bias", "heads",
+       "zeros", present=_attention_bias),
+    _w("bv", True, lambda c: (c.n_kv_heads, c.head_dim), ("kv_heads", None), _L + "self_attn.v_proj.bias", "heads",
+       "zeros", present=_attention_bias),
+    _w("bo", True, lambda c: (c.dim,), (None,), _L + "self_attn.o_proj.bias", "id", "zeros",
+       present=_attention_bias),
+    _w("mlp_norm", True, lambda c: (c.dim,), (None,), _L + "post_attention_layernorm.weight", "id", "ones"),
+    _w("w_gate", True, lambda c: (c.dim, c.ffn_dim), (None, "mlp"), _L + "mlp.gate_proj.weight", "T", "normal",
+       decayed=True),
+    _w("w_up", True, lambda c: (c.dim, c.ffn_dim), (None, "mlp"), _L + "mlp.up_proj.weight", "T", "normal",
+       decayed=True),
+    _w("w_down", True, lambda c: (c.ffn_dim, c.dim), ("mlp", None), _L + "mlp.down_proj.weight", "T", "residual",
+       decayed=True),
+    _w("b_gate", True, lambda c: (c.ffn_dim,), ("mlp",), _L + "mlp.gate_proj.bias", "id", "zeros", present=_mlp_bias),
+    _w("b_up", True, lambda c: (c.ffn_dim,), ("mlp",), _L + "mlp.up_proj.bias", "id", "zeros", present=_mlp_bias),
+    _w("b_down", True, lambda c: (c.dim,), (None,), _L + "mlp.down_proj.bias", "id", "zeros", present=_mlp_bias),
+)
+BY_NAME: dict[str, Weight] = {w.name: w for w in WEIGHTS}
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeParam:
+    """One leaf of the model tree: its path inside a stage (`attn/wqkv`) or the model (`embed/embedding`), its
+    logical axes (a stage's lead with the stack axis) and the canonical weights it is made of."""
+
+    path: str
+    axes: tuple[str | None, ...]
+    made_of: tuple[str, ...]
+
+    @property
+    def decayed(self) -> bool:
+        return any(BY_NAME[n].decayed for n in self.made_of)
+
+
+STAGE_PARAMS: tuple[TreeParam, ...] = (
+    TreeParam("attn/norm", ("stack", None), ("attn_norm",)),
+    TreeParam("attn/wqkv", ("stack", None, "kv_heads", None, None), ("wq", "wk", "wv")),  # [S, D, KV, G+2, hd]
+    TreeParam("attn/bqkv", ("stack", "kv_heads", None, None), ("bq", "bk", "bv")),
+    TreeParam("attn/wo", ("stack", "heads", None), ("wo",)),  # [S, H*hd, D]: rows are whole heads, split like them
+    TreeParam("mlp/norm", ("stack", None), ("mlp_norm",)),
+    TreeParam("mlp/w_gate_up", ("stack", None, None, "mlp"), ("w_gate", "w_up")),  # [S, D, 2, F]
+    TreeParam("mlp/b_gate_up", ("stack", None, "mlp"), ("b_gate", "b_up")),
+    TreeParam("mlp/w_down", ("stack", "mlp", None), ("w_down",)),
+    # Output biases are added once, after the all-reduce, so every device holds all of them.
+    TreeParam("attn_out_bias", (None, None), ("bo",)),
+    TreeParam("mlp_out_bias", (None, None), ("b_down",)),
+)
+GLOBAL_PARAMS: tuple[TreeParam, ...] = (
+    TreeParam("embed/embedding", ("vocab", None), ("embedding",)),
+    TreeParam("lm_head", (None, "vocab"), ("lm_head",)),
+    TreeParam("norm/scale", (None,), ("norm",)),
+)
+
+
+def weights(config: ModelConfig, per_layer: bool) -> tuple[Weight, ...]:
+    """The weights this config has: one layer's (`per_layer`) or the globals."""
+    return tuple(w for w in WEIGHTS if w.per_layer == per_layer and w.present(config))
+
+
+def layer_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical shapes of one layer's weights."""
+    return {w.name: w.shape(config) for w in weights(config, True)}
+
+
+def global_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    return {w.name: w.shape(config) for w in weights(config, False)}
+
+
+def canonical_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every canonical weight of the model, keyed `name` or `name@layer`."""
+    out = dict(global_shapes(config))
+    for i in range(config.n_layers):
+        out.update({f"{n}@{i}": s for n, s in layer_shapes(config).items()})
+    return out
+
+
+def init_std(weight: Weight, config: ModelConfig) -> float:
+    """Standard deviation of a matrix's initial N(0, std): residual-writing projections (wo, w_down) are scaled by
+    1/sqrt(2 * layers), as in GPT-2."""
+    return INIT_STD / math.sqrt(2 * config.n_layers) if weight.init == "residual" else INIT_STD
+
+
+def decayed_paths() -> frozenset[str]:
+    """Last path components of the model-tree leaves AdamW decays (the matrices; norms and biases are not)."""
+    return frozenset(p.path.rpartition("/")[2] for p in (*STAGE_PARAMS, *GLOBAL_PARAMS) if p.decayed)

@@ -1,0 +1,102 @@
+"""The converted lpjax format: canonical per-layer weights in Orbax, with config and tokenizer beside them.
+
+    DIR/lpjax.json          format marker, dtype, layer count, provenance
+    DIR/config.json         the HF config (so every tool reads one config format)
+    DIR/params/globals      Orbax checkpoint: embedding, norm, lm_head
+    DIR/params/layer_0000   Orbax checkpoint: one layer's canonical weights (one per layer)
+    DIR/tokenizer files     copied from the source
+
+One checkpoint per layer keeps both writing and reading to one layer of host memory at a time, and lets a reader
+restore each layer straight into the shardings its LP plan needs (plain per-layer weights: no plan is baked in).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from lpjax.config import read_hf_config
+from lpjax.errors import LPJaxError
+from lpjax.schema import global_shapes, layer_shapes
+from lpjax.tokenizer import copy_tokenizer
+from lpjax.weights import DTYPES, WeightSource
+
+FORMAT = "lpjax-orbax-v1"
+MARKER = "lpjax.json"
+
+
+def is_converted(path: Path) -> bool:
+    return (path / MARKER).is_file()
+
+
+def _item(i: int | None) -> str:
+    return "globals" if i is None else f"layer_{i:04d}"
+
+
+def write_checkpoint(
+    out: Path,
+    hf_config: dict,
+    weights: Iterable[tuple[int | None, dict[str, np.ndarray]]],
+    dtype: str,
+    provenance: str,
+    tokenizer_dir: Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    total: int | None = None,
+) -> None:
+    """Write `(layer or None for globals, canonical weights)` items as the converted format."""
+    checkpointer = ocp.StandardCheckpointer()
+    (out / "params").mkdir(exist_ok=True)
+    for n, (layer, arrays) in enumerate(weights):
+        checkpointer.save((out / "params" / _item(layer)).absolute(), arrays)
+        checkpointer.wait_until_finished()
+        if progress and total:
+            progress(n + 1, total)
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    if tokenizer_dir is not None:
+        copy_tokenizer(tokenizer_dir, out)
+    meta = {"format": FORMAT, "dtype": dtype, "n_layers": hf_config.get("num_hidden_layers"), "source": provenance}
+    (out / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+class OrbaxSource(WeightSource):
+    """A converted directory: each layer's Orbax checkpoint restored straight into the requested shardings."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        try:
+            meta = json.loads((directory / MARKER).read_text())
+        except (json.JSONDecodeError, OSError) as e:
+            raise LPJaxError(f"{directory / MARKER}: unreadable ({e})") from None
+        if meta.get("format") != FORMAT:
+            raise LPJaxError(f"{directory}: unknown checkpoint format {meta.get('format')!r} (expected {FORMAT})")
+        self.meta = meta  # provenance; a fine-tune records the plan it was trained for under "training"
+        self.config, self.hf_config = read_hf_config(directory)
+        self.dtype = np.dtype(DTYPES.get(meta.get("dtype"), np.float32))
+        missing = [_item(i) for i in [None, *range(self.config.n_layers)]
+                   if not (directory / "params" / _item(i)).is_dir()]
+        if missing:
+            raise LPJaxError(f"{directory}: checkpoint item params/{missing[0]} is missing")
+        self.description = f"lpjax checkpoint {directory}"
+        self._checkpointer = ocp.StandardCheckpointer()
+
+    def read(self, keys, dtype):
+        by_item: dict[str, dict] = {}
+        for key, sharding in keys.items():
+            name, _, layer = key.partition("@")
+            shape = (layer_shapes if layer else global_shapes)(self.config)[name]
+            by_item.setdefault(_item(int(layer) if layer else None), {})[name] = (key, shape, sharding)
+        out = {}
+        for item, wanted in by_item.items():
+            abstract = {n: jax.ShapeDtypeStruct(shape, dtype, sharding=sh) for n, (_, shape, sh) in wanted.items()}
+            try:
+                restored = self._checkpointer.restore((self.directory / "params" / item).absolute(), abstract)
+            except (ValueError, KeyError, FileNotFoundError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+                raise LPJaxError(f"{self.directory}: params/{item} does not match config.json ({first})") from None
+            out.update({wanted[n][0]: v for n, v in restored.items()})
+        return out

@@ -1,0 +1,105 @@
+"""Hugging Face Llama directories, read and written without torch.
+
+Reading: every tensor of the directory's safetensors, checked against the weights the config implies (names,
+shapes and layouts from `lpjax/schema.py`); each device's shard is sliced straight out of the memory-mapped files.
+`HFNamedSource` is the part any source of HF-named tensors shares (a GGUF reader that renames its tensors to HF's
+plugs in here). Writing (`write_hf`): an HF Llama directory transformers loads, from any source's canonical weights.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from lpjax.config import ModelConfig, read_hf_config
+from lpjax.errors import LPJaxError
+from lpjax.schema import BY_NAME, canonical_shapes, weights
+from lpjax.sources.safetensors import read_safetensors, safetensors_files, write_safetensors
+from lpjax.weights import WeightSource
+
+# Buffers some old checkpoints carry that are not weights (recomputed from the config).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class HFNamedSource(WeightSource):
+    """A source whose tensors carry HF names: `index(tensors)` checks {HF name: lazy numpy array} against the
+    config (every weight present at its shape, nothing unused) and keeps canonical views; `read` places them."""
+
+    def index(self, tensors: dict[str, np.ndarray], where: str) -> None:
+        self.views: dict[str, np.ndarray] = {}
+        expected = set()
+        for key, shape in canonical_shapes(self.config).items():
+            name, _, layer = key.partition("@")
+            w = BY_NAME[name]
+            hf_name = w.hf_key(int(layer) if layer else None)
+            expected.add(hf_name)
+            if hf_name not in tensors:
+                raise LPJaxError(f"{where}: tensor {hf_name} is missing")
+            want = w.hf_shape(shape)
+            if tuple(tensors[hf_name].shape) != want:
+                got = tuple(tensors[hf_name].shape)
+                raise LPJaxError(f"{where}: tensor {hf_name} has shape {got}, expected {want}")
+            self.views[key] = w.from_hf(tensors[hf_name], shape)
+        if self.config.tied_embeddings:
+            expected.add(BY_NAME["lm_head"].hf_key())  # some tied checkpoints store the shared matrix twice
+        unused = sorted(n for n in tensors if n not in expected and not n.endswith(_IGNORED_SUFFIXES))
+        if unused:
+            raise LPJaxError(
+                f"{where}: tensor {unused[0]} is not used by a Llama of this config.json"
+                + (f" (and {len(unused) - 1} more)" if len(unused) > 1 else "")
+            )
+        self.dtype = next(iter(tensors.values())).dtype if tensors else np.dtype(np.float32)
+
+    def read(self, keys, dtype):
+        out = {}
+        for key, sharding in keys.items():
+            view = self.views[key]
+            out[key] = jax.make_array_from_callback(
+                view.shape, sharding, lambda idx, view=view: np.asarray(view[idx]).astype(dtype)
+            )
+        return out
+
+
+class HFSource(HFNamedSource):
+    """An HF directory: `config.json`, safetensors (one file or sharded with an index), tokenizer files."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.config, self.hf_config = read_hf_config(directory)
+        tensors: dict[str, np.ndarray] = {}
+        for f in safetensors_files(directory):
+            tensors.update(read_safetensors(f))
+        self.index(tensors, str(directory))
+        self.description = f"Hugging Face checkpoint {directory}"
+
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+def write_hf(out: Path, config: ModelConfig, hf_config: dict, items, np_dtype: np.dtype,
+             progress: Callable[[int, int], None] | None = None) -> None:
+    """Write `items` ((layer or None for globals, that item's canonical numpy weights), the globals and every layer
+    once, in any order) as an HF Llama directory's `model.safetensors` and `config.json` (tokenizer files are the
+    caller's). Streams: one item in memory at a time."""
+    shapes = {}
+    for w in weights(config, per_layer=False):
+        shapes[w.hf_key()] = (w.hf_shape(w.shape(config)), np_dtype)
+    for i in range(config.n_layers):
+        for w in weights(config, per_layer=True):
+            shapes[w.hf_key(i)] = (w.hf_shape(w.shape(config)), np_dtype)
+    total = config.n_layers + 1
+
+    def tensors():
+        for n, (layer, arrays) in enumerate(items):
+            for name, array in arrays.items():
+                w = BY_NAME[name]
+                yield w.hf_key(layer), w.to_hf(np.asarray(array).astype(np_dtype))
+            if progress:
+                progress(n + 1, total)
+
+    write_safetensors(out / WEIGHTS_FILE, shapes, tensors(), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
