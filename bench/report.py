@@ -3,7 +3,8 @@
     python -m bench.report bench/results/h200.json [--plots DIR] [--markdown FILE]
 
 Decode table: one row per (GPUs, Δ, batch), one column per implementation, then lpjax against the best PyTorch
-baseline of the same row and the LP speed-up (Δ=0 time over Δ time, same implementation and GPU count). Full table:
+baseline of the same row and the LP speed-up (Δ=0 time over Δ time, same implementation and GPU count). Versus
+table: lpjax against the fastest baseline for every timed metric, "slower" in bold where it is behind. Full table:
 every metric. Plot: decode ms/token by GPU count and Δ, a bar per implementation and Δ.
 """
 
@@ -16,8 +17,9 @@ from pathlib import Path
 
 from bench.records import METRICS, read
 
-ORDER = ("lpjax", "torch-tp", "hf-static-compile", "hf-eager")
-TORCH = ("torch-tp", "hf-static-compile", "hf-eager")
+ORDER = ("lpjax", "torch-compile", "torch-tp", "hf-static-compile", "hf-eager")
+TORCH = ("torch-compile", "torch-tp", "hf-static-compile", "hf-eager")
+LP_SPEEDUP = ("lpjax", "torch-compile", "torch-tp")  # implementations whose LP speed-up gets a column
 
 
 def _impls(recs: list[dict]) -> list[str]:
@@ -34,11 +36,19 @@ def _fmt(v: float | None, digits: int = 2) -> str:
     return "" if v is None else f"{v:.{digits}f}"
 
 
+def compare(ours: float | None, best: float | None) -> str:
+    """lpjax's time against the best baseline's, said the way round it is."""
+    if not ours or not best:
+        return ""
+    return f"{best / ours:.2f}x faster" if ours <= best else f"**{ours / best:.2f}x slower**"
+
+
 def decode_table(recs: list[dict], model: str) -> str:
     idx, impls = _index(recs), _impls([r for r in recs if r["model"] == model])
     rows = sorted({(r["gpus"], r["lp_delta"], r["batch"]) for r in recs if r["model"] == model
                    and r["metric"] == "decode"}, key=lambda k: (k[2], k[0], k[1]))
-    head = ["GPUs", "Δ", "batch", *impls, "lpjax vs best PyTorch", "LP speed-up lpjax", "LP speed-up torch-tp"]
+    speedup_impls = [i for i in LP_SPEEDUP if i in impls]
+    head = ["GPUs", "Δ", "batch", *impls, "lpjax vs best PyTorch", *(f"LP speed-up {i}" for i in speedup_impls)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for gpus, delta, batch in rows:
         def get(impl, d=delta, g=gpus, b=batch):
@@ -47,13 +57,33 @@ def decode_table(recs: list[dict], model: str) -> str:
         # transformers baselines run on one GPU only: they are the best PyTorch of the 1-GPU rows alone
         torch_best = min((v for i in TORCH if (v := get(i)) is not None), default=None)
         ours = get("lpjax")
-        vs = f"{torch_best / ours:.2f}x faster" if ours and torch_best else ""
+        vs = compare(ours, torch_best)
         speedups = []
-        for impl in ("lpjax", "torch-tp"):
+        for impl in speedup_impls:
             base, lp = get(impl, 0), get(impl)
             speedups.append(f"{base / lp:.2f}x" if delta and base and lp else "")
         cells = [str(gpus), str(delta), str(batch), *(_fmt(get(i)) for i in impls), vs, *speedups]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def versus_table(recs: list[dict], model: str) -> str:
+    """lpjax against the fastest PyTorch baseline of the same GPUs, Δ and batch, for every timed metric."""
+    idx = _index(recs)
+    metrics = [m for m in METRICS if m != "peak_memory" and any(r["metric"] == m and r["model"] == model
+                                                               for r in recs)]
+    rows = sorted({(r["gpus"], r["lp_delta"], r["batch"]) for r in recs if r["model"] == model},
+                  key=lambda k: (k[2], k[0], k[1]))
+    head = ["GPUs", "Δ", "batch", *(f"{m}: lpjax vs best PyTorch" for m in metrics)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for gpus, delta, batch in rows:
+        cells = []
+        for m in metrics:
+            best = min(((v, i) for i in TORCH if (v := idx.get((model, i, gpus, delta, batch, m))) is not None),
+                       default=(None, ""))
+            verdict = compare(idx.get((model, "lpjax", gpus, delta, batch, m)), best[0])
+            cells.append(f"{verdict} ({best[1]})" if verdict else "")
+        lines.append("| " + " | ".join([str(gpus), str(delta), str(batch), *cells]) + " |")
     return "\n".join(lines)
 
 
@@ -87,6 +117,7 @@ def markdown_tables(recs: list[dict]) -> str:
     out = []
     for model in sorted({r["model"] for r in recs}):
         out += [f"### {model}: decode ms/token (lower is better)", "", decode_table(recs, model), "",
+                f"### {model}: lpjax against the fastest PyTorch, every metric", "", versus_table(recs, model), "",
                 f"### {model}: all metrics", "", full_table(recs, model), "", f"_{context_line(recs, model)}_", ""]
     return "\n".join(out)
 
