@@ -30,7 +30,7 @@ from flax import struct
 
 from lpjax.cache import StageCache
 from lpjax.config import ModelConfig
-from lpjax.schema import INIT_STD
+from lpjax.schema import BY_PATH, Sizes, TreeParam, init_std
 from lpjax.sharding import ALL, Layout, StageLayout
 
 
@@ -174,8 +174,22 @@ def project(x: jax.Array, w: jax.Array) -> jax.Array:
     return (x2 @ w2)[:rows].reshape(*lead, *w.shape[1:])
 
 
-def _param(module: nn.Module, name: str, shape, init=None):
-    return module.param(name, init or nn.initializers.normal(INIT_STD), shape, module.param_dtype)
+def _initializer(row: TreeParam, config: ModelConfig):
+    if row.init in ("ones", "zeros"):
+        return nn.initializers.ones if row.init == "ones" else nn.initializers.zeros
+    return nn.initializers.normal(init_std(row, config))
+
+
+def _param(module: nn.Module, path: str, stack: int | None = None) -> jax.Array:
+    """The model-tree leaf `path`, shaped and initialised as its schema row says at the sizes `module` holds (its
+    `config` and whichever `Sizes` fields it has). A stage leaf is one layer's (the vmap stacks it), or `stack`
+    layers' when the stage declares it itself."""
+    row = BY_PATH[path]
+    sizes = Sizes(**{f.name: getattr(module, f.name, 0) for f in dataclasses.fields(Sizes)})
+    shape = row.shape(module.config, sizes)
+    if stack is not None:
+        shape = (stack, *shape)
+    return module.param(path.rpartition("/")[2], _initializer(row, module.config), shape, module.param_dtype)
 
 
 class AttentionBlock(nn.Module):
@@ -191,16 +205,15 @@ class AttentionBlock(nn.Module):
     @nn.compact
     def __call__(self, x, cache: StageCache | None, pos: Positions, mode: Mode):
         c = self.config
-        D, hd = c.dim, c.head_dim
+        hd = c.head_dim
         B, T = x.shape[:2]
         G = self.heads // self.kv_heads  # query heads per KV head
-        norm = _param(self, "norm", (D,), nn.initializers.ones)
-        h = rms_norm(x, norm, c.norm_eps)
+        h = rms_norm(x, _param(self, "attn/norm"), c.norm_eps)
         # One fused projection, grouped per KV head: [its G query heads, its key, its value]. Splitting the KV-head
         # axis over devices keeps every group whole, so q/k/v need no communication and one matmul reads them.
-        qkv = project(h, _param(self, "wqkv", (D, self.kv_heads, G + 2, hd)))
+        qkv = project(h, _param(self, "attn/wqkv"))
         if c.attention_bias:
-            qkv = qkv + _param(self, "bqkv", (self.kv_heads, G + 2, hd), nn.initializers.zeros)
+            qkv = qkv + _param(self, "attn/bqkv")
         q = qkv[:, :, :, :G].reshape(B, T, self.heads, hd)
         k, v = qkv[:, :, :, G], qkv[:, :, :, G + 1]
         inv_freq = rope_inv_freq(c)
@@ -215,7 +228,7 @@ class AttentionBlock(nn.Module):
         # A plain [B, T, H*hd] x [H*hd, D] matmul behind a barrier: otherwise XLA fuses the attention's probs @ V
         # into it as a multiply-and-reduce over an [H, hd, D] product (seen on 2 H200s: 23 us a layer, not 4).
         out = jax.lax.optimization_barrier(out.reshape(B, T, self.heads * hd))
-        delta = project(out, _param(self, "wo", (self.heads * hd, D)))
+        delta = project(out, _param(self, "attn/wo"))
         return delta, cache
 
 
@@ -229,11 +242,11 @@ class MLPBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        h = rms_norm(x, _param(self, "norm", (c.dim,), nn.initializers.ones), c.norm_eps)
-        gate_up = project(h, _param(self, "w_gate_up", (c.dim, 2, self.ffn)))  # one matmul
+        h = rms_norm(x, _param(self, "mlp/norm"), c.norm_eps)
+        gate_up = project(h, _param(self, "mlp/w_gate_up"))  # one matmul
         if c.mlp_bias:
-            gate_up = gate_up + _param(self, "b_gate_up", (2, self.ffn), nn.initializers.zeros)
-        return project(jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], _param(self, "w_down", (self.ffn, c.dim)))
+            gate_up = gate_up + _param(self, "mlp/b_gate_up")
+        return project(jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], _param(self, "mlp/w_down"))
 
 
 def _stacked(block, size: int):
@@ -273,11 +286,11 @@ class StageBlock(nn.Module):
         deltas, cache = attn(x, cache, pos, mode)
         a = self._reduce(deltas)
         if c.attention_bias:
-            a = a + _param(self, "attn_out_bias", (self.stack, c.dim), nn.initializers.zeros).sum(0)
+            a = a + _param(self, "attn_out_bias", self.stack).sum(0)
         h = x + a.astype(x.dtype)
         m = self._reduce(_stacked(MLPBlock, self.local_stack)(c, self.ffn, self.param_dtype, name="mlp")(h))
         if c.mlp_bias:
-            m = m + _param(self, "mlp_out_bias", (self.stack, c.dim), nn.initializers.zeros).sum(0)
+            m = m + _param(self, "mlp_out_bias", self.stack).sum(0)
         return h + m.astype(h.dtype), cache
 
 
@@ -285,13 +298,13 @@ class Embed(nn.Module):
     """Token embedding, split over the vocabulary when `per_device`: each device looks up the ids it owns and
     one psum assembles the rows. `attend` is the tied LM head."""
 
+    config: ModelConfig
     vocab: int
-    dim: int
     per_device: bool = False
     param_dtype: jnp.dtype = jnp.float32
 
     def setup(self):
-        self.embedding = _param(self, "embedding", (self.vocab, self.dim))
+        self.embedding = _param(self, "embed/embedding")
 
     def __call__(self, tokens):
         if not self.per_device:
@@ -306,12 +319,12 @@ class Embed(nn.Module):
 
 
 class Norm(nn.Module):
-    eps: float
+    config: ModelConfig
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        return rms_norm(x, _param(self, "scale", (x.shape[-1],), nn.initializers.ones), self.eps)
+        return rms_norm(x, _param(self, "norm/scale"), self.config.norm_eps)
 
 
 class LlamaLM(nn.Module):
@@ -327,6 +340,15 @@ class LlamaLM(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     attention_impl: str = "xla"
 
+    @property
+    def config(self) -> ModelConfig:
+        return self.layout.config
+
+    @property
+    def vocab(self) -> int:
+        """Padded vocabulary held here (the embedding's rows, the LM head's columns)."""
+        return self.layout.vocab_padded // (self.layout.n_devices if self.per_device else 1)
+
     def _sizes(self, s: StageLayout) -> tuple[int, int, int, int]:
         """(layers, heads, KV heads, MLP width) of stage `s` held on one device (or the whole, if not per device)."""
         c, d = self.layout.config, (s.split if self.per_device else 1)
@@ -338,8 +360,7 @@ class LlamaLM(nn.Module):
                  logits_index=None):
         c, lay = self.layout.config, self.layout
         n = lay.n_devices if self.per_device else 1
-        vocab = lay.vocab_padded // n
-        embed = Embed(vocab, c.dim, self.per_device, self.param_dtype, name="embed")
+        embed = Embed(c, self.vocab, self.per_device, self.param_dtype, name="embed")
         x = embed(tokens)
         new_cache = {}
         for s in lay.stages:
@@ -347,13 +368,13 @@ class LlamaLM(nn.Module):
             stage = StageBlock(c, s.stack, layers, heads, kv_heads, ffn, self.per_device, self.param_dtype,
                                self.attention_impl, name=s.name)
             x, new_cache[s.name] = stage(x, None if cache is None else cache[s.name], pos, mode)
-        x = Norm(c.norm_eps, self.param_dtype, name="norm")(x)
+        x = Norm(c, self.param_dtype, name="norm")(x)
         if logits_index is not None:
             x = jax.lax.dynamic_index_in_dim(x, logits_index, axis=1, keepdims=False)  # [B, D]
         if c.tied_embeddings:
             logits = embed.attend(x)
         else:
-            logits = x @ self.param("lm_head", nn.initializers.normal(INIT_STD), (c.dim, vocab), self.param_dtype)
+            logits = x @ _param(self, "lm_head")
         logits = logits.astype(jnp.float32)
         if self.per_device and n > 1:
             logits = jax.lax.all_gather(logits, ALL, axis=logits.ndim - 1, tiled=True)

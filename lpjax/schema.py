@@ -3,10 +3,11 @@
 A `Weight` is one canonical (plan-independent, checkpointed) tensor: its shape from the config, its logical axes,
 its Hugging Face name and layout, how it is initialised and whether AdamW decays it. A `TreeParam` is one leaf of the
 model tree a plan assembles from them (fused, stacked per stage). Everything else is derived from these two tables:
-shapes (`layer_shapes`, `global_shapes`), shardings (`sharding.ShardingRules`), the HF name map (`sources/hf.py`,
-`sources/hf.py:write_hf`), initialisation (`init_std`, used by random weights and training) and the weight-decay mask
-(`decayed_paths`). Adding a weight is one row here plus its use in the model (`model.py`) and in the fusion
-(`weights.assemble_stage`).
+shapes (`layer_shapes`, `global_shapes`, and the model's parameters: `TreeParam.shape`), shardings
+(`sharding.ShardingRules`), the HF name map (`sources/hf.py`, `sources/hf.py:write_hf`), initialisation (`init_std`,
+used by random weights, training and the model's own `init`) and the weight-decay mask (`decayed_paths`). Adding a
+weight is one row here (and a `TreeParam` row, unless an existing leaf fuses it), plus its use in the model's math
+(`model.py` takes a leaf by path: `_param(module, "attn/wqkv")`) and in the fusion (`weights.assemble_stage`).
 
 HF layouts: `id` (same array), `T` (HF stores [out, in]: transposed), `in_heads` (HF [n*hd, D] <-> [D, n, hd]),
 `heads` (HF [n*hd] <-> [n, hd]).
@@ -133,37 +134,68 @@ BY_NAME: dict[str, Weight] = {w.name: w for w in WEIGHTS}
 
 
 @dataclasses.dataclass(frozen=True)
+class Sizes:
+    """How much of the model one module holds: attention heads, KV heads (as stored, repeats included), MLP width and
+    padded vocabulary; per device inside `shard_map`, else the whole model's. Fields a module does not use stay 0."""
+
+    heads: int = 0
+    kv_heads: int = 0
+    ffn: int = 0
+    vocab: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class TreeParam:
     """One leaf of the model tree: its path inside a stage (`attn/wqkv`) or the model (`embed/embedding`), its
-    logical axes (a stage's lead with the stack axis) and the canonical weights it is made of."""
+    logical axes (a stage's lead with the stack axis), the canonical weights it is made of, and its shape at given
+    `Sizes`: a stage leaf's shape for one layer (the tree stacks the stage's layers in front), a global's whole."""
 
     path: str
     axes: tuple[str | None, ...]
     made_of: tuple[str, ...]
+    shape: Callable[[ModelConfig, Sizes], tuple[int, ...]]
 
     @property
     def decayed(self) -> bool:
         return any(BY_NAME[n].decayed for n in self.made_of)
 
+    @property
+    def init(self) -> str:
+        (init,) = {BY_NAME[n].init for n in self.made_of}  # a leaf only fuses weights initialised alike
+        return init
+
+    def present(self, config: ModelConfig) -> bool:
+        return all(BY_NAME[n].present(config) for n in self.made_of)
+
+
+def _qkv(s: Sizes) -> tuple[int, int]:
+    """(KV heads, their groups: G query heads + key + value) of the fused q/k/v."""
+    return s.kv_heads, s.heads // s.kv_heads + 2
+
 
 STAGE_PARAMS: tuple[TreeParam, ...] = (
-    TreeParam("attn/norm", ("stack", None), ("attn_norm",)),
-    TreeParam("attn/wqkv", ("stack", None, "kv_heads", None, None), ("wq", "wk", "wv")),  # [S, D, KV, G+2, hd]
-    TreeParam("attn/bqkv", ("stack", "kv_heads", None, None), ("bq", "bk", "bv")),
-    TreeParam("attn/wo", ("stack", "heads", None), ("wo",)),  # [S, H*hd, D]: rows are whole heads, split like them
-    TreeParam("mlp/norm", ("stack", None), ("mlp_norm",)),
-    TreeParam("mlp/w_gate_up", ("stack", None, None, "mlp"), ("w_gate", "w_up")),  # [S, D, 2, F]
-    TreeParam("mlp/b_gate_up", ("stack", None, "mlp"), ("b_gate", "b_up")),
-    TreeParam("mlp/w_down", ("stack", "mlp", None), ("w_down",)),
+    TreeParam("attn/norm", ("stack", None), ("attn_norm",), lambda c, s: (c.dim,)),
+    TreeParam("attn/wqkv", ("stack", None, "kv_heads", None, None), ("wq", "wk", "wv"),  # [S, D, KV, G+2, hd]
+              lambda c, s: (c.dim, *_qkv(s), c.head_dim)),
+    TreeParam("attn/bqkv", ("stack", "kv_heads", None, None), ("bq", "bk", "bv"),
+              lambda c, s: (*_qkv(s), c.head_dim)),
+    TreeParam("attn/wo", ("stack", "heads", None), ("wo",),  # [S, H*hd, D]: rows are whole heads, split like them
+              lambda c, s: (s.heads * c.head_dim, c.dim)),
+    TreeParam("mlp/norm", ("stack", None), ("mlp_norm",), lambda c, s: (c.dim,)),
+    TreeParam("mlp/w_gate_up", ("stack", None, None, "mlp"), ("w_gate", "w_up"),  # [S, D, 2, F]
+              lambda c, s: (c.dim, 2, s.ffn)),
+    TreeParam("mlp/b_gate_up", ("stack", None, "mlp"), ("b_gate", "b_up"), lambda c, s: (2, s.ffn)),
+    TreeParam("mlp/w_down", ("stack", "mlp", None), ("w_down",), lambda c, s: (s.ffn, c.dim)),
     # Output biases are added once, after the all-reduce, so every device holds all of them.
-    TreeParam("attn_out_bias", (None, None), ("bo",)),
-    TreeParam("mlp_out_bias", (None, None), ("b_down",)),
+    TreeParam("attn_out_bias", (None, None), ("bo",), lambda c, s: (c.dim,)),
+    TreeParam("mlp_out_bias", (None, None), ("b_down",), lambda c, s: (c.dim,)),
 )
 GLOBAL_PARAMS: tuple[TreeParam, ...] = (
-    TreeParam("embed/embedding", ("vocab", None), ("embedding",)),
-    TreeParam("lm_head", (None, "vocab"), ("lm_head",)),
-    TreeParam("norm/scale", (None,), ("norm",)),
+    TreeParam("embed/embedding", ("vocab", None), ("embedding",), lambda c, s: (s.vocab, c.dim)),
+    TreeParam("lm_head", (None, "vocab"), ("lm_head",), lambda c, s: (c.dim, s.vocab)),
+    TreeParam("norm/scale", (None,), ("norm",), lambda c, s: (c.dim,)),
 )
+BY_PATH: dict[str, TreeParam] = {p.path: p for p in (*STAGE_PARAMS, *GLOBAL_PARAMS)}
 
 
 def weights(config: ModelConfig, per_layer: bool) -> tuple[Weight, ...]:
@@ -188,7 +220,7 @@ def canonical_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def init_std(weight: Weight, config: ModelConfig) -> float:
+def init_std(weight: Weight | TreeParam, config: ModelConfig) -> float:
     """Standard deviation of a matrix's initial N(0, std): residual-writing projections (wo, w_down) are scaled by
     1/sqrt(2 * layers), as in GPT-2."""
     return INIT_STD / math.sqrt(2 * config.n_layers) if weight.init == "residual" else INIT_STD

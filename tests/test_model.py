@@ -103,3 +103,36 @@ def test_flax_init_shapes_match_loader_layout(engines):
     loaded = abstract_params(engine.layout, jnp.float32)
     shapes = lambda t: jax.tree.map(lambda x: x.shape, t)  # noqa: E731
     assert shapes(init) == shapes(loaded)
+
+
+@pytest.mark.parametrize("bias_and_head", [True, False])
+def test_model_params_are_the_schema_tree_params(bias_and_head):
+    """Every model parameter is a schema `TreeParam` row, every row this config has is used, and each is
+    initialised as its row says (its shape comes from the row: `model._param`)."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from lpjax.config import PRESETS
+    from lpjax.model import LlamaLM, Positions
+    from lpjax.plan import LPPlan
+    from lpjax.schema import BY_PATH
+    from lpjax.sharding import Layout, make_mesh
+
+    flags = dict(attention_bias=True, mlp_bias=True, tied_embeddings=False) if bias_and_head else {}
+    config = dataclasses.replace(PRESETS["tiny"], n_layers=4, **flags)
+    layout = Layout.build(config, LPPlan.parse("1:3", config.n_layers), make_mesh(1))
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    pos = Positions(jnp.zeros((1, 4), jnp.int32), jnp.zeros((1,), jnp.int32), jnp.int32(0))
+    params = LlamaLM(layout).init(jax.random.key(0), tokens, pos)["params"]
+    stages = {s.name for s in layout.stages}
+    leaves = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        keys = [k.key for k in path]
+        leaves["/".join(keys[1:] if keys[0] in stages else keys)] = np.asarray(leaf)
+    assert set(leaves) == {p for p, row in BY_PATH.items() if row.present(config)}
+    for path, leaf in leaves.items():
+        init = BY_PATH[path].init
+        if init in ("ones", "zeros"):
+            assert np.all(leaf == (1 if init == "ones" else 0)), path
