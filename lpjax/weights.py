@@ -146,16 +146,22 @@ def _random_weights(shapes: dict[str, tuple[int, ...]], dtype, rng) -> dict[str,
 
 
 def open_source(model: str, seed: int = 0) -> WeightSource:
-    """`random:NAME`, a converted lpjax directory, or an HF directory."""
+    """`random:NAME`, a GGUF file or named GGUF model (`lpjax.gguf`), a converted lpjax directory, or an HF
+    directory."""
     if model.startswith("random:"):
         return RandomSource(model.split(":", 1)[1], seed)
+    from lpjax.gguf import GGUFSource, gguf_path
+
+    if (gguf_file := gguf_path(model)) is not None:
+        return GGUFSource(gguf_file)
     path = Path(model)
     if not path.exists():
         hint = " (lpjax reads local directories only; download the checkpoint first)" if (
             model.count("/") == 1 and not model.startswith((".", "/"))) else ""
         raise LPJaxError(f"--model {model}: no such file or directory{hint}")
     if not path.is_dir():
-        raise LPJaxError(f"--model {model}: not a directory (expected an HF or lpjax model directory, or random:NAME)")
+        raise LPJaxError(f"--model {model}: not a directory or GGUF file (expected an HF or lpjax model directory, a "
+                         "GGUF file, or random:NAME)")
     from lpjax.checkpoint import OrbaxSource, is_converted
 
     if is_converted(path):
