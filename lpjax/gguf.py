@@ -171,8 +171,8 @@ def hf_config(meta: dict[str, Any], tensor_names: set[str], path: Path) -> dict[
         "num_key_value_heads": int(get("attention.head_count_kv", heads)),
         "head_dim": int(meta.get("llama.attention.key_length") or meta.get("llama.rope.dimension_count")
                         or dim // heads),
-        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "rms_norm_eps": f32(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": f32(get("rope.freq_base", 10000.0)),
         "max_position_embeddings": int(get("context_length", 2048)),
         "tie_word_embeddings": "output.weight" not in tensor_names,
         "attention_bias": "blk.0.attn_q.bias" in tensor_names,
@@ -183,8 +183,14 @@ def hf_config(meta: dict[str, Any], tensor_names: set[str], path: Path) -> dict[
     }
     scaling = meta.get("llama.rope.scaling.type")
     if scaling not in (None, "none"):
-        config["rope_scaling"] = {"rope_type": scaling, "factor": float(meta.get("llama.rope.scaling.factor", 1.0))}
+        config["rope_scaling"] = {"rope_type": scaling, "factor": f32(meta.get("llama.rope.scaling.factor", 1.0))}
     return config
+
+
+def f32(value) -> float:
+    """A float32 metadata value as the shortest decimal that round-trips (1e-06, not 9.99999997e-07): what the
+    HF config it came from said."""
+    return float(str(np.float32(value)))
 
 
 def unpermute(rows: np.ndarray, heads: int) -> np.ndarray:
