@@ -175,6 +175,20 @@ def test_sweep_end_to_end(checkpoints, text_file, tmp_path, capsys, quick_compil
     assert_clean_error(rc, err, "sweep.txt, sweep.json, sweep.png already there")
 
 
+def test_next_token_accuracy_is_the_share_of_scored_tokens_the_argmax_predicts():
+    import numpy as np
+
+    from lpjax.engine import Engine
+    from lpjax.generate import DEFAULT_MODEL
+
+    engine = Engine.load(DEFAULT_MODEL, "", 1, "float32")  # trained: it predicts some tokens of Python right
+    ids = engine.tokenizer.encode("def read_config(path):\n    with open(path) as f:\n        return f.read()\n")
+    res = perplexity(engine, [ids], window=len(ids), stride=len(ids) - 1)  # one window: the whole text's context
+    predicted = engine.logits(np.array([ids]))[0, :-1].argmax(-1)
+    assert res["accuracy"] == pytest.approx(float(np.mean(predicted == np.array(ids[1:]))))
+    assert 0 < res["accuracy"] < 1 and res["tokens"] == len(ids) - 1
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 
