@@ -138,8 +138,9 @@ def main(argv=None) -> int:
             f"{engine.layout.n_devices} device(s)")
     if args.json:
         cli.emit_json({
-            "ppl": res["ppl"], "nll": res["nll"], "accuracy": res["accuracy"], "tokens": res["tokens"], "windows": res["windows"],
-            "window": window, "stride": stride, "lp": engine.plan.spec(), "delta": engine.plan.delta,
+            "ppl": res["ppl"], "nll": res["nll"], "accuracy": res["accuracy"], "tokens": res["tokens"],
+            "windows": res["windows"], "window": window, "stride": stride, "lp": engine.plan.spec(),
+            "delta": engine.plan.delta,
             "devices": engine.layout.n_devices, "dtype": engine.dtype_name, "model": engine.source.description,
             "files": [dict(r, file=f) for f, r in zip(args.text, res["per_text"])],
         })

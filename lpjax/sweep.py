@@ -272,10 +272,12 @@ def main(argv=None) -> int:
         records.append({
             "label": sp.label, "lp": sp.plan.spec(), "kind": sp.kind, "delta": sp.plan.delta,
             "depth": sp.plan.depth, "pairs": [list(p) for p in sp.plan.pairs], "ppl": res["ppl"], "nll": res["nll"],
-            "accuracy": res["accuracy"], "tokens": res["tokens"], "ms_per_token": statistics.median(runs), "ms_per_token_runs": runs,
+            "accuracy": res["accuracy"], "tokens": res["tokens"], "ms_per_token": statistics.median(runs),
+            "ms_per_token_runs": runs,
             "compile_s": round(engine.compile_s, 3),
         })
-        cli.say(f"  ppl {res['ppl']:.4f}, accuracy {res['accuracy']:.4f}, decode {statistics.median(runs):.3f} ms/token", file=sys.stderr)
+        cli.say(f"  ppl {res['ppl']:.4f}, accuracy {res['accuracy']:.4f}, decode {statistics.median(runs):.3f} "
+                "ms/token", file=sys.stderr)
         del engine
         if args.out is not None and main_process:  # partial results survive an interrupted sweep
             write_json(args.out / "sweep.json", dict(header, records=records, complete=False))
