@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -314,8 +315,6 @@ def cache_root() -> Path:
 
 def companion_dir(file: GGUFFile) -> Path:
     """A directory with the file's `config.json` and tokenizer files (built once per file version, then reused)."""
-    import json
-
     st = file.path.stat()
     key = hashlib.sha256(f"{file.path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
     out = cache_root() / f"{file.path.stem}-{key}"
