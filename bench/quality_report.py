@@ -119,8 +119,8 @@ def load_pretrained(run: Path, timings: Path | None) -> dict:
         if timings is not None:
             timed = json.loads((timings / sweep / "sweep.json").read_text())
             out[sweep] = dict(out[sweep], records=merge_timings(out[sweep]["records"], timed["records"]),
-                              timing_platform=f"{timed['devices']} {timed['platform'].upper()} ({timed['model']}, "
-                                              f"{timed['dtype']})")
+                              timing_platform=f"{timed['devices']} {timed['platform'].upper()}, {timed['dtype']}"
+                                              + (", random weights" if "random" in timed["model"] else ""))
     for name in PRETRAINED_FINETUNES:
         if (run / f"finetune-{name}.json").is_file():
             out["finetune"][name] = last_json(run / f"finetune-{name}.json")
@@ -138,8 +138,9 @@ def pretrained_report(run: Path, out: Path, timings: Path | None) -> str:
         (out / f"{sweep}.json").write_text(json.dumps(runs, indent=1, sort_keys=True) + "\n")
         shutil.copy2(run / sweep / "sweep.txt", out / f"{sweep}.txt")
         where = runs.get("timing_platform") or f"{runs['devices']} {runs['platform'].upper()} (this run's own)"
-        plot(runs["records"], out / f"{sweep}.png", f"SmolLM2-135M-Instruct (Q4_1 GGUF): LP plans; timing on {where}",
-             "decode ms/token (batch 1)", f"val perplexity ({runs['records'][0]['tokens']} tokens)")
+        plot(runs["records"], out / f"{sweep}.png",
+             f"SmolLM2-135M-Instruct (Q4_1 GGUF): LP plans; decode timed on {where}", "decode ms/token (batch 1)",
+             f"val perplexity ({runs['records'][0]['tokens']} tokens)")
     ft = res["finetune"]
     if ft:
         r = next(iter(ft.values()))
