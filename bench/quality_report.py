@@ -1,10 +1,17 @@
 """Tables and the fine-tuning plot of the quality experiment (`bench/quality.sh`), from its JSON outputs.
 
     python -m bench.quality_report RUN_DIR --out bench/results/quality
+    python -m bench.quality_report RUN_DIR --out bench/results/quality-smollm2 --pretrained [--timings DIR]
 
 Copies the JSON results and the sweep plots into OUT, draws OUT/finetune.png (held-out perplexity against
 fine-tuning steps: LP on the default range, LP on the searched plan, and the control that trains the same layers
 without LP) and writes OUT/quality.md with the tables the README shows.
+
+`--pretrained` reads `bench/quality_smollm2.sh`'s run instead (no training; the searched plan and the default range
+scored on val by `lpjax.eval`). `--timings DIR` takes decode ms/token from DIR/sweep/sweep.json and
+DIR/positions/sweep.json, sweeps of the same plans run elsewhere (for instance on an H200 with random weights of the
+model's shape: speed does not depend on the values), in place of the run's own timings; the plots and the Pareto
+front are then drawn from those, and say where they come from.
 """
 
 from __future__ import annotations
@@ -39,17 +46,34 @@ def load(run: Path) -> dict:
 
 
 def sweep_table(sweep: dict) -> str:
-    lines = ["| plan (`--lp`) | Δ | depth | val perplexity | Δ perplexity | decode ms/token | speed-up |",
-             "|---|---|---|---|---|---|---|"]
+    """One row per plan; a next-token accuracy column when the records have it."""
+    acc = all("accuracy" in r for r in sweep["records"])
+    lines = ["| plan (`--lp`) | Δ | depth | val perplexity | Δ perplexity |" + (" next-token accuracy |" if acc else "")
+             + " decode ms/token | speed-up |", "|---|---|---|---|---|" + ("---|" if acc else "") + "---|---|"]
     for r in sweep["records"]:
         lines.append(f"| {r['lp'] or 'sequential'} | {r['delta']} | {r['depth']} | {r['ppl']:.3f} | "
-                     f"{r['delta_ppl']:+.3f} | {r['ms_per_token']:.3f} | {r['speedup']:.2f}x |")
+                     f"{r['delta_ppl']:+.3f} |" + (f" {r['accuracy']:.4f} |" if acc else "")
+                     + f" {r['ms_per_token']:.3f} | {r['speedup']:.2f}x |")
     return "\n".join(lines)
 
 
+def merge_timings(records: list[dict], timings: list[dict]) -> list[dict]:
+    """`records` with decode ms/token taken from `timings` (records of the same plans measured elsewhere), the
+    speed-ups and the Pareto front recomputed from them."""
+    from lpjax.sweep import finish
+
+    ms = {t["lp"]: t for t in timings}
+    missing = [r["lp"] or "sequential" for r in records if r["lp"] not in ms]
+    if missing:
+        raise ValueError(f"no timing for plan(s) {', '.join(missing)}")
+    return finish([dict(r, ms_per_token=ms[r["lp"]]["ms_per_token"],
+                        ms_per_token_runs=ms[r["lp"]]["ms_per_token_runs"]) for r in records])
+
+
 def finetune_table(ft: dict) -> str:
-    """Perplexities (non-overlapping 256-token windows of val.txt, as the training loop scores them)."""
-    lines = ["| run | trained layers | val ppl before | val ppl after 400 steps |", "|---|---|---|---|"]
+    """Perplexities (non-overlapping windows of val.txt, as the training loop scores them)."""
+    steps = next(iter(ft.values()))["steps"] if ft else 0
+    lines = ["| run | trained layers | val ppl before | val ppl after " + f"{steps} steps |", "|---|---|---|---|"]
     for name, label in FINETUNES:
         if name in ft:
             r = ft[name]
@@ -57,7 +81,8 @@ def finetune_table(ft: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_finetune(ft: dict, path: Path) -> None:
+def plot_finetune(ft: dict, path: Path, title: str = "Fine-tuning only the paired layers (Δ=8 of 16)",
+                  xlabel: str = "fine-tuning steps (32 x 256 tokens)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -73,20 +98,85 @@ def plot_finetune(ft: dict, path: Path) -> None:
         ax.plot(steps, ppl, marker="o", ms=3, label=f"{label} ({r['lp']})", ls="--" if r.get("control") else "-")
     seq = next(iter(ft.values()))["val_ppl_sequential"]
     ax.axhline(seq, color="gray", lw=1, ls=":", label=f"sequential model, not fine-tuned ({seq:.2f})")
-    ax.set_xlabel("fine-tuning steps (32 x 256 tokens)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("held-out perplexity (lower is better)")
-    ax.set_title("Fine-tuning only the paired layers (Δ=8 of 16)")
+    ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+PRETRAINED_FINETUNES = ("default", "control")
+
+
+def load_pretrained(run: Path, timings: Path | None) -> dict:
+    """`bench/quality_smollm2.sh`'s results; with `timings`, the sweeps' decode times replaced by those."""
+    out = {"search": last_json(run / "search.json"), "finetune": {},
+           "eval": {name: last_json(run / f"eval_{name}.json") for name in ("default", "searched")}}
+    for sweep in ("sweep", "positions"):
+        out[sweep] = json.loads((run / sweep / "sweep.json").read_text())
+        if timings is not None:
+            timed = json.loads((timings / sweep / "sweep.json").read_text())
+            out[sweep] = dict(out[sweep], records=merge_timings(out[sweep]["records"], timed["records"]),
+                              timing_platform=f"{timed['devices']} {timed['platform'].upper()}, {timed['dtype']}"
+                                              + (", random weights" if "random" in timed["model"] else ""))
+    for name in PRETRAINED_FINETUNES:
+        if (run / f"finetune-{name}.json").is_file():
+            out["finetune"][name] = last_json(run / f"finetune-{name}.json")
+    return out
+
+
+def pretrained_report(run: Path, out: Path, timings: Path | None) -> str:
+    """Copy the SmolLM2 study's results into OUT, draw its plots, and return the tables of the README."""
+    res = load_pretrained(run, timings)
+    for name in ("search.json", "eval_default.json", "eval_searched.json",
+                 *(f"finetune-{n}.json" for n in res["finetune"])):
+        shutil.copy2(run / name, out / name)
+    for sweep in ("sweep", "positions"):
+        runs = res[sweep]
+        (out / f"{sweep}.json").write_text(json.dumps(runs, indent=1, sort_keys=True) + "\n")
+        shutil.copy2(run / sweep / "sweep.txt", out / f"{sweep}.txt")
+        where = runs.get("timing_platform") or f"{runs['devices']} {runs['platform'].upper()} (this run's own)"
+        plot(runs["records"], out / f"{sweep}.png",
+             f"SmolLM2-135M-Instruct (Q4_1 GGUF): LP plans; decode timed on {where}", "decode ms/token (batch 1)",
+             f"val perplexity ({runs['records'][0]['tokens']} tokens)")
+    ft = res["finetune"]
+    if ft:
+        r = next(iter(ft.values()))
+        plot_finetune(ft, out / "finetune.png", f"SmolLM2-135M: fine-tuning only the paired layers ({r['lp']})",
+                      f"fine-tuning steps ({r['tokens_seen'] // max(1, r['steps'])} tokens each)")
+    s, ev = res["search"], res["eval"]
+    where = res["sweep"].get("timing_platform") or "this run's own CPU"
+    return "\n".join([
+        f"Δ sweep (val.txt; decode timing: {where}):", "", sweep_table(res["sweep"]), "",
+        "Position of a Δ=8 range:", "", sweep_table(res["positions"]), "",
+        f"Plan search (greedy, {s['evaluations']} evaluations on dev.txt's first {s.get('tokens', '?')} tokens): "
+        f"found `--lp {s['best']['lp']}` (dev ppl {s['best']['ppl']:.3f}); default range `--lp {s['default']['lp']}` "
+        f"(dev ppl {s['default']['ppl']:.3f}); sequential {s['sequential_ppl']:.3f}. On val: searched "
+        f"{ev['searched']['ppl']:.3f} (accuracy {ev['searched']['accuracy']:.4f}), default "
+        f"{ev['default']['ppl']:.3f} (accuracy {ev['default']['accuracy']:.4f}).", "",
+        "Fine-tuning:", "", finetune_table(ft), ""])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("run", type=Path, help="the RUN directory of bench/quality.sh")
+    p.add_argument("run", type=Path, help="the RUN directory of bench/quality.sh (or bench/quality_smollm2.sh)")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--pretrained", action="store_true", help="RUN is bench/quality_smollm2.sh's")
+    p.add_argument("--timings", type=Path, default=None,
+                   help="with --pretrained: a directory with sweep/ and positions/ sweeps whose decode ms/token to use")
     args = p.parse_args(argv)
+    if args.pretrained:
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+            text = pretrained_report(args.run, args.out, args.timings)
+        except (OSError, ValueError, KeyError) as e:
+            print(f"error: {args.run}: incomplete quality run or timings ({e})", file=sys.stderr)
+            return 2
+        (args.out / "quality.md").write_text(text)
+        print(text)
+        return 0
     try:
         res = load(args.run)
     except (OSError, ValueError, KeyError) as e:

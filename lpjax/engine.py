@@ -204,12 +204,19 @@ class Engine:
 
     def token_nll(self, tokens: np.ndarray) -> np.ndarray:
         """Negative log-likelihood [B, T-1] of tokens[:, 1:] given their prefixes, computed on device."""
+        return self.token_scores(tokens)[..., 0]
 
-        def nll(logits, t):
+    def token_scores(self, tokens: np.ndarray) -> np.ndarray:
+        """[B, T-1, 2]: the NLL of tokens[:, 1:] given their prefixes, and 1.0 where the most likely next token was
+        it (the next-token accuracy's hits), computed on device."""
+
+        def scores(logits, t):
             logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-            return -jnp.take_along_axis(logp, t[:, 1:, None], axis=-1)[..., 0]
+            nll = -jnp.take_along_axis(logp, t[:, 1:, None], axis=-1)[..., 0]
+            hit = (jnp.argmax(logits[:, :-1], axis=-1) == t[:, 1:]).astype(nll.dtype)
+            return jnp.stack([nll, hit], axis=-1)
 
-        return self._full(tokens, None, "nll", nll)
+        return self._full(tokens, None, "scores", scores)
 
     # ---------------------------------------------------------------- cache, prefill, decode
 

@@ -26,6 +26,8 @@ def parse_args(argv):
                    help=f"tokens per window (default: --max-len, else min(model context, {DEFAULT_WINDOW}))")
     p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: window / 2)")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    p.add_argument("--max-tokens", type=int, default=0,
+                   help="score only the texts' first N tokens (0: all), as lpjax.sweep does")
     return p.parse_args(argv)
 
 
@@ -40,17 +42,21 @@ def main(argv=None) -> int:
     window, stride = resolve_window(args.window, args.stride, args.max_len, engine.config.max_seq_len)
     if args.batch_size < 1:
         raise LPJaxError(f"--batch-size {args.batch_size}: must be at least 1")
-    texts = encode_texts(engine.tokenizer, args.text, contents)
+    if args.max_tokens < 0:
+        raise LPJaxError(f"--max-tokens {args.max_tokens}: must be at least 0")
+    texts = encode_texts(engine.tokenizer, args.text, contents, args.max_tokens)
     cli.say(f"[{engine.describe()}]", file=sys.stderr)
     bar = cli.progress_bar("scoring windows") if cli.is_main_process() else None
     res = perplexity(engine, texts, window, stride, args.batch_size, bar)
-    cli.say(f"perplexity {res['ppl']:.4f} (NLL {res['nll']:.5f} nats/token) over {res['tokens']} tokens in "
+    cli.say(f"perplexity {res['ppl']:.4f} (NLL {res['nll']:.5f} nats/token, next-token accuracy "
+            f"{res['accuracy']:.4f}) over {res['tokens']} tokens in "
             f"{res['windows']} window(s) of {window}, stride {stride}; LP plan {engine.plan.describe()}; "
             f"{engine.layout.n_devices} device(s)")
     if args.json:
         cli.emit_json({
-            "ppl": res["ppl"], "nll": res["nll"], "tokens": res["tokens"], "windows": res["windows"],
-            "window": window, "stride": stride, "lp": engine.plan.spec(), "delta": engine.plan.delta,
+            "ppl": res["ppl"], "nll": res["nll"], "accuracy": res["accuracy"], "tokens": res["tokens"],
+            "windows": res["windows"], "window": window, "stride": stride, "lp": engine.plan.spec(),
+            "delta": engine.plan.delta,
             "devices": engine.layout.n_devices, "dtype": engine.dtype_name, "model": engine.source.description,
             "files": [dict(r, file=f) for f, r in zip(args.text, res["per_text"])],
         })

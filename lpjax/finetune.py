@@ -38,7 +38,8 @@ from lpjax.weights import load_params, retarget, source_dtype
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m lpjax.finetune", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--model", required=True, help="HF Llama directory or converted lpjax directory")
+    p.add_argument("--model", required=True,
+                   help="HF Llama directory, converted lpjax directory, GGUF file or smollm2 (dequantised)")
     p.add_argument("--lp", default="", metavar="START:END[,...]",
                    help="the LP plan whose paired layers are trained, e.g. 4:8 (required)")
     p.add_argument("--control", action="store_true",

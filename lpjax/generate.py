@@ -1,6 +1,9 @@
 """`python -m lpjax.generate`: stream text from a Llama, with or without Layer Parallelism.
 
-With no arguments it runs the embedded default model twice, without and with LP, and prints both timings.
+With no arguments it runs the embedded default model twice, without and with LP, and prints both timings. With
+`--chat` each prompt is a user's message wrapped in the checkpoint's chat template, and the reply ends at the
+template's end-of-turn token; `--chat` without `--prompt` is a conversation on stdin (one message per line; the
+history is kept, an empty line or end of input ends it).
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m lpjax.generate", description=__doc__.splitlines()[0])
     cli.add_model_args(p, model_required=False)
     p.add_argument("--prompt", action="append", default=None, help="prompt text (repeat for a batch)")
+    p.add_argument("--chat", action="store_true",
+                   help="prompts are user messages in the model's chat template; without --prompt: a conversation "
+                        "on stdin")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (stops early at EOS)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -47,26 +53,36 @@ class Streamer:
             self.shown = text
 
 
-def run_once(engine, args, prompts: list[str]) -> dict:
+def user_turn(history: list[dict[str, str]], text: str) -> list[dict[str, str]]:
+    return [*history, {"role": "user", "content": text}]
+
+
+def run_once(engine, args, prompts: list[str], history: list[dict[str, str]] | None = None) -> dict:
+    """Generate from `prompts`; with `args.chat`, each is the next user message after `history`, and only the reply
+    is printed."""
     from lpjax.sampling import Sampling
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     tok = engine.tokenizer
-    ids = [tok.encode(p) for p in prompts]
+    if args.chat:
+        ids = [tok.chat_ids(user_turn(history or [], p)) for p in prompts]
+        eos, echo = tok.end_of_turn_ids, [""] * len(prompts)
+    else:
+        ids, eos, echo = [tok.encode(p) for p in prompts], tok.eos_ids, prompts
     if any(len(i) == 0 for i in ids):
         raise LPJaxError("a prompt encodes to no tokens")
     engine.cache_length(max(map(len, ids)), args.max_new_tokens, args.max_len)  # fits? (before echoing the prompt)
     stream = Streamer(tok, enabled=len(prompts) == 1)
     if len(prompts) == 1:
-        cli.say(prompts[0], end="")
+        cli.say(echo[0], end="")
     res = engine.generate(ids, args.max_new_tokens, sampling, seed=args.seed, max_len=args.max_len,
-                          eos=tok.eos_ids, pad_id=tok.pad_id, on_tokens=stream, chunk=args.stream_chunk or None)
+                          eos=eos, pad_id=tok.pad_id, on_tokens=stream, chunk=args.stream_chunk or None)
     texts = [tok.decode(t) for t in res.tokens]
     if len(prompts) == 1:
         cli.say(texts[0][len(stream.shown):])
     else:
-        for p, t in zip(prompts, texts):
-            cli.say(f"--- {p!r}\n{p}{t}")
+        for p, e, t in zip(prompts, echo, texts):
+            cli.say(f"--- {p!r}\n{e}{t}")
     summary = {
         "text": texts[0], "texts": texts, "tokens": res.tokens[0], "prompt_tokens": res.prompt_tokens,
         "batch": res.batch, "new_tokens": len(res.tokens[0]), "prefill_ms": round(1000 * res.prefill_s, 3),
@@ -83,9 +99,25 @@ def run_once(engine, args, prompts: list[str]) -> dict:
         f"{res.decode_steps} steps, {res.decode_tokens_per_s:.1f} tokens/s ({res.decode_ms_per_step:.2f} ms/token) | "
         f"compile {res.compile_s:.1f} s]\n[LP plan {engine.plan.describe()} | {describe_mesh(engine.mesh)} | "
         f"{engine.dtype_name} | {sampling.describe()}]",
-        file=sys.stderr if args.json else sys.stdout,
+        file=sys.stderr if args.json or args.chat else sys.stdout,
     )
     return summary
+
+
+def converse(engine, args, lines) -> list[dict]:
+    """The interactive chat: each line of `lines` is the user's next message, answered with the history so far."""
+    history: list[dict[str, str]] = []
+    turns = []
+    tty = sys.stdin.isatty()
+    while True:
+        if tty:
+            cli.say("> ", end="", file=sys.stderr)
+        line = next(lines, "").strip()
+        if not line:
+            return turns
+        turn = run_once(engine, args, [line], history)
+        history = [*user_turn(history, line), {"role": "assistant", "content": turn["text"].strip()}]
+        turns.append(turn)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     from lpjax.engine import Engine
 
     default = args.model is None
+    if default and args.chat:
+        raise LPJaxError("--chat: the embedded default model has no chat template; give a chat model, e.g. "
+                         "--model smollm2")
     if default:
         cli.say("No --model given: running the embedded default, a 16-layer Llama of 3.9M parameters trained here on "
                 "the Python standard library's source (it writes Python-like code; see README, Quality). It runs "
@@ -108,7 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine.load(args.model, "" if default else args.lp, args.devices, args.dtype, seed=args.seed,
                          progress=cli.load_bar() if cli.is_main_process() and not default else None)
     cli.say(f"[{engine.describe()}]", file=sys.stderr)
-    if not default:
+    if args.chat and not args.prompt:
+        engine.tokenizer.chat_ids([{"role": "user", "content": "hi"}])  # no chat template: say so before reading
+        result = {"turns": converse(engine, args, iter(sys.stdin))}
+    elif not default:
         result = run_once(engine, args, prompts)
     else:
         runs = []

@@ -118,7 +118,8 @@ def main(argv=None) -> int:
         bar = cli.progress_bar(f"  plan {i}/{len(plans)} scoring windows") if main_process else None
         record = measure(engine, sp, texts, window, stride, args.batch_size, prompt, timing, args.max_len, bar)
         records.append(record)
-        cli.say(f"  ppl {record['ppl']:.4f}, decode {record['ms_per_token']:.3f} ms/token", file=sys.stderr)
+        cli.say(f"  ppl {record['ppl']:.4f}, accuracy {record['accuracy']:.4f}, "
+                f"decode {record['ms_per_token']:.3f} ms/token", file=sys.stderr)
         del engine
         if args.out is not None and main_process:  # partial results survive an interrupted sweep
             write_json(args.out / "sweep.json", dict(header, records=records, complete=False))

@@ -23,6 +23,20 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         raise NotImplementedError
 
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """The conversation `messages` ({"role", "content"} dicts) rendered by the checkpoint's chat template, ending
+        with the cue for the assistant's turn."""
+        raise LPJaxError(f"--chat: the {self.description} tokenizer has no chat template")
+
+    @property
+    def end_of_turn_ids(self) -> tuple[int, ...]:
+        """Tokens that end an assistant's turn in a chat (and end generation there)."""
+        return self.eos_ids
+
+
+# Tokens that chat templates close a turn with (ChatML, Llama 3, Gemma, Phi-3); a template's own ones are used.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+
 
 class ByteTokenizer(Tokenizer):
     """UTF-8 bytes 0..255, then BOS=256, EOS=257, PAD=258. Ids past 258 (random models' larger vocabularies)
@@ -68,6 +82,19 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        if not self.tok.chat_template:
+            return super().chat_ids(messages)
+        text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(self.tok(text, add_special_tokens=False)["input_ids"])  # the template writes its own specials
+
+    @property
+    def end_of_turn_ids(self) -> tuple[int, ...]:
+        template = self.tok.chat_template or ""
+        vocab = self.tok.get_vocab()
+        ends = {vocab[t] for t in END_OF_TURN_TOKENS if t in template and t in vocab}
+        return tuple(sorted(ends.union(self.eos_ids)))
 
 
 TOKENIZER_FILES = (

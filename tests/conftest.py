@@ -13,6 +13,10 @@ if "LPJAX_COMPILE_CACHE" not in os.environ:  # keep the CLIs' compile cache out 
     import tempfile
 
     os.environ["LPJAX_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="lpjax-test-xla-")
+if "LPJAX_GGUF_CACHE" not in os.environ:  # GGUF companion directories (tokenizer files) too
+    import tempfile
+
+    os.environ["LPJAX_GGUF_CACHE"] = tempfile.mkdtemp(prefix="lpjax-test-gguf-")
 
 import pytest  # noqa: E402
 from helpers import CORPUS, make_checkpoint  # noqa: E402

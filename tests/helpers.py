@@ -33,6 +33,9 @@ CONFIGS = {
     "tied_odd_vocab": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                            num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=256,
                            vocab_size=322),
+    # every matrix row a multiple of 256 values, so each GGUF block type (K-quants included) can hold it
+    "gguf_blocks": dict(hidden_size=256, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=64, max_position_embeddings=256, rope_theta=100000.0),
     # divides over 8 devices: 8 heads, 2 KV heads (repeated), MLP 128
     "shardable": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=8,
                       num_key_value_heads=2, max_position_embeddings=256),

@@ -11,10 +11,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(*args, devices: int = 1, timeout: int = 300):
+def run(*args, devices: int = 1, timeout: int = 300, stdin: str | None = None):
     env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     p = subprocess.run([sys.executable, "-m", *map(str, args)], capture_output=True, text=True, env=env,
-                       timeout=timeout, cwd=ROOT)
+                       timeout=timeout, cwd=ROOT, input=stdin)
     return p.returncode, p.stdout, p.stderr
 
 

@@ -175,6 +175,36 @@ def test_sweep_end_to_end(checkpoints, text_file, tmp_path, capsys, quick_compil
     assert_clean_error(rc, err, "sweep.txt, sweep.json, sweep.png already there")
 
 
+def test_timings_measured_elsewhere_replace_the_decode_times_and_redraw_the_front():
+    from bench.quality_report import merge_timings
+    from lpjax.sweep import finish
+
+    cpu = finish([{"lp": "", "delta": 0, "ppl": 10.0, "ms_per_token": 9.0, "ms_per_token_runs": [9.0]},
+                  {"lp": "2:4", "delta": 2, "ppl": 11.0, "ms_per_token": 9.5, "ms_per_token_runs": [9.5]}])
+    assert [r["pareto"] for r in cpu] == [True, False]
+    gpu = [{"lp": "2:4", "ms_per_token": 1.0, "ms_per_token_runs": [1.0, 1.1]},
+           {"lp": "", "ms_per_token": 2.0, "ms_per_token_runs": [2.0]}]
+    merged = merge_timings(cpu, gpu)
+    assert [r["ms_per_token"] for r in merged] == [2.0, 1.0] and [r["ppl"] for r in merged] == [10.0, 11.0]
+    assert [r["speedup"] for r in merged] == [1.0, 2.0] and [r["pareto"] for r in merged] == [True, True]
+    with pytest.raises(ValueError, match="no timing for plan"):
+        merge_timings(cpu, gpu[:1])
+
+
+def test_next_token_accuracy_is_the_share_of_scored_tokens_the_argmax_predicts():
+    import numpy as np
+
+    from lpjax.engine import Engine
+    from lpjax.generate import DEFAULT_MODEL
+
+    engine = Engine.load(DEFAULT_MODEL, "", 1, "float32")  # trained: it predicts some tokens of Python right
+    ids = engine.tokenizer.encode("def read_config(path):\n    with open(path) as f:\n        return f.read()\n")
+    res = perplexity(engine, [ids], window=len(ids), stride=len(ids) - 1)  # one window: the whole text's context
+    predicted = engine.logits(np.array([ids]))[0, :-1].argmax(-1)
+    assert res["accuracy"] == pytest.approx(float(np.mean(predicted == np.array(ids[1:]))))
+    assert 0 < res["accuracy"] < 1 and res["tokens"] == len(ids) - 1
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 

@@ -2,7 +2,8 @@
 
 `--format lpjax` (the default) writes lpjax's converted format (an Orbax checkpoint per layer); `--format hf` writes
 a Hugging Face Llama directory (safetensors, config.json, tokenizer files) that transformers loads. SRC is anything
-lpjax loads: an HF directory, an lpjax directory (a trained or fine-tuned model), or random:NAME.
+lpjax loads: an HF directory, an lpjax directory (a trained or fine-tuned model), a GGUF file (dequantised; float32
+unless --dtype says otherwise) or smollm2, or random:NAME.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m lpjax.convert", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1])
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", default=None, help="HF Llama directory, lpjax directory, or random:NAME")
+    src.add_argument("--model", default=None,
+                     help="HF Llama directory, lpjax directory, GGUF file, smollm2, or random:NAME")
     src.add_argument("--hf", type=Path, default=None, help="Hugging Face Llama directory (config.json + safetensors)")
     p.add_argument("--out", required=True, type=Path, help="output directory (must be new or empty)")
     p.add_argument("--format", choices=FORMATS, default="lpjax", help="lpjax (default) or hf")

@@ -35,27 +35,30 @@ def windows(n: int, window: int, stride: int) -> Iterator[tuple[int, int, int]]:
 
 def perplexity(engine, texts: list[list[int]], window: int, stride: int, batch_size: int = 1,
                progress=None) -> dict:
-    """Total NLL and token count over `texts` (token id lists), scored as the module docstring says."""
+    """Mean NLL, perplexity, next-token accuracy (how often the most likely token was the next one) and token
+    count over `texts` (token id lists), scored as the module docstring says."""
     if not 0 < stride <= window - 1 and window > 1:
         raise LPJaxError(f"--stride {stride}: must be between 1 and --window - 1 ({window - 1})")
     jobs = [(k, w) for k, t in enumerate(texts) for w in windows(len(t), window, stride)]
     pad_id = 0
-    total, count, per_text = 0.0, 0, [[0.0, 0] for _ in texts]
+    total, hits, count, per_text = 0.0, 0.0, 0, [[0.0, 0] for _ in texts]
     for start in range(0, len(jobs), batch_size):
         group = jobs[start:start + batch_size]
         tokens = np.full((len(group), window), pad_id, np.int32)
         for r, (k, (b, e, _)) in enumerate(group):
             tokens[r, : e - b] = texts[k][b:e]
-        nll = engine.token_nll(tokens)  # nll[r, j] scores tokens[r, j+1]
+        scores = engine.token_scores(tokens)  # scores[r, j] = (NLL, hit) of tokens[r, j+1]
         for r, (k, (b, e, first)) in enumerate(group):
-            part = nll[r, first - b - 1 : e - b - 1].astype(np.float64)
+            part = scores[r, first - b - 1 : e - b - 1, 0].astype(np.float64)
+            hits += float(scores[r, first - b - 1 : e - b - 1, 1].sum())
             total += float(part.sum())
             count += part.size
             per_text[k][0] += float(part.sum())
             per_text[k][1] += part.size
         if progress:
             progress(min(start + batch_size, len(jobs)), len(jobs))
-    return {"nll": total / count, "ppl": math.exp(total / count), "tokens": count, "windows": len(jobs),
+    return {"nll": total / count, "ppl": math.exp(total / count), "accuracy": hits / count, "tokens": count,
+            "windows": len(jobs),
             "per_text": [{"nll": s / c, "ppl": math.exp(s / c), "tokens": c} for s, c in per_text]}
 
 

@@ -177,6 +177,6 @@ def measure(engine, sp: SweepPlan, texts: list[list[int]], window: int, stride: 
     return {
         "label": sp.label, "lp": sp.plan.spec(), "kind": sp.kind, "delta": sp.plan.delta,
         "depth": sp.plan.depth, "pairs": [list(p) for p in sp.plan.pairs], "ppl": res["ppl"], "nll": res["nll"],
-        "tokens": res["tokens"], "ms_per_token": statistics.median(runs), "ms_per_token_runs": runs,
-        "compile_s": round(engine.compile_s, 3),
+        "accuracy": res["accuracy"], "tokens": res["tokens"], "ms_per_token": statistics.median(runs),
+        "ms_per_token_runs": runs, "compile_s": round(engine.compile_s, 3),
     }
