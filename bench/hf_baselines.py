@@ -261,8 +261,7 @@ class Runner:
     def prefill_ms(self, ids: torch.Tensor) -> float:
         """One forward of the prompt. The static cache is reset before the clock starts (zeroing a 4096-slot
         cache is not prefill work); the dynamic cache is created inside the forward, as generate does."""
-        kwargs = {"past_key_values": self.cache(ids.shape[0], round_up(ids.shape[1], CACHE_MULTIPLE))} \
-            if self.static else {}
+        kwargs = self.cache_arg(self.cache(ids.shape[0], round_up(ids.shape[1], CACHE_MULTIPLE))) if self.static else {}
 
         def run():
             with torch.no_grad():

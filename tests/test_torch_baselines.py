@@ -189,7 +189,8 @@ def test_hf_lp_replacement_matches_reference_through_dynamic_and_static_caches(c
 
 
 def test_hf_decode_metric_in_process(checkpoints):
-    """The decode definition runs for both implementations (generate 129 minus generate 1 new tokens)."""
+    """The decode definition runs for both implementations (one generate of 129 tokens, timed between the stamps of
+    its first and last token), and the model-alone figure rides on the record."""
     directory, reference = checkpoints("mha")
     config = read_hf_config(directory)[0]
     plan = LPPlan.parse("0:2", config.n_layers)
@@ -199,6 +200,7 @@ def test_hf_decode_metric_in_process(checkpoints):
         (rec,) = hf_baselines.measure(model, impl, "tiny", config, plan, 1, ["decode"], 1, 1, "cpu", "float32", None)
         check_records([rec], impl, 1, ["decode"])
         assert rec["lp"] == "0:2" and "note" in rec and rec["versions"]["transformers"]
+        assert rec["value"] > 0 and rec["forward_loop_ms_per_token"] > 0
 
 
 def test_hf_cli_both_impls_append_records(tmp_path):
