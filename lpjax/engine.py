@@ -202,10 +202,6 @@ class Engine:
         """Logits [B, T, V] (float32) of a full causal forward."""
         return self._full(tokens, pad, "logits", lambda logits, t: logits)
 
-    def token_nll(self, tokens: np.ndarray) -> np.ndarray:
-        """Negative log-likelihood [B, T-1] of tokens[:, 1:] given their prefixes, computed on device."""
-        return self.token_scores(tokens)[..., 0]
-
     def token_scores(self, tokens: np.ndarray) -> np.ndarray:
         """[B, T-1, 2]: the NLL of tokens[:, 1:] given their prefixes, and 1.0 where the most likely next token was
         it (the next-token accuracy's hits), computed on device."""

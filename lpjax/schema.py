@@ -1,13 +1,14 @@
 """Every weight of the model, declared once.
 
 A `Weight` is one canonical (plan-independent, checkpointed) tensor: its shape from the config, its logical axes,
-its Hugging Face name and layout, how it is initialised and whether AdamW decays it. A `TreeParam` is one leaf of the
-model tree a plan assembles from them (fused, stacked per stage). Everything else is derived from these two tables:
-shapes (`layer_shapes`, `global_shapes`, and the model's parameters: `TreeParam.shape`), shardings
-(`sharding.ShardingRules`), the HF name map (`sources/hf.py`, `sources/hf.py:write_hf`), initialisation (`init_std`,
-used by random weights, training and the model's own `init`) and the weight-decay mask (`decayed_paths`). Adding a
-weight is one row here (and a `TreeParam` row, unless an existing leaf fuses it), plus its use in the model's math
-(`model.py` takes a leaf by path: `_param(module, "attn/wqkv")`) and in the fusion (`weights.assemble_stage`).
+its Hugging Face name and layout, its GGUF (llama.cpp) name, how it is initialised and whether AdamW decays it. A
+`TreeParam` is one leaf of the model tree a plan assembles from them (fused, stacked per stage). Everything else is
+derived from these two tables: shapes (`layer_shapes`, `global_shapes`, and the model's parameters:
+`TreeParam.shape`), shardings (`sharding.ShardingRules`), the HF name map (`sources/hf.py`,
+`sources/hf.py:write_hf`), the GGUF name map (`sources/gguf.py`), initialisation (`init_std`, used by random
+weights, training and the model's own `init`) and the weight-decay mask (`decayed_paths`). Adding a weight is one
+row here (and a `TreeParam` row, unless an existing leaf fuses it), plus its use in the model's math (`model.py`
+takes a leaf by path: `_param(module, "attn/wqkv")`) and in the fusion (`weights.assemble_stage`).
 
 HF layouts: `id` (same array), `T` (HF stores [out, in]: transposed), `in_heads` (HF [n*hd, D] <-> [D, n, hd]),
 `heads` (HF [n*hd] <-> [n, hd]).
@@ -51,6 +52,7 @@ class Weight:
     shape: Callable[[ModelConfig], tuple[int, ...]]
     axes: tuple[str | None, ...]  # logical axes (sharding.ShardingRules maps them to mesh axes)
     hf_name: str  # `{i}` is the layer
+    gguf_name: str  # the same tensor's name in a GGUF file (llama.cpp's `llama` architecture)
     hf_layout: str  # id | T | in_heads | heads
     init: str  # ones | zeros | normal | residual (normal, scaled by 1/sqrt(2 * layers) when training from scratch)
     decayed: bool = False  # AdamW weight decay (matrices only)
@@ -91,44 +93,51 @@ class Weight:
         return np.ascontiguousarray(out)
 
 
-def _w(name, per_layer, shape, axes, hf, layout, init, decayed=False, present=_always) -> Weight:
-    return Weight(name, per_layer, shape, axes, hf, layout, init, decayed, present)
+def _w(name, per_layer, shape, axes, names, layout, init, decayed=False, present=_always) -> Weight:
+    """One row; `names` is (HF name, GGUF name)."""
+    hf_name, gguf_name = names
+    return Weight(name, per_layer, shape, axes, hf_name, gguf_name, layout, init, decayed, present)
 
 
-_L = "model.layers.{i}."
+_L, _B = "model.layers.{i}.", "blk.{i}."  # HF and GGUF (llama.cpp) prefixes of a layer's names
 WEIGHTS: tuple[Weight, ...] = (
-    _w("embedding", False, lambda c: (c.vocab_size, c.dim), ("vocab", None), "model.embed_tokens.weight", "id",
-       "normal", decayed=True),
-    _w("norm", False, lambda c: (c.dim,), (None,), "model.norm.weight", "id", "ones"),
-    _w("lm_head", False, lambda c: (c.dim, c.vocab_size), (None, "vocab"), "lm_head.weight", "T", "normal",
-       decayed=True, present=_untied),
-    _w("attn_norm", True, lambda c: (c.dim,), (None,), _L + "input_layernorm.weight", "id", "ones"),
-    _w("wq", True, lambda c: (c.dim, c.n_heads, c.head_dim), (None, "heads", None), _L + "self_attn.q_proj.weight",
-       "in_heads", "normal", decayed=True),
+    _w("embedding", False, lambda c: (c.vocab_size, c.dim), ("vocab", None),
+       ("model.embed_tokens.weight", "token_embd.weight"), "id", "normal", decayed=True),
+    _w("norm", False, lambda c: (c.dim,), (None,), ("model.norm.weight", "output_norm.weight"), "id", "ones"),
+    _w("lm_head", False, lambda c: (c.dim, c.vocab_size), (None, "vocab"), ("lm_head.weight", "output.weight"), "T",
+       "normal", decayed=True, present=_untied),
+    _w("attn_norm", True, lambda c: (c.dim,), (None,), (_L + "input_layernorm.weight", _B + "attn_norm.weight"),
+       "id", "ones"),
+    _w("wq", True, lambda c: (c.dim, c.n_heads, c.head_dim), (None, "heads", None),
+       (_L + "self_attn.q_proj.weight", _B + "attn_q.weight"), "in_heads", "normal", decayed=True),
     _w("wk", True, lambda c: (c.dim, c.n_kv_heads, c.head_dim), (None, "kv_heads", None),
-       _L + "self_attn.k_proj.weight", "in_heads", "normal", decayed=True),
+       (_L + "self_attn.k_proj.weight", _B + "attn_k.weight"), "in_heads", "normal", decayed=True),
     _w("wv", True, lambda c: (c.dim, c.n_kv_heads, c.head_dim), (None, "kv_heads", None),
-       _L + "self_attn.v_proj.weight", "in_heads", "normal", decayed=True),
-    _w("wo", True, lambda c: (c.n_heads * c.head_dim, c.dim), ("heads", None), _L + "self_attn.o_proj.weight", "T",
-       "residual", decayed=True),
-    _w("bq", True, lambda c: (c.n_heads, c.head_dim), ("heads", None), _L + "self_attn.q_proj.bias", "heads", "zeros",
-       present=_attention_bias),
-    _w("bk", True, lambda c: (c.n_kv_heads, c.head_dim), ("kv_heads", None), _L + "self_attn.k_proj.bias", "heads",
+       (_L + "self_attn.v_proj.weight", _B + "attn_v.weight"), "in_heads", "normal", decayed=True),
+    _w("wo", True, lambda c: (c.n_heads * c.head_dim, c.dim), ("heads", None),
+       (_L + "self_attn.o_proj.weight", _B + "attn_output.weight"), "T", "residual", decayed=True),
+    _w("bq", True, lambda c: (c.n_heads, c.head_dim), ("heads", None),
+       (_L + "self_attn.q_proj.bias", _B + "attn_q.bias"), "heads", "zeros", present=_attention_bias),
+    _w("bk", True, lambda c: (c.n_kv_heads, c.head_dim), ("kv_heads", None),
+       (_L + "self_attn.k_proj.bias", _B + "attn_k.bias"), "heads", "zeros", present=_attention_bias),
+    _w("bv", True, lambda c: (c.n_kv_heads, c.head_dim), ("kv_heads", None),
+       (_L + "self_attn.v_proj.bias", _B + "attn_v.bias"), "heads", "zeros", present=_attention_bias),
+    _w("bo", True, lambda c: (c.dim,), (None,), (_L + "self_attn.o_proj.bias", _B + "attn_output.bias"), "id",
        "zeros", present=_attention_bias),
-    _w("bv", True, lambda c: (c.n_kv_heads, c.head_dim), ("kv_heads", None), _L + "self_attn.v_proj.bias", "heads",
-       "zeros", present=_attention_bias),
-    _w("bo", True, lambda c: (c.dim,), (None,), _L + "self_attn.o_proj.bias", "id", "zeros",
-       present=_attention_bias),
-    _w("mlp_norm", True, lambda c: (c.dim,), (None,), _L + "post_attention_layernorm.weight", "id", "ones"),
-    _w("w_gate", True, lambda c: (c.dim, c.ffn_dim), (None, "mlp"), _L + "mlp.gate_proj.weight", "T", "normal",
-       decayed=True),
-    _w("w_up", True, lambda c: (c.dim, c.ffn_dim), (None, "mlp"), _L + "mlp.up_proj.weight", "T", "normal",
-       decayed=True),
-    _w("w_down", True, lambda c: (c.ffn_dim, c.dim), ("mlp", None), _L + "mlp.down_proj.weight", "T", "residual",
-       decayed=True),
-    _w("b_gate", True, lambda c: (c.ffn_dim,), ("mlp",), _L + "mlp.gate_proj.bias", "id", "zeros", present=_mlp_bias),
-    _w("b_up", True, lambda c: (c.ffn_dim,), ("mlp",), _L + "mlp.up_proj.bias", "id", "zeros", present=_mlp_bias),
-    _w("b_down", True, lambda c: (c.dim,), (None,), _L + "mlp.down_proj.bias", "id", "zeros", present=_mlp_bias),
+    _w("mlp_norm", True, lambda c: (c.dim,), (None,),
+       (_L + "post_attention_layernorm.weight", _B + "ffn_norm.weight"), "id", "ones"),
+    _w("w_gate", True, lambda c: (c.dim, c.ffn_dim), (None, "mlp"),
+       (_L + "mlp.gate_proj.weight", _B + "ffn_gate.weight"), "T", "normal", decayed=True),
+    _w("w_up", True, lambda c: (c.dim, c.ffn_dim), (None, "mlp"), (_L + "mlp.up_proj.weight", _B + "ffn_up.weight"),
+       "T", "normal", decayed=True),
+    _w("w_down", True, lambda c: (c.ffn_dim, c.dim), ("mlp", None),
+       (_L + "mlp.down_proj.weight", _B + "ffn_down.weight"), "T", "residual", decayed=True),
+    _w("b_gate", True, lambda c: (c.ffn_dim,), ("mlp",), (_L + "mlp.gate_proj.bias", _B + "ffn_gate.bias"), "id",
+       "zeros", present=_mlp_bias),
+    _w("b_up", True, lambda c: (c.ffn_dim,), ("mlp",), (_L + "mlp.up_proj.bias", _B + "ffn_up.bias"), "id", "zeros",
+       present=_mlp_bias),
+    _w("b_down", True, lambda c: (c.dim,), (None,), (_L + "mlp.down_proj.bias", _B + "ffn_down.bias"), "id", "zeros",
+       present=_mlp_bias),
 )
 BY_NAME: dict[str, Weight] = {w.name: w for w in WEIGHTS}
 

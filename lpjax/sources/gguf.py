@@ -30,33 +30,13 @@ import numpy as np
 
 from lpjax.config import from_hf
 from lpjax.errors import LPJaxError
-from lpjax.schema import BY_NAME, canonical_shapes
+from lpjax.schema import WEIGHTS
 from lpjax.sources.hf import HFNamedSource
 
 MAGIC = b"GGUF"
 
-# HF tensor name template -> GGUF tensor name template (llama.cpp's `llama` architecture).
-GGUF_NAMES: dict[str, str] = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-    "model.layers.{i}.input_layernorm.weight": "blk.{i}.attn_norm.weight",
-    "model.layers.{i}.self_attn.q_proj.weight": "blk.{i}.attn_q.weight",
-    "model.layers.{i}.self_attn.k_proj.weight": "blk.{i}.attn_k.weight",
-    "model.layers.{i}.self_attn.v_proj.weight": "blk.{i}.attn_v.weight",
-    "model.layers.{i}.self_attn.o_proj.weight": "blk.{i}.attn_output.weight",
-    "model.layers.{i}.self_attn.q_proj.bias": "blk.{i}.attn_q.bias",
-    "model.layers.{i}.self_attn.k_proj.bias": "blk.{i}.attn_k.bias",
-    "model.layers.{i}.self_attn.v_proj.bias": "blk.{i}.attn_v.bias",
-    "model.layers.{i}.self_attn.o_proj.bias": "blk.{i}.attn_output.bias",
-    "model.layers.{i}.post_attention_layernorm.weight": "blk.{i}.ffn_norm.weight",
-    "model.layers.{i}.mlp.gate_proj.weight": "blk.{i}.ffn_gate.weight",
-    "model.layers.{i}.mlp.up_proj.weight": "blk.{i}.ffn_up.weight",
-    "model.layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
-    "model.layers.{i}.mlp.gate_proj.bias": "blk.{i}.ffn_gate.bias",
-    "model.layers.{i}.mlp.up_proj.bias": "blk.{i}.ffn_up.bias",
-    "model.layers.{i}.mlp.down_proj.bias": "blk.{i}.ffn_down.bias",
-}
+# HF tensor name template -> GGUF tensor name template (llama.cpp's `llama` architecture): the schema's two columns.
+GGUF_NAMES: dict[str, str] = {w.hf_name: w.gguf_name for w in WEIGHTS}
 # llama.cpp's converter permutes the rows of q and k (weights and biases) per head; these are undone on reading.
 PERMUTED = {"q_proj": "num_attention_heads", "k_proj": "num_key_value_heads"}
 
@@ -282,21 +262,6 @@ class LazyTensor:
         return self._load()[idx]
 
 
-def check_shapes(file: GGUFFile, config) -> None:
-    """Every canonical weight is in the file with the shape the config implies (read from the header only), said
-    with the file's own tensor names."""
-    for key, shape in canonical_shapes(config).items():
-        name, _, layer = key.partition("@")
-        w = BY_NAME[name]
-        hf_name = w.hf_key(int(layer) if layer else None)
-        if hf_name not in file.tensors:
-            raise LPJaxError(f"{file.path}: tensor {gguf_name(hf_name)} is missing")
-        want = w.hf_shape(shape)
-        if file.shape(hf_name) != want:
-            raise LPJaxError(f"{file.path}: tensor {gguf_name(hf_name)} has shape {file.shape(hf_name)}, expected "
-                             f"{want}")
-
-
 # ---------------------------------------------------------------------------------------------------- tokenizer
 
 
@@ -354,9 +319,8 @@ class GGUFSource(HFNamedSource):
         self.file = GGUFFile(path)
         self.hf_config = self.file.hf_config
         self.config = from_hf(self.hf_config)
-        check_shapes(self.file, self.config)
         self.index({name: LazyTensor(functools.partial(self.file.tensor, name), self.file.shape(name))
-                    for name in self.file.tensors}, str(path))
+                    for name in self.file.tensors}, str(path), name_of=gguf_name)
         self.directory = companion_dir(self.file)
         types = ", ".join(f"{n} {k}" for n, k in self.file.types.items())
         self.description = f"GGUF file {path.name} ({types})"

@@ -29,7 +29,8 @@ class HFNamedSource(WeightSource):
     """A source whose tensors carry HF names: `index(tensors)` checks {HF name: lazy numpy array} against the
     config (every weight present at its shape, nothing unused) and keeps canonical views; `read` places them."""
 
-    def index(self, tensors: dict[str, np.ndarray], where: str) -> None:
+    def index(self, tensors: dict[str, np.ndarray], where: str, name_of: Callable[[str], str] = str) -> None:
+        """`name_of` gives a tensor's name as the user's file spells it, for the errors (a GGUF file's own)."""
         self.views: dict[str, np.ndarray] = {}
         expected = set()
         for key, shape in canonical_shapes(self.config).items():
@@ -38,11 +39,11 @@ class HFNamedSource(WeightSource):
             hf_name = w.hf_key(int(layer) if layer else None)
             expected.add(hf_name)
             if hf_name not in tensors:
-                raise LPJaxError(f"{where}: tensor {hf_name} is missing")
+                raise LPJaxError(f"{where}: tensor {name_of(hf_name)} is missing")
             want = w.hf_shape(shape)
             if tuple(tensors[hf_name].shape) != want:
                 got = tuple(tensors[hf_name].shape)
-                raise LPJaxError(f"{where}: tensor {hf_name} has shape {got}, expected {want}")
+                raise LPJaxError(f"{where}: tensor {name_of(hf_name)} has shape {got}, expected {want}")
             self.views[key] = w.from_hf(tensors[hf_name], shape)
         if self.config.tied_embeddings:
             expected.add(BY_NAME["lm_head"].hf_key())  # some tied checkpoints store the shared matrix twice
