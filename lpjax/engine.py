@@ -264,18 +264,23 @@ class Engine:
     def _host_step(self, name: str, post: Callable, cache: dict[str, StageCache], tokens, index: int,
                    pad) -> tuple[np.ndarray, dict[str, StageCache]]:
         """One decode step called from the host: `tokens` [B] fed at cache slot `index`, then `post(logits [B, V])`
-        on device; returns its result on the host and the new cache (donated)."""
-        fwd = self._forward(DECODE, cached=True, one_position=False)
+        on device; returns its result on the host and the new cache (donated). The ids go up as one array and the
+        program is built only when first compiled: a host-called step pays its host work on every token."""
+        tokens = np.asarray(tokens, np.int32)
+        B = len(tokens)
+        ids = self._put(np.concatenate([tokens, np.asarray(pad, np.int32), [index]]).astype(np.int32))
 
-        def step(params, cache, tokens, index, pad):
-            logits, cache = fwd(params, tokens[:, None], Positions.step(pad, index), cache)
-            return post(logits[:, 0]), cache
+        def build():
+            fwd = self._forward(DECODE, cached=True, one_position=False)
 
-        args = (self.params, cache, self._put(np.asarray(tokens, np.int32)), self._put(np.int32(index)),
-                self._put(np.asarray(pad, np.int32)))
-        fn = self._compile((name, len(tokens), self._cache_shape(cache)), lambda: jax.jit(step, donate_argnums=1),
-                           *args)
-        out, cache = fn(*args)
+            def step(params, cache, ids):
+                logits, cache = fwd(params, ids[:B, None], Positions.step(ids[B:2 * B], ids[2 * B]), cache)
+                return post(logits[:, 0]), cache
+
+            return jax.jit(step, donate_argnums=1)
+
+        fn = self._compile((name, B, self._cache_shape(cache)), build, self.params, cache, ids)
+        out, cache = fn(self.params, cache, ids)
         return self._get(out), cache
 
     def decode_step(self, cache: dict[str, StageCache], tokens, index: int,

@@ -96,19 +96,28 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotate-half RoPE (HF layout, so q/k weights need no permutation). x: [B, T, heads, head_dim]."""
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, hd/2]
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+    """Rotate-half RoPE (HF layout, so q/k weights need no permutation). x: [B, T, heads, head_dim].
+
+    The two halves are an axis of 2 and rotate-half is that axis reversed with a sign, (x1, x2) -> (-x2, x1): no
+    concatenate, so XLA fuses the rotation into the kernel that reads it (the cache write, the attention scores)."""
+    B, T, H, hd = x.shape
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, hd/2], the same for both halves
+    cos = jnp.cos(angles)[:, :, None, None, :].astype(x.dtype)
+    sin = jnp.sin(angles)[:, :, None, None, :].astype(x.dtype)
+    halves = x.reshape(B, T, H, 2, hd // 2)
+    rotated = jnp.flip(halves, axis=3) * jnp.array([[-1], [1]], x.dtype)
+    return (halves * cos + rotated * sin).reshape(B, T, H, hd)
+
+
+def rms_scale(x: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm's one reduction: 1 / rms(x) per row, [..., 1] in float32."""
+    xf = x.astype(jnp.float32)
+    return jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """HF's RMSNorm: normalise in float32, cast back, then scale."""
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return weight * xf.astype(x.dtype)
+    return weight * (x.astype(jnp.float32) * rms_scale(x, eps)).astype(x.dtype)
 
 
 def _fresh_attention(q, k, v, pad, impl: str):
@@ -163,7 +172,7 @@ def project(x: jax.Array, w: jax.Array) -> jax.Array:
     Decode multiplies one row per sequence. XLA:GPU rewrites a [1, K] x [K, N] product with a small weight
     ([2048, 4096], a 2-GPU shard of Llama-2-7B's output projection) into multiply + reduce kernels that ran at
     half the speed of a GEMM on H200 (bench/gemv_variants.py); with 8 rows it stays a GEMM, and reads the weight
-    once all the same. So fewer than 8 rows are padded to 8.
+    once all the same. So fewer than 8 rows are padded to 8 (a decode stream arrives with 8 already, `stream_rows`).
     """
     lead, K = x.shape[:-1], x.shape[-1]
     rows = math.prod(lead)
@@ -172,6 +181,25 @@ def project(x: jax.Array, w: jax.Array) -> jax.Array:
     if rows < MIN_MATMUL_ROWS:
         x2 = jnp.pad(x2, ((0, MIN_MATMUL_ROWS - rows), (0, 0)))
     return (x2 @ w2)[:rows].reshape(*lead, *w.shape[1:])
+
+
+def normed_project(x: jax.Array, norm: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm(x) @ w, with the norm's row factor applied to the product instead of its input.
+
+    The factor is one number per row, so (s·x·n) W = s·((x·n) W): the product reads x·n, which XLA computes in the
+    kernel that writes the residual stream, and s lands in the kernel that reads the product (RoPE and the cache
+    write; SwiGLU). No normalise kernel sits between a residual add and its GEMM (bench/NOTES.md, session 5)."""
+    y = project(x * norm, w)
+    s = rms_scale(x, eps).reshape(*x.shape[:-1], *(1,) * (y.ndim - x.ndim + 1))
+    return (y * s).astype(y.dtype)
+
+
+def stream_rows(batch: int, tokens: int) -> int:
+    """Rows of the residual stream for a decode call of `batch` rows of `tokens` each: fewer than MIN_MATMUL_ROWS
+    tokens are padded once, at the embedding, with rows of token 0 up to that many, so that no product pads its
+    input (4 pad kernels a layer before). Padding rows never reach the attention or the cache: it reads the real
+    rows and writes zeros back for the rest."""
+    return max(batch, -(-MIN_MATMUL_ROWS // tokens))
 
 
 def _initializer(row: TreeParam, config: ModelConfig):
@@ -206,12 +234,12 @@ class AttentionBlock(nn.Module):
     def __call__(self, x, cache: StageCache | None, pos: Positions, mode: Mode):
         c = self.config
         hd = c.head_dim
-        B, T = x.shape[:2]
+        rows, T = x.shape[:2]
+        B = pos.positions.shape[0]  # real rows: a decode stream carries padding rows after them (`stream_rows`)
         G = self.heads // self.kv_heads  # query heads per KV head
-        h = rms_norm(x, _param(self, "attn/norm"), c.norm_eps)
         # One fused projection, grouped per KV head: [its G query heads, its key, its value]. Splitting the KV-head
         # axis over devices keeps every group whole, so q/k/v need no communication and one matmul reads them.
-        qkv = project(h, _param(self, "attn/wqkv"))
+        qkv = normed_project(x, _param(self, "attn/norm"), _param(self, "attn/wqkv"), c.norm_eps)[:B]
         if c.attention_bias:
             qkv = qkv + _param(self, "attn/bqkv")
         q = qkv[:, :, :, :G].reshape(B, T, self.heads, hd)
@@ -225,10 +253,12 @@ class AttentionBlock(nn.Module):
             out = _fresh_attention(q, k, v, pos.pad if mode.padded else None, self.attention_impl)
             if cache is not None:  # prefill: the cache is empty, write this call's keys at slot 0
                 cache = _write_cache(cache, k, v, 0)
+        out = out.reshape(B, T, self.heads * hd)
+        if rows > B:
+            out = jnp.pad(out, ((0, rows - B), (0, 0), (0, 0)))
         # A plain [B, T, H*hd] x [H*hd, D] matmul behind a barrier: otherwise XLA fuses the attention's probs @ V
         # into it as a multiply-and-reduce over an [H, hd, D] product (seen on 2 H200s: 23 us a layer, not 4).
-        out = jax.lax.optimization_barrier(out.reshape(B, T, self.heads * hd))
-        delta = project(out, _param(self, "attn/wo"))
+        delta = project(jax.lax.optimization_barrier(out), _param(self, "attn/wo"))
         return delta, cache
 
 
@@ -242,8 +272,7 @@ class MLPBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        h = rms_norm(x, _param(self, "mlp/norm"), c.norm_eps)
-        gate_up = project(h, _param(self, "mlp/w_gate_up"))  # one matmul
+        gate_up = normed_project(x, _param(self, "mlp/norm"), _param(self, "mlp/w_gate_up"), c.norm_eps)
         if c.mlp_bias:
             gate_up = gate_up + _param(self, "mlp/b_gate_up")
         return project(jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], _param(self, "mlp/w_down"))
@@ -361,6 +390,9 @@ class LlamaLM(nn.Module):
         c, lay = self.layout.config, self.layout
         n = lay.n_devices if self.per_device else 1
         embed = Embed(c, self.vocab, self.per_device, self.param_dtype, name="embed")
+        B, T = tokens.shape
+        if mode.decode:
+            tokens = jnp.pad(tokens, ((0, stream_rows(B, T) - B), (0, 0)))
         x = embed(tokens)
         new_cache = {}
         for s in lay.stages:
@@ -368,7 +400,7 @@ class LlamaLM(nn.Module):
             stage = StageBlock(c, s.stack, layers, heads, kv_heads, ffn, self.per_device, self.param_dtype,
                                self.attention_impl, name=s.name)
             x, new_cache[s.name] = stage(x, None if cache is None else cache[s.name], pos, mode)
-        x = Norm(c, self.param_dtype, name="norm")(x)
+        x = Norm(c, self.param_dtype, name="norm")(x[:B])
         if logits_index is not None:
             x = jax.lax.dynamic_index_in_dim(x, logits_index, axis=1, keepdims=False)  # [B, D]
         if c.tied_embeddings:
