@@ -27,7 +27,7 @@ from lpjax.cache import StageCache
 from lpjax.compile import CompileCache, resolve_attention
 from lpjax.config import round_up
 from lpjax.errors import LPJaxError
-from lpjax.model import DECODE, LlamaLM, Mode, Positions
+from lpjax.model import DECODE, LlamaLM, Mode, Positions, stream_rows
 from lpjax.plan import LPPlan
 from lpjax.sampling import Sampling, sample
 from lpjax.sharding import RULES, Layout, describe_mesh, make_mesh, named
@@ -36,6 +36,10 @@ from lpjax.weights import DTYPES, WeightSource, load_params, source_dtype
 
 MIN_BUCKET = 16
 CACHE_MULTIPLE = 128
+# Stages per program of a host-called step. One program of a whole Llama-2-7B step is one CUDA graph of ~490 kernels
+# whose launch alone took ~1.2 ms of host time on H200 before the GPU started; a chain of programs of 4 stages each
+# lets the GPU run the first while the host launches the next (bench/NOTES.md, session 5).
+STEP_SPAN = 4
 
 
 def _eos_array(eos: tuple[int, ...]) -> jax.Array:
@@ -97,6 +101,8 @@ class Engine:
         self.cache_specs = RULES.cache_specs(self.layout)
         self._compiled = CompileCache()  # one executable per static shape / setting
         self._warmed: set = set()  # keys whose executable has run once
+        self._chains: dict = {}  # a host-called step's programs, per key (`_step_chain`)
+        self._streams: dict[int, jax.Array] = {}  # the host-called step's residual stream buffer, per batch size
         self.compile_s = 0.0  # seconds spent compiling and on first runs, kept out of every timing
         self._tokenizer = None
 
@@ -261,26 +267,80 @@ class Engine:
         logits, cache = fn(self.params, cache, *inputs)
         return logits, cache, n, pad
 
+    def _step_chain(self, name: str, post: Callable, batch: int, cache: dict[str, StageCache]) -> list:
+        """The programs of a host-called step, compiled once per key: [(stage names, their params, program)].
+
+        Program i runs `STEP_SPAN` stages; `prog(params, stream, ids, cache)` returns (the stream, or for the last
+        `post(logits)`, and its stages' new cache). Every buffer stays put from call to call, which is what lets XLA
+        replay its CUDA graphs without re-recording them (a re-record of a whole step took ~0.4 ms): the cache and
+        the stream are donated and come back in place, and on GPUs the result is written to pinned host memory
+        rather than into a fresh device buffer each call."""
+        key = (name, batch, self._cache_shape(cache))
+        if key in self._chains:
+            return self._chains[key]
+        stages, B = self.layout.stages, batch
+        stage_names = {s.name for s in stages}
+        shared = [k for k in self.params if k not in stage_names]  # embedding, final norm, LM head
+        on_gpu = self.mesh.devices.flat[0].platform == "gpu"
+        stream, ids = self._streams.setdefault(B, self._stream(B)), self._put(np.zeros(2 * B + 1, np.int32))
+        chain = []
+        for start in range(0, len(stages), STEP_SPAN):
+            stop = min(start + STEP_SPAN, len(stages))
+            first, last = start == 0, stop == len(stages)
+            names = [s.name for s in stages[start:stop]]
+            keys = names + (shared if first or last else [])
+            params = {k: self.params[k] for k in keys}
+            cache_specs = {k: self.cache_specs[k] for k in names}
+            model = LlamaLM(self.layout, per_device=True, param_dtype=self.dtype, attention_impl=self.attention,
+                            span=(start, stop))
+
+            def body(params, stream, ids, cache, model=model, first=first, last=last):
+                pos = Positions.step(ids[B:2 * B], ids[2 * B])
+                out, cache = model.apply({"params": params}, ids[:B, None] if first else stream, pos, cache, DECODE)
+                return (post(out[:, 0]) if last else out), cache
+
+            def build(body=body, params=params, cache_specs=cache_specs, last=last):
+                fn = jax.shard_map(body, mesh=self.mesh, in_specs=({k: self.param_specs[k] for k in params}, P(),
+                                                                    P(), cache_specs),
+                                   out_specs=(P(), cache_specs), check_vma=False)
+                out = NamedSharding(self.mesh, P(), memory_kind="pinned_host") if last and on_gpu else None
+                return jax.jit(fn, donate_argnums=(3,) if last else (1, 3),
+                               out_shardings=(out, named(self.mesh, cache_specs)) if out else None)
+
+            sub_cache = {k: cache[k] for k in names}
+            chain.append((names, params, self._compile(key + (start,), build, params, stream, ids, sub_cache)))
+        self._chains[key] = chain
+        return chain
+
+    def _stream(self, batch: int) -> jax.Array:
+        """A residual-stream buffer for a host-called step to pass along its chain (donated, so it stays put)."""
+        return self._put(np.zeros((stream_rows(batch, 1), 1, self.config.dim), self.dtype))
+
     def _host_step(self, name: str, post: Callable, cache: dict[str, StageCache], tokens, index: int,
                    pad) -> tuple[np.ndarray, dict[str, StageCache]]:
         """One decode step called from the host: `tokens` [B] fed at cache slot `index`, then `post(logits [B, V])`
         on device; returns its result on the host and the new cache (donated). The ids go up as one array and the
-        program is built only when first compiled: a host-called step pays its host work on every token."""
+        step runs as a chain of programs (`_step_chain`)."""
         tokens = np.asarray(tokens, np.int32)
         B = len(tokens)
         ids = self._put(np.concatenate([tokens, np.asarray(pad, np.int32), [index]]).astype(np.int32))
-
-        def build():
-            fwd = self._forward(DECODE, cached=True, one_position=False)
-
-            def step(params, cache, ids):
-                logits, cache = fwd(params, ids[:B, None], Positions.step(ids[B:2 * B], ids[2 * B]), cache)
-                return post(logits[:, 0]), cache
-
-            return jax.jit(step, donate_argnums=1)
-
-        fn = self._compile((name, B, self._cache_shape(cache)), build, self.params, cache, ids)
-        out, cache = fn(self.params, cache, ids)
+        chain = self._step_chain(name, post, B, cache)
+        key = (name, B, self._cache_shape(cache))
+        cache = dict(cache)
+        stream = self._streams.pop(B, None)  # taken out while donated: a failed call leaves no deleted buffer here
+        if stream is None:
+            stream = self._stream(B)
+        for i, (names, params, program) in enumerate(chain):
+            out, new = program(params, stream, ids, {k: cache[k] for k in names})
+            cache.update(new)
+            if i < len(chain) - 1:
+                stream = out
+        self._streams[B] = stream
+        if key not in self._warmed:  # the first run sets up buffers; it counts as compile time
+            t0 = time.perf_counter()
+            jax.block_until_ready(out)
+            self.compile_s += time.perf_counter() - t0
+            self._warmed.add(key)
         return self._get(out), cache
 
     def decode_step(self, cache: dict[str, StageCache], tokens, index: int,

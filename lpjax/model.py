@@ -362,12 +362,17 @@ class LlamaLM(nn.Module):
     `per_device=True`: per-device sizes and live collectives (run inside `shard_map` over the layout's mesh).
     `mode` says what the call does (see `Mode`); `logits_index`, when given, picks one position's logits (prefill
     needs only the last). Returns float32 logits over the real vocabulary and the new cache (None without one).
+
+    `span=(a, b)` runs stages a..b-1 only, so that a step can be a chain of programs (`Engine._host_step`): a span
+    that does not start at 0 takes the residual stream the span before it returned instead of token ids, and one
+    that stops short of the last stage returns that stream (and its stages' cache) instead of logits.
     """
 
     layout: Layout
     per_device: bool = False
     param_dtype: jnp.dtype = jnp.float32
     attention_impl: str = "xla"
+    span: tuple[int, int] | None = None
 
     @property
     def config(self) -> ModelConfig:
@@ -385,21 +390,28 @@ class LlamaLM(nn.Module):
         return layers, c.n_heads // d, s.kv_heads // d, c.ffn_dim // d
 
     @nn.compact
-    def __call__(self, tokens, pos: Positions, cache: dict[str, StageCache] | None = None, mode: Mode = FULL,
+    def __call__(self, inputs, pos: Positions, cache: dict[str, StageCache] | None = None, mode: Mode = FULL,
                  logits_index=None):
         c, lay = self.layout.config, self.layout
         n = lay.n_devices if self.per_device else 1
+        start, stop = self.span or (0, len(lay.stages))
         embed = Embed(c, self.vocab, self.per_device, self.param_dtype, name="embed")
-        B, T = tokens.shape
-        if mode.decode:
-            tokens = jnp.pad(tokens, ((0, stream_rows(B, T) - B), (0, 0)))
-        x = embed(tokens)
+        B, T = pos.positions.shape
+        if start == 0:
+            tokens = inputs
+            if mode.decode:
+                tokens = jnp.pad(tokens, ((0, stream_rows(B, T) - B), (0, 0)))
+            x = embed(tokens)
+        else:
+            x = inputs
         new_cache = {}
-        for s in lay.stages:
+        for s in lay.stages[start:stop]:
             layers, heads, kv_heads, ffn = self._sizes(s)
             stage = StageBlock(c, s.stack, layers, heads, kv_heads, ffn, self.per_device, self.param_dtype,
                                self.attention_impl, name=s.name)
             x, new_cache[s.name] = stage(x, None if cache is None else cache[s.name], pos, mode)
+        if stop < len(lay.stages):
+            return x, (new_cache if cache is not None else None)
         x = Norm(c, self.param_dtype, name="norm")(x[:B])
         if logits_index is not None:
             x = jax.lax.dynamic_index_in_dim(x, logits_index, axis=1, keepdims=False)  # [B, D]
