@@ -1,10 +1,15 @@
-"""Where a single decode step's time goes when it is called from the host: dispatch (until the call returns),
-device work (until the result is ready), and the copy of the logits to the host.
+"""Why a host-called decode step runs as a chain of programs: the same step three ways, host to host.
 
     python -m bench.step_latency [--model llama2-7b] [--devices 1] [--lp ''] [--calls 20]
 
-Prints one JSON record of medians (ms). The engine's own decode loop pays dispatch once per generation; a
-host-driven step pays it every token, so this says whether single-token latency is a host or a device problem.
+Each call sends the token ids up, runs one decode step with the greedy choice on the device and brings the next ids
+back (records.SINGLE_TOKEN's definition). Prints one JSON record of medians in ms:
+- `one_program`: the whole step as one XLA program, its result a fresh device buffer each call;
+- `one_program_pinned_out`: the same program writing its result to pinned host memory (GPUs only);
+- `engine`: `Engine.next_token`, a chain of programs of `engine.STEP_SPAN` stages whose buffers stay put;
+and `one_program_dispatch`: host time until the one-program call returns, before the result is waited for.
+On one H200 (Llama-2-7B, bench/NOTES.md, session 5) the one program's CUDA graph was re-recorded on every call (its
+output buffer moved) and the call returned only after ~2 ms: 6.18 / 5.20 / 4.63 ms for the three.
 """
 
 from __future__ import annotations
@@ -15,40 +20,74 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from bench.records import PROMPT_LEN, prompt_ids
+from bench.records import SINGLE_TOKEN_AT, prompt_ids
 from lpjax.engine import Engine
 from lpjax.model import DECODE, Positions
 
 
-def measure(engine: Engine, calls: int) -> dict:
-    prompts = [prompt_ids(PROMPT_LEN, engine.config.vocab_size)]
-    cache = engine.init_cache(1, 2 * PROMPT_LEN)
-    _, cache, n, pad = engine.prefill(cache, prompts)
-    tokens = np.full(1, 5, np.int32)
+def one_program(engine: Engine, cache, pinned_out: bool):
+    """The step as one jitted program over the whole model: `run(cache, ids) -> (token ids, cache)`."""
     fwd = engine._forward(DECODE, cached=True, one_position=False)
 
-    def step(params, cache, tokens, index, pad):
-        logits, cache = fwd(params, tokens[:, None], Positions.step(pad, index), cache)
-        return logits[:, 0], cache
+    def step(params, cache, ids):
+        logits, cache = fwd(params, ids[:1, None], Positions.step(ids[1:2], ids[2]), cache)
+        return jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), cache
 
-    args = [engine._put(tokens), engine._put(np.int32(n)), engine._put(pad)]
-    fn = jax.jit(step, donate_argnums=1).lower(engine.params, cache, *args).compile()
-    for _ in range(2):  # the first executions set up buffers (and collectives)
-        cache = jax.block_until_ready(fn(engine.params, cache, *args)[1])
-    parts: dict[str, list[float]] = {"dispatch": [], "device": [], "to_host": [], "total": []}
-    for _ in range(calls):
+    out = NamedSharding(engine.mesh, P(), memory_kind="pinned_host") if pinned_out else None
+    shardings = (out, jax.tree.map(lambda x: x.sharding, cache)) if pinned_out else None
+    ids = engine._put(np.zeros(3, np.int32))
+    fn = jax.jit(step, donate_argnums=1, out_shardings=shardings).lower(engine.params, cache, ids).compile()
+    return lambda cache, ids: fn(engine.params, cache, ids)
+
+
+def timed(calls: int, call) -> tuple[list[float], list[float]]:
+    """Host-to-host ms of `calls` calls after 3 warm ones; `call(tokens) -> (device token ids, seconds to dispatch)`."""
+    total, dispatch = [], []
+    tokens = np.full(1, 5, np.int32)
+    for i in range(calls + 3):
         t0 = time.perf_counter()
-        logits, cache = fn(engine.params, cache, *args)
-        t1 = time.perf_counter()
-        jax.block_until_ready(logits)
-        t2 = time.perf_counter()
-        np.asarray(logits)
-        t3 = time.perf_counter()
-        for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
-            parts[k].append(1000 * v)
-    return {k: round(statistics.median(v), 4) for k, v in parts.items()}
+        out, d = call(tokens)
+        tokens = np.asarray(out.addressable_data(0) if isinstance(out, jax.Array) else out).astype(np.int32)
+        if i >= 3:
+            total.append(1000 * (time.perf_counter() - t0))
+            dispatch.append(1000 * d)
+    return total, dispatch
+
+
+def measure(engine: Engine, calls: int) -> dict:
+    cache = engine.init_cache(1, 2 * SINGLE_TOKEN_AT)
+    _, cache, n, pad = engine.prefill(cache, [prompt_ids(SINGLE_TOKEN_AT, engine.config.vocab_size)])
+    state = {"cache": cache}
+    report = {}
+
+    def via(run):
+        def call(tokens):
+            ids = engine._put(np.array([tokens[0], pad[0], n], np.int32))
+            t0 = time.perf_counter()
+            out, state["cache"] = run(state["cache"], ids)
+            return out, time.perf_counter() - t0
+        return call
+
+    variants = {"one_program": False}
+    if engine.mesh.devices.flat[0].platform == "gpu":
+        variants["one_program_pinned_out"] = True
+    for name, pinned in variants.items():
+        total, dispatch = timed(calls, via(one_program(engine, state["cache"], pinned)))
+        report[name] = statistics.median(total)
+        if name == "one_program":
+            report["one_program_dispatch"] = statistics.median(dispatch)
+
+    def engine_call(tokens):
+        out, state["cache"] = engine.next_token(state["cache"], tokens, n, pad)
+        return out, 0.0
+
+    report["engine"] = statistics.median(timed(calls, engine_call)[0])
+    return {k: round(v, 4) for k, v in report.items()}
 
 
 def main() -> None:
@@ -60,7 +99,7 @@ def main() -> None:
     args = p.parse_args()
     engine = Engine.load(f"random:{args.model}", args.lp, args.devices, None)
     print(json.dumps(dict(model=args.model, devices=args.devices, lp=args.lp, jax=jax.__version__,
-                          leaves=len(jax.tree.leaves(engine.params)), **measure(engine, args.calls))), flush=True)
+                          device=engine.mesh.devices.flat[0].device_kind, **measure(engine, args.calls))), flush=True)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@
   row writes the cache at the same slot; only the last position's logits are computed.
 - Decode: one jitted `lax.while_loop` that feeds the last token, samples on device and stops at EOS or the token
   budget; the host only sees the loop's result (or a chunk of it, for streaming). The cache is donated.
+- A step called from the host (`next_token`, `decode_step`): a chain of programs of `STEP_SPAN` stages each, every
+  buffer kept in place from call to call, so the GPU starts on the first while the host launches the rest.
 
 The cache is a dict of `StageCache` per stage, the loop's carry a `DecodeState`: both registered dataclasses.
 """
@@ -282,7 +284,7 @@ class Engine:
         stage_names = {s.name for s in stages}
         shared = [k for k in self.params if k not in stage_names]  # embedding, final norm, LM head
         on_gpu = self.mesh.devices.flat[0].platform == "gpu"
-        stream, ids = self._streams.setdefault(B, self._stream(B)), self._put(np.zeros(2 * B + 1, np.int32))
+        stream, ids = self._take_stream(B), self._put(np.zeros(2 * B + 1, np.int32))
         chain = []
         for start in range(0, len(stages), STEP_SPAN):
             stop = min(start + STEP_SPAN, len(stages))
@@ -309,12 +311,16 @@ class Engine:
 
             sub_cache = {k: cache[k] for k in names}
             chain.append((names, params, self._compile(key + (start,), build, params, stream, ids, sub_cache)))
+        self._streams[B] = stream
         self._chains[key] = chain
         return chain
 
-    def _stream(self, batch: int) -> jax.Array:
-        """A residual-stream buffer for a host-called step to pass along its chain (donated, so it stays put)."""
-        return self._put(np.zeros((stream_rows(batch, 1), 1, self.config.dim), self.dtype))
+    def _take_stream(self, batch: int) -> jax.Array:
+        """The residual-stream buffer a host-called step hands along its chain (donated, so it stays put), taken out
+        of the engine while a call holds it: a call that fails leaves no deleted buffer behind."""
+        stream = self._streams.pop(batch, None)
+        return stream if stream is not None else self._put(
+            np.zeros((stream_rows(batch, 1), 1, self.config.dim), self.dtype))
 
     def _host_step(self, name: str, post: Callable, cache: dict[str, StageCache], tokens, index: int,
                    pad) -> tuple[np.ndarray, dict[str, StageCache]]:
@@ -327,9 +333,7 @@ class Engine:
         chain = self._step_chain(name, post, B, cache)
         key = (name, B, self._cache_shape(cache))
         cache = dict(cache)
-        stream = self._streams.pop(B, None)  # taken out while donated: a failed call leaves no deleted buffer here
-        if stream is None:
-            stream = self._stream(B)
+        stream = self._take_stream(B)
         for i, (names, params, program) in enumerate(chain):
             out, new = program(params, stream, ids, {k: cache[k] for k in names})
             cache.update(new)

@@ -6,7 +6,7 @@ The loss is next-token cross-entropy over random windows of `--seq-len` + 1 toke
 the step number and are drawn on the device, so a resumed run sees exactly the batches an uninterrupted one would,
 and no data crosses from the host during training.
 
-Parameters live in the lpjax model tree of the plan's layout on one device (`LlamaLM(local=False)`), kept in
+Parameters live in the lpjax model tree of the plan's layout on one device (`LlamaLM(per_device=False)`), kept in
 float32 with float32 AdamW state; the loss casts them to the compute dtype (bfloat16 by default). With several
 devices the batch is split over them (data parallelism) and the parameters replicated; `jit` inserts the gradient
 all-reduce. Training state is saved with Orbax under OUT/train_state (atomically, the last few steps kept), so
