@@ -187,8 +187,9 @@ def normed_project(x: jax.Array, norm: jax.Array, w: jax.Array, eps: float) -> j
     """RMSNorm(x) @ w, with the norm's row factor applied to the product instead of its input.
 
     The factor is one number per row, so (s·x·n) W = s·((x·n) W): the product reads x·n, which XLA computes in the
-    kernel that writes the residual stream, and s lands in the kernel that reads the product (RoPE and the cache
-    write; SwiGLU). No normalise kernel sits between a residual add and its GEMM (bench/NOTES.md, session 5)."""
+    same kernel as the reduction Σx², and s lands in the kernel that reads the product (RoPE and the cache write;
+    SwiGLU). One kernel between a residual add and its GEMM instead of a reduction, a normalise and a pad
+    (bench/NOTES.md, session 5)."""
     y = project(x * norm, w)
     s = rms_scale(x, eps).reshape(*x.shape[:-1], *(1,) * (y.ndim - x.ndim + 1))
     return (y * s).astype(y.dtype)
