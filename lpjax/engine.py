@@ -38,9 +38,9 @@ from lpjax.weights import DTYPES, WeightSource, load_params, source_dtype
 
 MIN_BUCKET = 16
 CACHE_MULTIPLE = 128
-# Stages per program of a host-called step. One program of a whole Llama-2-7B step is one CUDA graph of ~490 kernels
-# whose launch alone took ~1.2 ms of host time on H200 before the GPU started; a chain of programs of 4 stages each
-# lets the GPU run the first while the host launches the next (bench/NOTES.md, session 5).
+# Stages per program of a host-called step. One program of a whole Llama-2-7B step is one CUDA graph of ~490 kernels:
+# on H200 the call returned only 1.5-2 ms after it began, the GPU mostly idle meanwhile; a chain of programs of 4
+# stages each lets the GPU run the first while the host launches the next (bench/NOTES.md, session 5).
 STEP_SPAN = 4
 
 
@@ -269,7 +269,7 @@ class Engine:
         logits, cache = fn(self.params, cache, *inputs)
         return logits, cache, n, pad
 
-    def _step_chain(self, name: str, post: Callable, batch: int, cache: dict[str, StageCache]) -> list:
+    def _step_chain(self, key: tuple, post: Callable, batch: int, cache: dict[str, StageCache]) -> list:
         """The programs of a host-called step, compiled once per key: [(stage names, their params, program)].
 
         Program i runs `STEP_SPAN` stages; `prog(params, stream, ids, cache)` returns (the stream, or for the last
@@ -277,7 +277,6 @@ class Engine:
         replay its CUDA graphs without re-recording them (a re-record of a whole step took ~0.4 ms): the cache and
         the stream are donated and come back in place, and on GPUs the result is written to pinned host memory
         rather than into a fresh device buffer each call."""
-        key = (name, batch, self._cache_shape(cache))
         if key in self._chains:
             return self._chains[key]
         stages, B = self.layout.stages, batch
@@ -322,6 +321,19 @@ class Engine:
         return stream if stream is not None else self._put(
             np.zeros((stream_rows(batch, 1), 1, self.config.dim), self.dtype))
 
+    def _run_chain(self, chain: list, cache: dict[str, StageCache], ids: jax.Array):
+        """One host-called step through `chain`: (the last program's result, the new cache). `ids` is
+        [tokens (B), pad (B), index]."""
+        B = (ids.shape[0] - 1) // 2
+        cache, stream = dict(cache), self._take_stream(B)
+        for i, (names, params, program) in enumerate(chain):
+            out, new = program(params, stream, ids, {k: cache[k] for k in names})
+            cache.update(new)
+            if i < len(chain) - 1:
+                stream = out
+        self._streams[B] = stream
+        return out, cache
+
     def _host_step(self, name: str, post: Callable, cache: dict[str, StageCache], tokens, index: int,
                    pad) -> tuple[np.ndarray, dict[str, StageCache]]:
         """One decode step called from the host: `tokens` [B] fed at cache slot `index`, then `post(logits [B, V])`
@@ -330,21 +342,11 @@ class Engine:
         tokens = np.asarray(tokens, np.int32)
         B = len(tokens)
         ids = self._put(np.concatenate([tokens, np.asarray(pad, np.int32), [index]]).astype(np.int32))
-        chain = self._step_chain(name, post, B, cache)
         key = (name, B, self._cache_shape(cache))
-        cache = dict(cache)
-        stream = self._take_stream(B)
-        for i, (names, params, program) in enumerate(chain):
-            out, new = program(params, stream, ids, {k: cache[k] for k in names})
-            cache.update(new)
-            if i < len(chain) - 1:
-                stream = out
-        self._streams[B] = stream
-        if key not in self._warmed:  # the first run sets up buffers; it counts as compile time
-            t0 = time.perf_counter()
-            jax.block_until_ready(out)
-            self.compile_s += time.perf_counter() - t0
-            self._warmed.add(key)
+        chain = self._step_chain(key, post, B, cache)
+        # the warm-up writes the same cache slot the real run then writes again
+        cache = self._first_run(key, cache, lambda c: self._run_chain(chain, c, ids)[1])
+        out, cache = self._run_chain(chain, cache, ids)
         return self._get(out), cache
 
     def decode_step(self, cache: dict[str, StageCache], tokens, index: int,
