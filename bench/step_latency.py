@@ -1,15 +1,18 @@
 """Why a host-called decode step runs as a chain of programs: the same step three ways, host to host.
 
-    python -m bench.step_latency [--model llama2-7b] [--devices 1] [--lp ''] [--calls 20]
+    python -m bench.step_latency [--model llama2-7b] [--devices 1] [--lp ''] [--calls 20] [--trace DIR]
 
 Each call sends the token ids up, runs one decode step with the greedy choice on the device and brings the next ids
 back (records.SINGLE_TOKEN's definition). Prints one JSON record of medians in ms:
 - `one_program`: the whole step as one XLA program, its result a fresh device buffer each call;
 - `one_program_pinned_out`: the same program writing its result to pinned host memory (GPUs only);
-- `engine`: `Engine.next_token`, a chain of programs of `engine.STEP_SPAN` stages whose buffers stay put;
-and `one_program_dispatch`: host time until the one-program call returns, before the result is waited for.
-On one H200 (Llama-2-7B, bench/NOTES.md, session 5) the one program's CUDA graph was re-recorded on every call (its
-output buffer moved) and the call returned only after ~2 ms: 6.18 / 5.20 / 4.63 ms for the three.
+- `engine`: `Engine.next_token`, a chain of programs of `host_step.STEP_SPAN` stages whose buffers stay put;
+- `loop_per_token`: the on-device decode loop's time per token on the same engine, the floor a host-called step
+  can approach.
+`--trace DIR` also records a JAX profiler trace (host and device timelines) of 5 engine calls, for
+`python -m bench.profile`-style reading in TensorBoard or Perfetto. On one H200 (Llama-2-7B, bench/NOTES.md,
+2026-11-30) the one program's CUDA graph was re-recorded on every call (its output buffer moved) and the call
+returned only after ~2 ms: 6.18 / 5.20 / 4.63 ms for the three.
 """
 
 from __future__ import annotations
@@ -20,73 +23,50 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from bench.records import SINGLE_TOKEN_AT, prompt_ids
+from bench.records import DECODE_TOKENS, PROMPT_LEN, SINGLE_TOKEN_AT, prompt_ids
 from lpjax.engine import Engine
-from lpjax.model import DECODE, Positions
+from lpjax.runtime.host_step import HostStep
 
 
-def one_program(engine: Engine, cache, pinned_out: bool):
-    """The step as one jitted program over the whole model: `run(cache, ids) -> (token ids, cache)`."""
-    fwd = engine._forward(DECODE, cached=True, one_position=False)
-
-    def step(params, cache, ids):
-        logits, cache = fwd(params, ids[:1, None], Positions.step(ids[1:2], ids[2]), cache)
-        return jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), cache
-
-    out = NamedSharding(engine.mesh, P(), memory_kind="pinned_host") if pinned_out else None
-    shardings = (out, jax.tree.map(lambda x: x.sharding, cache)) if pinned_out else None
-    ids = engine._put(np.zeros(3, np.int32))
-    fn = jax.jit(step, donate_argnums=1, out_shardings=shardings).lower(engine.params, cache, ids).compile()
-    return lambda cache, ids: fn(engine.params, cache, ids)
-
-
-def timed(calls: int, call) -> tuple[list[float], list[float]]:
-    """Host-to-host ms of `calls` calls after 3 warm ones; `call(tokens) -> (device token ids, seconds to dispatch)`."""
-    total, dispatch = [], []
+def timed(calls: int, call) -> list[float]:
+    """Host-to-host ms of `calls` calls after 3 warm ones; `call(tokens) -> next token ids on the host`."""
+    total = []
     tokens = np.full(1, 5, np.int32)
     for i in range(calls + 3):
         t0 = time.perf_counter()
-        out, d = call(tokens)
-        tokens = np.asarray(out.addressable_data(0) if isinstance(out, jax.Array) else out).astype(np.int32)
+        tokens = call(tokens)
         if i >= 3:
             total.append(1000 * (time.perf_counter() - t0))
-            dispatch.append(1000 * d)
-    return total, dispatch
+    return total
 
 
-def measure(engine: Engine, calls: int) -> dict:
+def measure(engine: Engine, calls: int, trace: str | None = None) -> dict:
     cache = engine.init_cache(1, 2 * SINGLE_TOKEN_AT)
     _, cache, n, pad = engine.prefill(cache, [prompt_ids(SINGLE_TOKEN_AT, engine.config.vocab_size)])
     state = {"cache": cache}
+    variants = {"one_program": HostStep(engine.programs, span=None, pinned=False)}
+    if engine.programs.on_gpu:
+        variants["one_program_pinned_out"] = HostStep(engine.programs, span=None, pinned=True)
+    variants["engine"] = engine.step
     report = {}
+    for name, step in variants.items():
+        def call(tokens, step=step):
+            out, state["cache"] = step.next_token(state["cache"], tokens, n, pad)
+            return out
 
-    def via(run):
-        def call(tokens):
-            ids = engine._put(np.array([tokens[0], pad[0], n], np.int32))
-            t0 = time.perf_counter()
-            out, state["cache"] = run(state["cache"], ids)
-            return out, time.perf_counter() - t0
-        return call
-
-    variants = {"one_program": False}
-    if engine.mesh.devices.flat[0].platform == "gpu":
-        variants["one_program_pinned_out"] = True
-    for name, pinned in variants.items():
-        total, dispatch = timed(calls, via(one_program(engine, state["cache"], pinned)))
-        report[name] = statistics.median(total)
-        if name == "one_program":
-            report["one_program_dispatch"] = statistics.median(dispatch)
-
-    def engine_call(tokens):
-        out, state["cache"] = engine.next_token(state["cache"], tokens, n, pad)
-        return out, 0.0
-
-    report["engine"] = statistics.median(timed(calls, engine_call)[0])
+        report[name] = statistics.median(timed(calls, call))
+    if trace:
+        with jax.profiler.trace(trace):
+            tokens = np.full(1, 5, np.int32)
+            for _ in range(5):
+                with jax.profiler.TraceAnnotation("next_token"):
+                    tokens, state["cache"] = engine.next_token(state["cache"], tokens, n, pad)
+    prompt = [prompt_ids(PROMPT_LEN, engine.config.vocab_size)]
+    engine.generate(prompt, DECODE_TOKENS + 1, eos=())  # compile and warm
+    report["loop_per_token"] = statistics.median(
+        engine.generate(prompt, DECODE_TOKENS + 1, eos=()).decode_ms_per_step for _ in range(3))
     return {k: round(v, 4) for k, v in report.items()}
 
 
@@ -96,10 +76,12 @@ def main() -> None:
     p.add_argument("--devices", type=int, default=1)
     p.add_argument("--lp", default="")
     p.add_argument("--calls", type=int, default=20)
+    p.add_argument("--trace", default=None, help="directory for a JAX profiler trace of 5 engine calls")
     args = p.parse_args()
     engine = Engine.load(f"random:{args.model}", args.lp, args.devices, None)
     print(json.dumps(dict(model=args.model, devices=args.devices, lp=args.lp, jax=jax.__version__,
-                          device=engine.mesh.devices.flat[0].device_kind, **measure(engine, args.calls))), flush=True)
+                          device=engine.mesh.devices.flat[0].device_kind,
+                          **measure(engine, args.calls, args.trace))), flush=True)
 
 
 if __name__ == "__main__":

@@ -364,7 +364,7 @@ class LlamaLM(nn.Module):
     `mode` says what the call does (see `Mode`); `logits_index`, when given, picks one position's logits (prefill
     needs only the last). Returns float32 logits over the real vocabulary and the new cache (None without one).
 
-    `span=(a, b)` runs stages a..b-1 only, so that a step can be a chain of programs (`Engine._host_step`): a span
+    `span=(a, b)` runs stages a..b-1 only, so that a step can be a chain of programs (`runtime.host_step`): a span
     that does not start at 0 takes the residual stream the span before it returned instead of token ids, and one
     that stops short of the last stage returns that stream (and its stages' cache) instead of logits.
     """

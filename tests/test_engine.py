@@ -113,21 +113,21 @@ def test_host_called_step_returns_the_greedy_token_of_its_logits(engines):
 
 
 @pytest.mark.parametrize("devices", [1, 2])
-def test_host_called_steps_run_as_a_chain_of_stage_programs_and_decode_like_the_loop(engines, monkeypatch, devices):
-    """A host-called step is a chain of programs of STEP_SPAN stages (the residual stream handed along, each
+def test_host_called_steps_run_as_a_chain_of_stage_programs_and_decode_like_the_loop(engines, devices):
+    """A host-called step is a chain of programs of a few stages each (the residual stream handed along, each
     program's cache donated); fed back its own tokens it writes what the on-device loop writes, LP pairs split over
     devices included."""
-    import lpjax.engine
+    from lpjax.runtime.host_step import HostStep
 
-    monkeypatch.setattr(lpjax.engine, "STEP_SPAN", 2)  # 6 layers, "1:5" -> 4 stages -> 2 programs
-    engine = engines("gqa_head_dim", "", devices).with_plan("1:5")  # a fresh engine: no chain compiled yet
+    engine = engines("gqa_head_dim", "1:5", devices)
+    step = HostStep(engine.programs, span=2)  # 6 layers, "1:5" -> 4 stages -> 2 programs
     prompts = [engine.tokenizer.encode(p) for p in PROMPTS]
     cache = engine.init_cache(len(prompts), 64)
     logits, cache, n, pad = engine.prefill(cache, prompts)
     tokens = np.argmax(np.asarray(logits), axis=-1).astype(np.int32)
     steps = [tokens]
     for t in range(5):
-        tokens, cache = engine.next_token(cache, tokens, n + t, pad)
+        tokens, cache = step.next_token(cache, tokens, n + t, pad)
         steps.append(tokens)
-    assert len([k for k in engine._compiled.programs if k[0] == "next"]) == 2
+    assert len([k for k in engine.programs.compiled.programs if k[0] == "next" and k[3] == 2]) == 2
     assert np.stack(steps, axis=1).tolist() == engine.generate(prompts, 6, eos=()).tokens

@@ -11,6 +11,7 @@ LAYERS = (
     ("schema and small pure pieces", ("lpjax.schema", "lpjax.cache", "lpjax.compile", "lpjax.sampling")),
     ("model and sharding", ("lpjax.sharding", "lpjax.model")),
     ("weights and sources", ("lpjax.weights", "lpjax.tokenizer", "lpjax.sources", "lpjax.export")),
+    ("runtime: compiled programs, decode loop, host-called step", ("lpjax.runtime",)),
     ("engine", ("lpjax.engine",)),
     ("libraries over the model", ("lpjax.quality", "lpjax.training")),
     ("tools (command lines)", ("lpjax.cli", "lpjax.training.cli", "lpjax.generate", "lpjax.eval", "lpjax.sweep",

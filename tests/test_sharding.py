@@ -58,24 +58,34 @@ def test_tied_embeddings_with_a_padded_vocabulary(engines):
     assert engine.generate(PROMPTS, 6, eos=()).tokens == ref.generate(PROMPTS, 6, eos=()).tokens
 
 
-def count_collectives(engine) -> tuple[int, int]:
+def count_collectives(engine) -> set[tuple[str, int, int]]:
+    """(path, all-reduces, all-gathers) in the optimised HLO of one decode step, on each decode path users run: the
+    host-called step (logits or next token; a chain of programs of a few stages each, counted over the chain) and
+    the on-device loop (its body holds one step)."""
     cache = engine.init_cache(2, 32)  # the shapes run_all compiled already
-    engine.decode_step(cache, np.array([5, 6]), 12, np.array([0, 5]))
-    # the host-called step is a chain of programs (a few stages each): count over all of them
-    hlo = "\n".join(c.as_text() for k, c in engine._compiled.programs.items() if k[0] == "step")
-    all_reduce = len(re.findall(r"\ball-reduce(?:-start)?\(", hlo))
-    all_gather = len(re.findall(r"\ball-gather(?:-start)?\(", hlo))
-    return all_reduce, all_gather
+    _, cache = engine.decode_step(cache, np.array([5, 6]), 12, np.array([0, 5]))
+    engine.next_token(cache, np.array([5, 6]), 12, np.array([0, 5]))
+    engine.generate(PROMPTS, 3, eos=())
+    programs: dict[tuple, list[str]] = {}
+    for key, compiled in engine.programs.compiled.programs.items():
+        if key[0] in ("step", "next"):  # a chain: key + (its first stage,)
+            programs.setdefault(key[:-1], []).append(compiled.as_text())
+        elif key[0] == "decode":
+            programs[key] = [compiled.as_text()]
+    assert {k[0] for k in programs} == {"step", "next", "decode"}
+    return {(k[0], len(re.findall(r"\ball-reduce(?:-start)?\(", "\n".join(hlo))),
+             len(re.findall(r"\ball-gather(?:-start)?\(", "\n".join(hlo)))) for k, hlo in programs.items()}
 
 
 @pytest.mark.parametrize("devices", [2, 4])
 def test_collectives_two_per_layer_and_two_per_pair(engines, devices):
-    """Optimised HLO of one decode step: 2 all-reduces per stage (a sequential layer or an LP pair), plus 1 for
-    the vocabulary-split embedding lookup; 1 all-gather of the vocabulary-split logits."""
+    """Optimised HLO of one decode step, on every decode path: 2 all-reduces per stage (a sequential layer or an
+    LP pair), plus 1 for the vocabulary-split embedding lookup; 1 all-gather of the vocabulary-split logits."""
     seq = engines("shardable", "", devices)
     lp = engines("shardable", "2:6", devices)
-    assert count_collectives(seq) == (2 * 8 + 1, 1)
-    assert count_collectives(lp) == (2 * (8 - 2) + 1, 1)
+    paths = ("step", "next", "decode")
+    assert count_collectives(seq) == {(path, 2 * 8 + 1, 1) for path in paths}
+    assert count_collectives(lp) == {(path, 2 * (8 - 2) + 1, 1) for path in paths}
 
 
 def test_each_device_holds_one_layer_of_each_pair(engines):

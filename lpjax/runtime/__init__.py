@@ -1,0 +1,8 @@
+"""How a loaded model runs: compiled sharded programs, the on-device decode loop, the host-called step.
+
+- `programs.Programs`: the weights on a mesh and every program compiled over them (forward, prefill, cache).
+- `decode_loop`: decode as one on-device loop with sampling and EOS stop; the host sees only its result.
+- `host_step.HostStep`: one decode step called from the host (a server's or a streaming chat's unit of work).
+
+`lpjax.engine.Engine` is the facade over the three.
+"""

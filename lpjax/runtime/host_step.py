@@ -1,0 +1,125 @@
+"""One decode step called from the host: a server's or a streaming chat's unit of work.
+
+The step runs as a chain of programs of `span` stages each (`LlamaLM(span=(a, b))`). One program of a whole
+Llama-2-7B step is one CUDA graph of ~490 kernels: on H200 that call returned only 1.5-2 ms after it began, the
+GPU mostly idle meanwhile; a chain of programs of 4 stages each lets the GPU run the first while the host launches
+the next (bench/NOTES.md, 2026-11-30). Every buffer stays put from call to call, which is what lets XLA replay its
+CUDA graphs without re-recording them (a re-record of a whole step took ~0.4 ms): the cache and the residual
+stream are donated and come back in place, and on GPUs the result is written to pinned host memory rather than
+into a fresh device buffer each call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from lpjax.cache import Cache
+from lpjax.model import DECODE, Positions, stream_rows
+from lpjax.runtime.programs import Programs, cache_shape
+from lpjax.sharding import named
+
+STEP_SPAN = 4  # stages per program of the chain
+
+
+def greedy(logits: jax.Array) -> jax.Array:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+class HostStep:
+    """Host-called decode steps over `programs`: `span` stages per program (None: the whole step in one
+    program); `pinned`: the result goes to pinned host memory on GPUs."""
+
+    def __init__(self, programs: Programs, span: int | None = STEP_SPAN, pinned: bool = True):
+        self.programs = programs
+        self.span = span or len(programs.layout.stages)
+        self.pinned = pinned and programs.on_gpu
+        self._chains: dict = {}  # per key: [(stage names, their params, program)]
+        self._streams: dict[int, jax.Array] = {}  # the residual stream buffer handed along a chain, per batch size
+
+    def logits(self, cache: Cache, tokens, index: int, pad) -> tuple[np.ndarray, Cache]:
+        """Feed `tokens` [B] at cache slot `index`; returns (logits [B, V] on the host, the new cache)."""
+        return self.run("step", lambda logits: logits, cache, tokens, index, pad)
+
+    def next_token(self, cache: Cache, tokens, index: int, pad) -> tuple[np.ndarray, Cache]:
+        """The same step with the greedy choice made on the device: only the next token ids [B] come back to the
+        host, not [B, V] float32 logits (128 KB a row for a 32k vocabulary: ~0.46 ms on H200, bench/NOTES.md)."""
+        return self.run("next", greedy, cache, tokens, index, pad)
+
+    def run(self, name: str, post: Callable, cache: Cache, tokens, index: int, pad) -> tuple[np.ndarray, Cache]:
+        """One step: `tokens` [B] fed at cache slot `index`, then `post(logits [B, V])` on device; returns its result
+        on the host and the new cache (donated). The ids go up as one array [tokens (B), pad (B), index]."""
+        p = self.programs
+        tokens = np.asarray(tokens, np.int32)
+        B = len(tokens)
+        ids = p.put(np.concatenate([tokens, np.asarray(pad, np.int32), [index]]).astype(np.int32))
+        key = (name, B, cache_shape(cache), self.span, self.pinned)
+        chain = self._chain(key, post, B, cache)
+        # the warm-up writes the same cache slot the real run then writes again
+        cache = p.first_run(key, cache, lambda c: self._run_chain(chain, c, ids)[1])
+        out, cache = self._run_chain(chain, cache, ids)
+        return p.get(out), cache
+
+    def _take_stream(self, batch: int) -> jax.Array:
+        """The residual-stream buffer (donated along the chain, so it stays put), taken out while a call holds it:
+        a call that fails leaves no deleted buffer behind."""
+        stream = self._streams.pop(batch, None)
+        return stream if stream is not None else self.programs.put(
+            np.zeros((stream_rows(batch, 1), 1, self.programs.config.dim), self.programs.dtype))
+
+    def _chain(self, key: tuple, post: Callable, batch: int, cache: Cache) -> list:
+        """The programs of a step, compiled once per key. Program i runs `span` stages;
+        `prog(params, stream, ids, cache)` returns (the stream, or for the last `post(logits)`, and its stages' new
+        cache)."""
+        if key in self._chains:
+            return self._chains[key]
+        p, B = self.programs, batch
+        stages = p.layout.stages
+        stage_names = {s.name for s in stages}
+        shared = [k for k in p.params if k not in stage_names]  # embedding, final norm, LM head
+        stream, ids = self._take_stream(B), p.put(np.zeros(2 * B + 1, np.int32))
+        chain = []
+        for start in range(0, len(stages), self.span):
+            stop = min(start + self.span, len(stages))
+            first, last = start == 0, stop == len(stages)
+            names = [s.name for s in stages[start:stop]]
+            params = {k: p.params[k] for k in names + (shared if first or last else [])}
+            cache_specs = {k: p.cache_specs[k] for k in names}
+            model = p.local_model(span=(start, stop))
+
+            def body(params, stream, ids, cache, model=model, first=first, last=last):
+                pos = Positions.step(ids[B:2 * B], ids[2 * B])
+                out, cache = model.apply({"params": params}, ids[:B, None] if first else stream, pos, cache, DECODE)
+                return (post(out[:, 0]) if last else out), cache
+
+            def build(body=body, params=params, cache_specs=cache_specs, last=last):
+                fn = jax.shard_map(body, mesh=p.mesh, in_specs=({k: p.param_specs[k] for k in params}, P(), P(),
+                                                                 cache_specs),
+                                   out_specs=(P(), cache_specs), check_vma=False)
+                pinned = last and self.pinned
+                out = NamedSharding(p.mesh, P(), memory_kind="pinned_host") if pinned else None
+                return jax.jit(fn, donate_argnums=(3,) if last else (1, 3),
+                               out_shardings=(out, named(p.mesh, cache_specs)) if pinned else None)
+
+            sub_cache = {k: cache[k] for k in names}
+            chain.append((names, params, p.compile(key + (start,), build, params, stream, ids, sub_cache)))
+        self._streams[B] = stream
+        self._chains[key] = chain
+        return chain
+
+    def _run_chain(self, chain: list, cache: Cache, ids: jax.Array):
+        """One step through `chain`: (the last program's result, the new cache)."""
+        B = (ids.shape[0] - 1) // 2
+        cache, stream = dict(cache), self._take_stream(B)
+        for i, (names, params, program) in enumerate(chain):
+            out, new = program(params, stream, ids, {k: cache[k] for k in names})
+            cache.update(new)
+            if i < len(chain) - 1:
+                stream = out
+        self._streams[B] = stream
+        return out, cache
