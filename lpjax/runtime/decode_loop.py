@@ -58,7 +58,8 @@ def start_state(programs: Programs, logits, n: int, pad: np.ndarray, max_new_tok
     return fn(*args)
 
 
-def _loop(programs: Programs, sampling: Sampling, steps: int, eos: tuple[int, ...], pad_id: int, per_check: int):
+def _loop(programs: Programs, sampling: Sampling, steps: int, eos: tuple[int, ...], pad_id: int, per_check: int,
+          unroll: bool):
     fwd = programs.forward(DECODE, cached=True, one_position=False)
     eos_ids = eos_array(eos)
 
@@ -81,7 +82,7 @@ def _loop(programs: Programs, sampling: Sampling, steps: int, eos: tuple[int, ..
             return cache, jax.tree.map(lambda a, b: jnp.where(go, a, b), new, st)
 
         def group(carry):
-            return jax.lax.fori_loop(0, per_check, step, carry)
+            return jax.lax.fori_loop(0, per_check, step, carry, unroll=unroll)
 
         return jax.lax.while_loop(lambda carry: live(carry[1]), group, (cache, state))
 
@@ -89,11 +90,13 @@ def _loop(programs: Programs, sampling: Sampling, steps: int, eos: tuple[int, ..
 
 
 def decode(programs: Programs, cache: Cache, state: DecodeState, sampling: Sampling, steps: int,
-           eos: tuple[int, ...], pad_id: int, per_check: int = STEPS_PER_CHECK) -> tuple[Cache, DecodeState]:
+           eos: tuple[int, ...], pad_id: int, per_check: int = STEPS_PER_CHECK,
+           unroll: bool = False) -> tuple[Cache, DecodeState]:
     """Run up to `steps` decode steps on device (stopping early when every row hit EOS or the budget); the cache
-    and the state are donated."""
-    key = ("decode", sampling, steps, tuple(eos), pad_id, per_check, state.out.shape, cache_shape(cache))
-    loop = _loop(programs, sampling, steps, eos, pad_id, per_check)
+    and the state are donated. `unroll` writes a group's steps out as straight-line code (one program body of
+    `per_check` steps: more to compile, nothing between the steps)."""
+    key = ("decode", sampling, steps, tuple(eos), pad_id, per_check, unroll, state.out.shape, cache_shape(cache))
+    loop = _loop(programs, sampling, steps, eos, pad_id, per_check, unroll)
     fn = programs.compile(key, lambda: jax.jit(loop, donate_argnums=(1, 2)), programs.params, cache, state)
 
     def one_step(c):  # on a copy of the state (it is donated), at the cache slot the real run writes first

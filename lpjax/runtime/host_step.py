@@ -4,9 +4,15 @@ The step runs as a chain of programs of `span` stages each (`LlamaLM(span=(a, b)
 Llama-2-7B step is one CUDA graph of ~490 kernels: on H200 that call returned only 1.5-2 ms after it began, the
 GPU mostly idle meanwhile; a chain of programs of 4 stages each lets the GPU run the first while the host launches
 the next (bench/NOTES.md, 2026-11-30). Every buffer stays put from call to call, which is what lets XLA replay its
-CUDA graphs without re-recording them (a re-record of a whole step took ~0.4 ms): the cache and the residual
-stream are donated and come back in place, and on GPUs the result is written to pinned host memory rather than
-into a fresh device buffer each call.
+CUDA graphs as they are: a graph one of whose buffers moved is updated first (a re-record of a whole step took
+~0.4 ms). So the cache and the residual stream are donated and come back in place, and on GPUs the result is
+written to pinned host memory rather than into a fresh device buffer each call.
+
+A chain pays each program's host cost (on H200 ~0.3-0.6 ms a call: argument handling, a CUDA-graph update and
+launch), so it pays only where a program's GPU work hides the next one's launch: a big model on one device.
+Measured on H200, bf16, batch 1 (bench/NOTES.md, 2026-11-30): Llama-2-7B on 1 GPU 5.1 ms a step in programs of 4
+stages against 5.3 in one; on 2 GPUs 6.5 against 6.0; SmolLM2-135M on 1 GPU 4.1 against 2.4. `default_span`
+says which.
 """
 
 from __future__ import annotations
@@ -24,7 +30,17 @@ from lpjax.model import DECODE, Positions, stream_rows
 from lpjax.runtime.programs import Programs, cache_shape
 from lpjax.sharding import named
 
-STEP_SPAN = 4  # stages per program of the chain
+STEP_SPAN = 4  # stages per program of a chain
+CHAIN_MIN_STAGE_BYTES = 100e6  # weight bytes a stage reads on its device, at least, for a chain to pay
+
+
+def default_span(programs: Programs) -> int | None:
+    """`STEP_SPAN` stages per program for a model whose stages each read at least `CHAIN_MIN_STAGE_BYTES` of weights
+    on a single device (Llama-2-7B: ~400 MB); otherwise the whole step as one program (None)."""
+    stage_bytes = programs.stage_weight_bytes()
+    if programs.layout.n_devices == 1 and stage_bytes and min(stage_bytes) >= CHAIN_MIN_STAGE_BYTES:
+        return STEP_SPAN
+    return None
 
 
 def greedy(logits: jax.Array) -> jax.Array:
@@ -33,10 +49,12 @@ def greedy(logits: jax.Array) -> jax.Array:
 
 class HostStep:
     """Host-called decode steps over `programs`: `span` stages per program (None: the whole step in one
-    program); `pinned`: the result goes to pinned host memory on GPUs."""
+    program; "auto": `default_span`); `pinned`: the result goes to pinned host memory on GPUs."""
 
-    def __init__(self, programs: Programs, span: int | None = STEP_SPAN, pinned: bool = True):
+    def __init__(self, programs: Programs, span: int | str | None = "auto", pinned: bool = True):
         self.programs = programs
+        if span == "auto":
+            span = default_span(programs)
         self.span = span or len(programs.layout.stages)
         self.pinned = pinned and programs.on_gpu
         self._chains: dict = {}  # per key: [(stage names, their params, program)]

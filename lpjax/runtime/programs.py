@@ -52,6 +52,14 @@ class Programs:
     def on_gpu(self) -> bool:
         return self.mesh.devices.flat[0].platform == "gpu"
 
+    def stage_weight_bytes(self) -> list[int]:
+        """Bytes of weights each stage reads on one device (its share of the stage's parameters)."""
+        out = []
+        for s in self.layout.stages:
+            leaves = jax.tree.leaves(self.params[s.name])
+            out.append(sum(x.addressable_shards[0].data.nbytes for x in leaves))
+        return out
+
     def local_model(self, span: tuple[int, int] | None = None) -> LlamaLM:
         """The per-device model (run inside `shard_map`), of stages `span` only when given."""
         return LlamaLM(self.layout, per_device=True, param_dtype=self.dtype, attention_impl=self.attention, span=span)
