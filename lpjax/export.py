@@ -74,15 +74,16 @@ def export(source: WeightSource, out: Path, fmt: str = "lpjax", dtype: str | Non
     prepare_output_dir(out, overwrite)
     c = source.config
     hf_config = dict(source.hf_config or to_hf(c, dtype), torch_dtype=dtype, dtype=dtype)
-    hf_config.pop(PLAN_KEY, None)
+    about = hf_config.pop(PLAN_KEY, None)  # what a fine-tune noted beside its plan (trained layers, loss)
+    about = {k: v for k, v in about.items() if k != "lp"} if isinstance(about, dict) else {}
     items = source_items(source, dtype)
     trained_for = trained_plan(source) or ""
     if fmt == "hf":
-        hf_config = with_plan(hf_config, trained_for, exported_from=source.description)
+        hf_config = with_plan(hf_config, trained_for, **dict(about, exported_from=source.description))
         write_hf(out, c, hf_config, items, np.dtype(DTYPES[dtype]), progress)
     else:
         if trained_for:
-            hf_config = with_plan(hf_config, trained_for, converted_from=source.description)
+            hf_config = with_plan(hf_config, trained_for, **dict(about, converted_from=source.description))
         write_checkpoint(out, hf_config, items, dtype, f"converted from {source.description}", progress=progress,
                          total=c.n_layers + 1)
     if source.directory is not None:
