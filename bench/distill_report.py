@@ -59,7 +59,8 @@ def recovered(runs: dict) -> dict[str, float | None]:
             out[loss] = None
             continue
         gap_before = lp["val_ppl_before"] - lp["val_ppl_sequential"]
-        out[loss] = 1 - (lp["val_ppl_after"] - control["val_ppl_after"]) / gap_before if gap_before else None
+        # no share when LP cost nothing to begin with
+        out[loss] = 1 - (lp["val_ppl_after"] - control["val_ppl_after"]) / gap_before if gap_before > 0 else None
     return out
 
 
@@ -102,10 +103,14 @@ def plot(data: dict, path: Path) -> None:
         for row, key, what in ((0, "val_ppl_sequential", "val perplexity (lower is better)"),
                                (1, "val_accuracy_sequential", "val next-token accuracy (higher is better)")):
             ax = axes[row][col]
-            ax.axhline(first[key], color="gray", lw=1, ls=":", label=f"sequential, not fine-tuned ({first[key]:.4g})")
+            ax.axhline(first[key], color="gray", lw=1, ls=":",
+                       label=f"sequential, not fine-tuned ({first[key]:.4g})")
             ax.set_ylabel(what)
             ax.set_xlabel(f"fine-tuning steps ({batch})")
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, handlelength=3)
+        values = [v for line in axes[0][col].get_lines() for v in line.get_ydata()]
+        if max(values) / min(values) > 4:  # an LP model far above the rest: a log scale keeps the others readable
+            axes[0][col].set_yscale("log")
         axes[0][col].set_title(f"Δ={delta}: --lp {runs.get(('lm', False), first)['lp']}, only paired layers train")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -62,7 +62,8 @@ def mean_kl(teacher_logits, student_logits) -> float:
     return float((np.exp(p) * (p - q)).sum(-1).mean())
 
 
-# prompts of one length in the tiny tokenizer (one prefill program serves every round), and a comment line
+# short prompts (one prefill bucket in the tiny tokenizer; a round of 4 holds all of them, so one prefill program
+# serves every round) and a comment line
 PROMPTS = "# what the tiny model is asked\nThe quick brown fox\nLayer parallelism\nJAX compiles the\nA pretrained\n"
 
 
