@@ -199,3 +199,20 @@ def test_val_scores_are_lpjax_evals_perplexity_and_accuracy(engines):
     got = Programs(layout, hp, frozenset(), data_mesh(1)).evaluator(val, {}, params)({}, params)
     assert expected["accuracy"] > 0.2 and got["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-6)
     assert got["ppl"] == pytest.approx(expected["ppl"], rel=1e-4) and got["tokens"] == expected["tokens"]
+
+
+def test_corpus_command_refuses_bad_input_and_never_overwrites_unasked(tmp_path):
+    from lpjax.errors import LPJaxError
+
+    mine = tmp_path / "mine.txt"
+    mine.write_text("mine")
+    base = ["--model", str(tmp_path / "no-model"), "--tokens", "10"]
+    with pytest.raises(LPJaxError, match="already exists"):
+        corpus_cli.main([*base, "--out", str(mine)])
+    with pytest.raises(LPJaxError, match="--prompts .*: no such file"):
+        corpus_cli.main([*base, "--prompts", str(tmp_path / "none.txt"), "--out", str(tmp_path / "a.txt")])
+    with pytest.raises(LPJaxError, match="--tokens 0: must be at least 1"):
+        corpus_cli.main([*base[:-1], "0", "--out", str(tmp_path / "b.txt")])
+    with pytest.raises(LPJaxError, match="the sidecar would be the text file itself"):
+        corpus_cli.main([*base, "--out", str(tmp_path / "c.json")])
+    assert mine.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]

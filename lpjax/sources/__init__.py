@@ -68,7 +68,7 @@ def trained_plan(source: WeightSource) -> str | None:
 
 def plan_for(source: WeightSource, lp: str | None) -> str:
     """The plan to run `source` under: `lp` when given (even '', sequential), else the plan it was fine-tuned for,
-    else sequential. Every tool's `--lp` defaults to this."""
+    else sequential. What a tool's `--lp` left out means (`lpjax.finetune`; `Engine.load` with `lp=None`)."""
     if lp is not None:
         return lp
     return trained_plan(source) or ""
