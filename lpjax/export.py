@@ -2,7 +2,9 @@
 Face Llama directory (`hf`: safetensors, config.json, tokenizer files) that transformers loads.
 
 Weights are written as they are: an LP fine-tune exported to HF keeps its trained weights, but the plan it was tuned
-for is not part of a Llama, so a runtime that knows LP must apply it (config.json records it under `lpjax`).
+for is not part of a Llama: transformers runs the layers one after the other. config.json records the plan under
+`lpjax.lp` (`config.with_plan`, in both formats), and lpjax runs the directory under it when no --lp is given
+(`sources.plan_for`).
 """
 
 from __future__ import annotations
@@ -17,16 +19,17 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lpjax.config import to_hf
+from lpjax.config import PLAN_KEY, to_hf, with_plan
 from lpjax.errors import LPJaxError
 from lpjax.schema import global_shapes, layer_shapes
+from lpjax.sources import trained_plan
 from lpjax.sources.converted import is_converted, write_checkpoint
 from lpjax.sources.hf import write_hf
 from lpjax.tokenizer import copy_tokenizer
 from lpjax.weights import DTYPES, WeightSource, source_dtype
 
 FORMATS = ("lpjax", "hf")
-EXPORT_KEY = "lpjax"  # the config.json key of an HF export: where it came from, the LP plan it was tuned for
+EXPORT_KEY = PLAN_KEY  # the config.json key of an HF export: where it came from, the LP plan it was tuned for
 
 
 def is_hf_export(path: Path) -> bool:
@@ -71,13 +74,16 @@ def export(source: WeightSource, out: Path, fmt: str = "lpjax", dtype: str | Non
     prepare_output_dir(out, overwrite)
     c = source.config
     hf_config = dict(source.hf_config or to_hf(c, dtype), torch_dtype=dtype, dtype=dtype)
+    about = hf_config.pop(PLAN_KEY, None)  # what a fine-tune noted beside its plan (trained layers, loss)
+    about = {k: v for k, v in about.items() if k != "lp"} if isinstance(about, dict) else {}
     items = source_items(source, dtype)
-    trained_for = (getattr(source, "meta", None) or {}).get("training", {}).get("lp") or ""
+    trained_for = trained_plan(source) or ""
     if fmt == "hf":
-        hf_config[EXPORT_KEY] = {"exported_from": source.description, "lp": trained_for}
+        hf_config = with_plan(hf_config, trained_for, **dict(about, exported_from=source.description))
         write_hf(out, c, hf_config, items, np.dtype(DTYPES[dtype]), progress)
     else:
-        hf_config.pop(EXPORT_KEY, None)
+        if trained_for:
+            hf_config = with_plan(hf_config, trained_for, **dict(about, converted_from=source.description))
         write_checkpoint(out, hf_config, items, dtype, f"converted from {source.description}", progress=progress,
                          total=c.n_layers + 1)
     if source.directory is not None:
@@ -86,6 +92,7 @@ def export(source: WeightSource, out: Path, fmt: str = "lpjax", dtype: str | Non
     if source.directory is None:
         notes.append("random weights have no tokenizer files: lpjax uses its byte-level tokenizer for them")
     if fmt == "hf" and trained_for:
-        notes.append(f"these weights were fine-tuned for --lp {trained_for}: a runtime that knows LP must apply "
-                     "that plan (transformers runs them sequentially)")
+        notes.append(f"these weights were fine-tuned for --lp {trained_for}: config.json records that plan, and "
+                     "lpjax runs the directory under it unless --lp says otherwise (transformers runs the layers "
+                     "sequentially)")
     return "; ".join(notes) or None

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lpjax.config import recorded_plan
 from lpjax.errors import LPJaxError
+from lpjax.plan import LPPlan
 from lpjax.weights import WeightSource
 
 
@@ -45,3 +47,28 @@ def open_source(model: str, seed: int = 0) -> WeightSource:
     from lpjax.sources.hf import HFSource
 
     return HFSource(path)
+
+
+def trained_plan(source: WeightSource) -> str | None:
+    """The LP plan a fine-tuned model records (config.json's `lpjax.lp`, or for an lpjax fine-tune written before
+    config.json carried it, lpjax.json's `training.lp`); None for any other model."""
+    lp = recorded_plan(source.hf_config or {})
+    if lp is None:
+        training = (getattr(source, "meta", None) or {}).get("training")
+        lp = training.get("lp") if isinstance(training, dict) else None
+    if lp is None:
+        return None
+    try:
+        LPPlan.parse(lp, source.config.n_layers)
+    except LPJaxError as e:
+        raise LPJaxError(f"{source.description}: the LP plan {lp!r} its config.json records does not fit it "
+                         f"({e})") from None
+    return lp
+
+
+def plan_for(source: WeightSource, lp: str | None) -> str:
+    """The plan to run `source` under: `lp` when given (even '', sequential), else the plan it was fine-tuned for,
+    else sequential. What a tool's `--lp` left out means (`lpjax.finetune`; `Engine.load` with `lp=None`)."""
+    if lp is not None:
+        return lp
+    return trained_plan(source) or ""

@@ -26,7 +26,7 @@ class FitResult:
     step: int  # where it ended
     completed: bool  # reached hp.steps (False: stopped by --stop-after)
     history: list  # (step, mean train loss since the previous entry)
-    evals: list  # (step, val loss) of the periodic and final evaluations
+    evals: list  # (step, val loss, val next-token accuracy) of the periodic and final evaluations
     final_val: dict | None
     train_s: float  # wall time of the steps alone (no compile, eval or saving)
     compile_s: float
@@ -45,7 +45,7 @@ class FitResult:
                 "tokens_per_s": round(self.tokens_per_s(hp), 1), "train_s": round(self.train_s, 2),
                 "compile_s": round(self.compile_s, 2), "resumed_from": self.start_step, "completed": self.completed,
                 "attention": self.attention, "history": [[s, round(v, 5)] for s, v in self.history],
-                "evals": [[s, round(v, 5)] for s, v in self.evals]}
+                "evals": [[s, round(v, 5), round(a, 5)] for s, v, a in self.evals]}
 
 
 class Progress(Protocol):
@@ -61,12 +61,14 @@ class Progress(Protocol):
 def fit(programs: Programs, params: dict, stream: np.ndarray, val: ValSet | None, out: Path, cadence: Cadence,
         bar: Progress | None = None, say: Callable[[str], None] | None = None) -> FitResult:
     """Train `programs.trainable` parts of `params` (a float32 model tree) on `stream`, resuming from the newest
-    state under OUT/train_state if there is one. Frozen parts are never touched. `bar` shows progress; without it
-    notes go to `say` (if given)."""
+    state under OUT/train_state if there is one. Frozen parts are never touched (a distillation teacher keeps its
+    own copy of the original weights of the layers that train). `bar` shows progress; without it notes go to `say`
+    (if given)."""
     hp = programs.hp
     store = StateStore(out, cadence.keep, hp.seed)
     trainable, frozen = programs.split(params)
     frozen_c = programs.put(cast_tree(frozen, programs.compute))
+    teacher_c = programs.put(cast_tree(programs.teacher_part(params), programs.compute))
     start = store.latest()
     t0 = time.perf_counter()
     if start is None:
@@ -79,7 +81,7 @@ def fit(programs: Programs, params: dict, stream: np.ndarray, val: ValSet | None
             raise LPJaxError(f"{out / STATE_DIR}/{start}: holds the state of step {int(state['step'])}")
         (bar.note if bar else say or _quiet)(f"resuming from step {start} of {hp.steps} ({out / STATE_DIR})")
     stream_d = programs.put(stream)
-    step_fn = programs.step(state, frozen_c, stream_d)
+    step_fn = programs.step(state, frozen_c, teacher_c, stream_d)
     evaluate = programs.evaluator(val, state["params"], frozen_c) if val is not None else None
     compile_s = time.perf_counter() - t0
 
@@ -107,7 +109,7 @@ def fit(programs: Programs, params: dict, stream: np.ndarray, val: ValSet | None
 
     try:
         while step < hp.steps:
-            state, loss = step_fn(state, frozen_c, stream_d)
+            state, loss = step_fn(state, frozen_c, teacher_c, stream_d)
             step += 1
             pending.append(loss)
             is_eval = evaluate is not None and cadence.eval_every and step % cadence.eval_every == 0 and step < hp.steps
@@ -117,8 +119,9 @@ def fit(programs: Programs, params: dict, stream: np.ndarray, val: ValSet | None
                 sync()
             if is_eval:
                 res = evaluate(state["params"], frozen_c)
-                evals.append((step, res["loss"]))
-                say(f"step {step}: val loss {res['loss']:.4f} (ppl {res['ppl']:.2f})")
+                evals.append((step, res["loss"], res["accuracy"]))
+                say(f"step {step}: val loss {res['loss']:.4f} (ppl {res['ppl']:.2f}, next-token accuracy "
+                    f"{res['accuracy']:.4f})")
                 restart_clock()
             if is_save or stop:
                 store.save(step, state)
@@ -143,7 +146,7 @@ def fit(programs: Programs, params: dict, stream: np.ndarray, val: ValSet | None
         store.save(step, state)
         if evaluate is not None:
             final_val = evaluate(state["params"], frozen_c)
-            evals.append((step, final_val["loss"]))
+            evals.append((step, final_val["loss"], final_val["accuracy"]))
     store.close()
     trained = jax_tree_to_numpy(state["params"])
     return FitResult(dict(params, **trained), start, step, completed, history, evals, final_val, train_s, compile_s,

@@ -1,5 +1,6 @@
-"""The run directory OUT: what run it holds (`check_run`, `start_run`), its training states (`StateStore`) and the
-trained model written in lpjax's converted format (`write_model`)."""
+"""The run directory OUT: what run it holds (`check_run`, `start_run`: train_run.json, with the setup that decides the
+run, its loss and its texts' digests among it), its training states (`StateStore`) and the trained model written in
+lpjax's converted format (`write_model`, whose lpjax.json says again how it was trained)."""
 
 from __future__ import annotations
 
@@ -61,15 +62,19 @@ def check_run(out: Path, setup: dict, overwrite: bool, resume: bool) -> bool:
     return False
 
 
-def start_run(out: Path, setup: dict, tokenizer_dir: Path | None) -> None:
-    """Empty OUT (`check_run` allowed it), record the setup there, and put the tokenizer files in."""
+def start_run(out: Path, setup: dict, tokenizer_dir: Path | None, about: dict | None = None) -> None:
+    """Empty OUT (`check_run` allowed it), record the setup there, and put the tokenizer files in. `about` is
+    recorded beside the setup for people (which loss, which text files and where they came from) and is not
+    compared on resumption (a text file may move; its digest in the setup is what must match)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer_dir is not None:
         copy_tokenizer(tokenizer_dir, out)
-    (out / RUN_MARKER).write_text(json.dumps({"format": RUN_FORMAT, "setup": _normal(setup)}, indent=2,
-                                             sort_keys=True) + "\n")
+    record = {"format": RUN_FORMAT, "setup": _normal(setup)}
+    if about:
+        record["about"] = _normal(about)
+    (out / RUN_MARKER).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 class StateStore:

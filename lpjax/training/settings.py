@@ -60,3 +60,31 @@ class Cadence:
         for name in ("log_every", "eval_every", "save_every", "stop_after", "keep"):
             if getattr(self, name) < (1 if name in ("log_every", "keep") else 0):
                 raise LPJaxError(f"--{name.replace('_', '-')} {getattr(self, name)}: out of range")
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What the step minimises. `lm`: next-token cross-entropy on the text. `distill`: KL(teacher || student) of the
+    next-token distributions at `temperature` (scaled by its square, so gradients keep their size as it changes),
+    where the teacher is the same checkpoint run sequentially, frozen, in the same compiled step."""
+
+    kind: str = "lm"  # "lm" | "distill"
+    temperature: float = 1.0
+
+    def check(self) -> None:
+        if self.kind not in ("lm", "distill"):
+            raise LPJaxError(f"loss {self.kind!r}: choose lm or distill")
+        if not self.temperature > 0:
+            raise LPJaxError(f"--distill-temperature {self.temperature}: must be positive")
+
+    @property
+    def distill(self) -> bool:
+        return self.kind == "distill"
+
+    def describe(self) -> str:
+        if not self.distill:
+            return "LM loss (next-token cross-entropy on the text)"
+        return f"distillation from the sequential model (KL, temperature {self.temperature:g})"
+
+
+LM = Objective()

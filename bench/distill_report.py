@@ -1,0 +1,137 @@
+"""The plot and table of the distillation study (`bench/quality_distill.sh`), from its fine-tunes' JSON outputs.
+
+    python -m bench.distill_report RESULTS_DIR [--out DIR]
+
+RESULTS_DIR holds `ft-d{Δ}-{lm|distill}[-control].json`, each the last line of `python -m lpjax.finetune --json`.
+Draws DIR/distill.png (val perplexity and next-token accuracy against fine-tuning steps, one column per Δ: the LM
+loss and distillation, each beside its control, with the sequential model as a line) and writes DIR/distill.md: per
+run, val perplexity and accuracy before and after, and how much of LP's perplexity loss came back measured against
+the control (1 - (LP after - control after) / (LP before - sequential)). DIR defaults to RESULTS_DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+RUNS = (("lm", False, "LM loss", "tab:blue", "-"), ("lm", True, "LM loss, control (no LP)", "tab:blue", "--"),
+        ("distill", False, "distillation", "tab:red", "-"),
+        ("distill", True, "distillation, control (no LP)", "tab:red", "--"))
+NAME = re.compile(r"^ft-d(\d+)-(lm|distill)(-control)?\.json$")
+
+
+def last_json(path: Path) -> dict:
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise SystemExit(f"error: {path}: empty (did its run fail? see the .log beside it)")
+    return json.loads(lines[-1])
+
+
+def load(results: Path) -> dict[int, dict[tuple[str, bool], dict]]:
+    """{Δ: {(loss, control): run summary}}."""
+    out: dict[int, dict] = {}
+    for path in sorted(results.glob("ft-d*.json")):
+        m = NAME.match(path.name)
+        if m:
+            out.setdefault(int(m.group(1)), {})[(m.group(2), bool(m.group(3)))] = last_json(path)
+    if not out:
+        raise SystemExit(f"error: {results}: no ft-d*.json fine-tune results")
+    return dict(sorted(out.items()))
+
+
+def curve(r: dict) -> tuple[list[int], list[float], list[float]]:
+    """(steps, val perplexity, val accuracy), step 0 being the model before fine-tuning."""
+    evals = r["evals"]
+    return ([0] + [e[0] for e in evals], [r["val_ppl_before"]] + [math.exp(e[1]) for e in evals],
+            [r["val_accuracy_before"]] + [e[2] for e in evals])
+
+
+def recovered(runs: dict) -> dict[str, float | None]:
+    """Per loss: the share of LP's perplexity loss won back, measured against that loss's control."""
+    out = {}
+    for loss in ("lm", "distill"):
+        lp, control = runs.get((loss, False)), runs.get((loss, True))
+        if lp is None or control is None:
+            out[loss] = None
+            continue
+        gap_before = lp["val_ppl_before"] - lp["val_ppl_sequential"]
+        # no share when LP cost nothing to begin with
+        out[loss] = 1 - (lp["val_ppl_after"] - control["val_ppl_after"]) / gap_before if gap_before > 0 else None
+    return out
+
+
+def table(data: dict) -> str:
+    lines = ["| Δ | run | trained layers | steps | val ppl before | val ppl after | accuracy before | accuracy after "
+             "| LP loss recovered vs control |", "|---|---|---|---|---|---|---|---|---|"]
+    for delta, runs in data.items():
+        first = next(iter(runs.values()))
+        lines.append(f"| {delta} | sequential model | | | {first['val_ppl_sequential']:.3f} | | "
+                     f"{first['val_accuracy_sequential']:.4f} | | |")
+        share = recovered(runs)
+        for loss, control, label, _, _ in RUNS:
+            r = runs.get((loss, control))
+            if r is None:
+                continue
+            rec = "" if control or share[loss] is None else f"{100 * share[loss]:.0f}%"
+            lines.append(f"| {delta} | {label} | {r['lp'] if not control else r['lp'] + ' (no LP)'} | {r['steps']} | "
+                         f"{r['val_ppl_before']:.3f} | {r['val_ppl_after']:.3f} | {r['val_accuracy_before']:.4f} | "
+                         f"{r['val_accuracy_after']:.4f} | {rec} |")
+    return "\n".join(lines)
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(data), figsize=(5.2 * len(data), 7.2), squeeze=False)
+    for col, (delta, runs) in enumerate(data.items()):
+        first = next(iter(runs.values()))
+        batch = f"{first['tokens_seen'] // max(first['steps'], 1):,} tokens a step"
+        for loss, control, label, color, ls in RUNS:
+            r = runs.get((loss, control))
+            if r is None:
+                continue
+            steps, ppl, acc = curve(r)
+            axes[0][col].plot(steps, ppl, color=color, ls=ls, marker="o", ms=2, label=label)
+            axes[1][col].plot(steps, acc, color=color, ls=ls, marker="o", ms=2, label=label)
+        for row, key, what in ((0, "val_ppl_sequential", "val perplexity (lower is better)"),
+                               (1, "val_accuracy_sequential", "val next-token accuracy (higher is better)")):
+            ax = axes[row][col]
+            ax.axhline(first[key], color="gray", lw=1, ls=":",
+                       label=f"sequential, not fine-tuned ({first[key]:.4g})")
+            ax.set_ylabel(what)
+            ax.set_xlabel(f"fine-tuning steps ({batch})")
+            ax.legend(fontsize=7, handlelength=3)
+        values = [v for line in axes[0][col].get_lines() for v in line.get_ydata()]
+        if max(values) / min(values) > 4:  # an LP model far above the rest: a log scale keeps the others readable
+            axes[0][col].set_yscale("log")
+        axes[0][col].set_title(f"Δ={delta}: --lp {runs.get(('lm', False), first)['lp']}, only paired layers train")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.distill_report", description=__doc__.split("\n\n")[0])
+    p.add_argument("results", type=Path, help="directory of ft-d*.json results")
+    p.add_argument("--out", type=Path, default=None, help="where distill.png and distill.md go (default: results)")
+    args = p.parse_args(argv)
+    out = args.out or args.results
+    out.mkdir(parents=True, exist_ok=True)
+    data = load(args.results)
+    plot(data, out / "distill.png")
+    md = table(data)
+    (out / "distill.md").write_text(md + "\n")
+    print(md)
+    print(f"wrote {out / 'distill.png'} and {out / 'distill.md'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
