@@ -27,7 +27,7 @@ from lpjax.runtime.host_step import HostStep
 from lpjax.runtime.programs import Programs, prefill_bucket
 from lpjax.sampling import Sampling
 from lpjax.sharding import Layout, describe_mesh, make_mesh
-from lpjax.sources import open_source
+from lpjax.sources import open_source, plan_for
 from lpjax.weights import DTYPES, WeightSource, load_params, source_dtype
 
 CACHE_MULTIPLE = 128
@@ -88,7 +88,7 @@ class Engine:
                 dtype = "float32"
         if dtype not in DTYPES:
             raise LPJaxError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
-        plan = LPPlan.parse(lp, source.config.n_layers)
+        plan = LPPlan.parse(plan_for(source, lp), source.config.n_layers)  # lp=None: the plan it was tuned for
         return cls(source, plan, mesh, dtype, attention=attention, progress=progress)
 
     def with_plan(self, lp: str | LPPlan) -> Engine:

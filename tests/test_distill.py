@@ -168,7 +168,7 @@ def test_exported_finetune_keeps_its_plan(distilled, tmp_path):
     source = open_source(str(out))
     assert plan_for(source, None) == PLAN and plan_for(source, "") == ""  # an explicit --lp still wins
     assert plan_for(open_source(str(distilled[0])), None) == PLAN  # the fine-tune's own lpjax directory too
-    exported = Engine.load(str(out), plan_for(source, None), 1, "float32")
+    exported = Engine.load(str(out), None, 1, "float32")  # no --lp: the plan its config.json records
     assert np.allclose(exported.logits(ids), tuned.logits(ids), rtol=0, atol=1e-5)
 
 
