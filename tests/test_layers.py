@@ -13,8 +13,8 @@ LAYERS = (
     ("weights and sources", ("lpjax.weights", "lpjax.tokenizer", "lpjax.sources", "lpjax.export")),
     ("engine", ("lpjax.engine",)),
     ("libraries over the model", ("lpjax.quality", "lpjax.training")),
-    ("tools (command lines)", ("lpjax.cli", "lpjax.training.cli", "lpjax.generate", "lpjax.eval", "lpjax.sweep",
-                               "lpjax.plan.__main__", "lpjax.train", "lpjax.finetune", "lpjax.convert")),
+    ("tools (command lines)", ("lpjax.cli", "lpjax.launch", "lpjax.training.cli", "lpjax.generate", "lpjax.eval",
+                               "lpjax.sweep", "lpjax.plan.__main__", "lpjax.train", "lpjax.finetune", "lpjax.convert")),
 )
 TOP = len(LAYERS)
 
