@@ -90,6 +90,12 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
+def process_count() -> int:
+    import jax
+
+    return jax.process_count()
+
+
 def say(*parts, file=None, end="\n", flush=True) -> None:
     """print() on process 0 only."""
     if is_main_process():

@@ -129,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         raise LPJaxError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
     if (code := launch.start(args, "lpjax.generate", argv)) is not None:
         return code  # this process launched per-device workers, which ran the tool
+    if args.chat and not args.prompt and cli.process_count() > 1:  # only one process can read the user's stdin
+        raise LPJaxError("--chat without --prompt (a conversation on stdin) runs in one process: give the messages "
+                         "with --prompt, or use --processes one")
     from lpjax.engine import Engine
 
     default = args.model is None

@@ -31,7 +31,6 @@ from lpjax.errors import LPJaxError
 AUTO_PER_DEVICE_ON: frozenset[str] = frozenset()
 
 START_TIMEOUT_S = 120.0  # workers not all joined by then: the run ends with one line (JAX itself would wait 300 s)
-STOP_GRACE_S = 5.0  # SIGTERM, then SIGKILL after this long
 READY_FD_ENV = "LPJAX_WORKER_READY_FD"  # set in a worker: the pipe it writes one byte to once it joined the others
 _HELD = ("error: ", "interrupted")  # a worker's ending lines: the launcher prints the failing worker's, once
 _DEVICE_COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=\S*")
@@ -75,6 +74,9 @@ def _per_device_devices(args: argparse.Namespace) -> LocalDevices | None:
     wanted = args.processes == "per-device" or (args.processes == "auto" and bool(AUTO_PER_DEVICE_ON))
     if not wanted or multi_host or args.devices == 1:
         return None
+    if _backend_started():
+        raise RuntimeError("launch.start: a JAX backend already runs in the launcher; start the workers before "
+                           "anything touches a device (on GPU it holds memory on the devices the workers need)")
     platform, visible = local_devices()
     if args.processes == "auto" and platform not in AUTO_PER_DEVICE_ON:
         return None
@@ -85,6 +87,11 @@ def _per_device_devices(args: argparse.Namespace) -> LocalDevices | None:
     if n > visible:
         raise LPJaxError(f"--devices {n}: only {visible} {platform.upper()} device(s) are visible")
     return LocalDevices(platform, visible, n) if n > 1 else None
+
+
+def _backend_started() -> bool:
+    xla_bridge = sys.modules.get("jax._src.xla_bridge")
+    return bool(xla_bridge and getattr(xla_bridge, "backends_are_initialized", lambda: False)())
 
 
 def local_devices() -> tuple[str, int]:
@@ -323,14 +330,10 @@ def _supervise(workers: list[subprocess.Popen], events: queue.Queue, start_timeo
 
 
 def _stop(workers: list[subprocess.Popen]) -> None:
-    """Terminate the workers still running; kill those that outlast the grace period; reap all."""
-    alive = [p for p in workers if p.poll() is None]
-    for p in alive:
-        p.terminate()
-    end = time.monotonic() + STOP_GRACE_S
-    for p in alive:
-        try:
-            p.wait(timeout=max(0.0, end - time.monotonic()))
-        except subprocess.TimeoutExpired:
+    """Kill the workers still running and reap them all. Not SIGTERM: JAX's distributed runtime takes it for a
+    preemption notice and runs on; and a worker of a failed or interrupted run has nothing left to do."""
+    for p in workers:
+        if p.poll() is None:
             p.kill()
-            p.wait()
+    for p in workers:
+        p.wait()

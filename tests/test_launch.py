@@ -20,9 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
 
 
-def run(*args, timeout: int = 300):
-    p = subprocess.run([sys.executable, "-m", *map(str, args)], capture_output=True, text=True, env=ENV,
-                       timeout=timeout, cwd=ROOT)
+def run(*args, timeout: int = 300, env: dict[str, str] | None = None):
+    p = subprocess.run([sys.executable, "-m", *map(str, args)], capture_output=True, text=True,
+                       env=dict(ENV, **(env or {})), timeout=timeout, cwd=ROOT)
     return p.returncode, p.stdout, p.stderr
 
 
@@ -35,11 +35,11 @@ def error_lines(stderr: str) -> list[str]:
 
 
 def processes_with(marker: str) -> list[int]:
-    """The live processes whose command line holds `marker`."""
+    """The live processes whose command line or environment holds `marker`."""
     found = []
     for d in Path("/proc").iterdir():
         try:
-            if d.name.isdigit() and marker.encode() in (d / "cmdline").read_bytes():
+            if d.name.isdigit() and any(marker.encode() in (d / f).read_bytes() for f in ("cmdline", "environ")):
                 found.append(int(d.name))
         except OSError:
             pass
@@ -72,12 +72,16 @@ def test_engine_calls_agree_across_processes(checkpoints, engines):
     np.testing.assert_allclose(got["logits"], one["logits"], rtol=0, atol=1e-5)
 
 
-def test_a_bad_input_found_by_the_workers_ends_the_run_with_one_error_line(checkpoints):
-    directory, marker = checkpoints("mha")[0], f"marker-{uuid.uuid4()}"
-    rc, out, err = run("lpjax.generate", "--model", directory, "--lp", "2:6", "--devices", 2, "--prompt", marker,
-                       "--processes", "per-device")
+@pytest.mark.parametrize("args,words", [
+    (["--lp", "2:6", "--prompt", "hello"], "0 <= START"),
+    (["--chat"], "runs in one process"),  # workers other than 0 have no stdin to read a conversation from
+])
+def test_a_bad_input_found_by_the_workers_ends_the_run_with_one_error_line(checkpoints, args, words):
+    marker = f"marker-{uuid.uuid4()}"  # in every worker's environment
+    rc, _, err = run("lpjax.generate", "--model", checkpoints("mha")[0], *args, "--devices", 2, "--processes",
+                     "per-device", env={"LPJAX_TEST_MARKER": marker})
     assert rc == 2, err
-    assert "Traceback" not in err and len(error_lines(err)) == 1 and "0 <= START" in error_lines(err)[0]
+    assert "Traceback" not in err and len(error_lines(err)) == 1 and words in error_lines(err)[0]
     assert processes_with(marker) == []
 
 
@@ -109,6 +113,10 @@ time.sleep(600)
 """
 
 
+# JAX, once started in this test process, warns on any fork; the launcher's child only execs
+quiet_fork = pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
+
+
 def fake_workers(tmp_path, *behaviour) -> list[launch.WorkerCommand]:
     argv = (sys.executable, "-c", FAKE_WORKER, str(tmp_path), *behaviour)
     return [launch.WorkerCommand(argv, dict(ENV, JAX_PROCESS_ID=str(i))) for i in range(len(behaviour))]
@@ -118,6 +126,7 @@ def fake_workers(tmp_path, *behaviour) -> list[launch.WorkerCommand]:
     ("error", 3, "error: boom"),
     ("signal", 128 + 9, "error: --processes per-device: worker 1 of 3 was killed by SIGKILL"),
 ])
+@quiet_fork
 def test_a_failing_worker_stops_the_others_and_its_error_is_told_once(tmp_path, capfd, failure, code, line):
     assert launch.run_workers(fake_workers(tmp_path, "sleep", failure, "sleep")) == code
     err = capfd.readouterr().err
@@ -125,11 +134,13 @@ def test_a_failing_worker_stops_the_others_and_its_error_is_told_once(tmp_path, 
     assert processes_with(str(tmp_path)) == []
 
 
+@quiet_fork
 def test_workers_that_finish_end_the_run_with_0(tmp_path, capfd):
     assert launch.run_workers(fake_workers(tmp_path, "done", "done")) == 0
     assert sorted(capfd.readouterr().err.splitlines()) == ["worker 0 up", "worker 1 up"]
 
 
+@quiet_fork
 def test_workers_that_never_join_time_out_with_one_line(tmp_path, capfd):
     assert launch.run_workers(fake_workers(tmp_path, "sleep", "hang"), start_timeout_s=2) == 2
     assert error_lines(capfd.readouterr().err) == [
@@ -152,6 +163,18 @@ def test_sigterm_to_the_launcher_ends_every_worker(tmp_path):
     assert processes_with(str(tmp_path)) == []
 
 
+def test_the_launcher_refuses_to_start_workers_once_it_holds_a_backend():
+    import argparse
+
+    import jax
+
+    jax.devices()
+    args = argparse.Namespace(processes="per-device", devices=2, coordinator=None, num_processes=None,
+                              distributed=False)
+    with pytest.raises(RuntimeError, match="already runs in the launcher"):
+        launch.start(args, "lpjax.generate", [])
+
+
 def test_worker_i_sees_the_i_th_device(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3, 5,6")
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_foo=1 --xla_force_host_platform_device_count=8")
@@ -167,6 +190,14 @@ def test_worker_i_sees_the_i_th_device(monkeypatch):
     assert [c.env.get("CUDA_VISIBLE_DEVICES") for c in cpu] == [None] * 4
     gpu = launch.worker_commands("lpjax.eval", [], launch.LocalDevices("gpu", 2, 2))
     assert [c.env["CUDA_VISIBLE_DEVICES"] for c in gpu] == ["0", "1"]
+
+
+def test_worker_0_draws_progress_in_place_when_the_launchers_stderr_is_a_terminal(monkeypatch, capsys):
+    from lpjax import cli
+
+    monkeypatch.setenv(cli.STDERR_TERMINAL_ENV, "1")  # what run_workers sets for worker 0 when its stderr is a tty
+    cli.progress_bar("loading")(1, 2)
+    assert capsys.readouterr().err.startswith("\rloading [")
 
 
 def test_stderr_passes_as_drawn_but_ending_lines_are_held():
