@@ -31,6 +31,7 @@ from lpjax.errors import LPJaxError
 AUTO_PER_DEVICE_ON: frozenset[str] = frozenset()
 
 START_TIMEOUT_S = 120.0  # workers not all joined by then: the run ends with one line (JAX itself would wait 300 s)
+INTERRUPT_GRACE_S = 3.0  # interrupted workers that have not ended by then are killed
 READY_FD_ENV = "LPJAX_WORKER_READY_FD"  # set in a worker: the pipe it writes one byte to once it joined the others
 _HELD = ("error: ", "interrupted")  # a worker's ending lines: the launcher prints the failing worker's, once
 _DEVICE_COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=\S*")
@@ -248,18 +249,22 @@ def run_workers(commands: list[WorkerCommand], start_timeout_s: float = START_TI
     for i, (p, ready_r) in enumerate(zip(workers, ready_reads)):
         for target, what in ((_read_stream, p.stderr), (_read_ready, ready_r), (_wait, p)):
             threading.Thread(target=target, args=(i, what, events), daemon=True).start()
+    def interrupt(signum, frame):  # SIGTERM: interrupt the workers as Ctrl-C would, and this process
+        for p in workers:
+            p.send_signal(signal.SIGINT)
+        raise KeyboardInterrupt
+
     in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main else None
+    previous = signal.signal(signal.SIGTERM, interrupt) if in_main else None
     try:
         return _supervise(workers, events, start_timeout_s)
+    except KeyboardInterrupt:
+        _stop(workers, INTERRUPT_GRACE_S)
+        raise
     finally:
         _stop(workers)
         if in_main:
             signal.signal(signal.SIGTERM, previous)
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def _read_stream(i: int, stream, events: queue.Queue) -> None:
@@ -329,11 +334,15 @@ def _supervise(workers: list[subprocess.Popen], events: queue.Queue, start_timeo
     return 128 - code if code < 0 else code
 
 
-def _stop(workers: list[subprocess.Popen]) -> None:
-    """Kill the workers still running and reap them all. Not SIGTERM: JAX's distributed runtime takes it for a
-    preemption notice and runs on; and a worker of a failed or interrupted run has nothing left to do."""
+def _stop(workers: list[subprocess.Popen], grace_s: float = 0.0) -> None:
+    """Give the workers still running `grace_s` to end by themselves (an interrupted one ends its work: a sweep
+    keeps its partial results), then kill the rest and reap them all. Not SIGTERM: JAX's distributed runtime takes
+    it for a preemption notice and runs on."""
+    end = time.monotonic() + grace_s
     for p in workers:
-        if p.poll() is None:
+        try:
+            p.wait(timeout=max(0.0, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
             p.kill()
     for p in workers:
         p.wait()

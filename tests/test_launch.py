@@ -149,17 +149,33 @@ def test_workers_that_never_join_time_out_with_one_line(tmp_path, capfd):
     assert processes_with(str(tmp_path)) == []
 
 
-def test_sigterm_to_the_launcher_ends_every_worker(tmp_path):
-    code = ("import sys; from lpjax import cli, launch; from test_launch import fake_workers; "
+def launcher_with_sleeping_workers(tmp_path) -> subprocess.Popen:
+    """A launcher process (as a tool's would be) of 2 sleeping stand-in workers, returned once both are up."""
+    code = ("from lpjax import cli, launch; from test_launch import fake_workers; "
             f"cli.run(lambda argv: launch.run_workers(fake_workers({str(tmp_path)!r}, 'sleep', 'sleep')))")
     p = subprocess.Popen([sys.executable, "-c", code], env=ENV, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not all((tmp_path / str(i)).exists() for i in range(2)) and time.monotonic() < deadline:
         time.sleep(0.1)
+    return p
+
+
+def test_sigterm_to_the_launcher_ends_every_worker(tmp_path):
+    p = launcher_with_sleeping_workers(tmp_path)
     p.send_signal(signal.SIGTERM)
     err = p.communicate(timeout=60)[1]
     assert p.returncode == 130, err
     assert err.splitlines().count("interrupted") == 1
+    assert processes_with(str(tmp_path)) == []
+
+
+def test_a_killed_launcher_takes_its_workers_with_it(tmp_path):
+    p = launcher_with_sleeping_workers(tmp_path)
+    p.kill()
+    p.communicate(timeout=60)
+    deadline = time.monotonic() + 60  # the kernel kills them (PR_SET_PDEATHSIG) as the launcher goes
+    while processes_with(str(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert processes_with(str(tmp_path)) == []
 
 
