@@ -13,6 +13,7 @@ from collections.abc import Callable
 from lpjax.errors import LPJaxError
 
 EXIT_BAD_INPUT = 2
+STDERR_TERMINAL_ENV = "LPJAX_STDERR_IS_TERMINAL"  # set by lpjax.launch: this worker's stderr reaches a terminal
 
 
 def add_model_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
@@ -39,6 +40,9 @@ def add_model_args(p: argparse.ArgumentParser, model_required: bool = True) -> N
                    help="this process's index (env JAX_PROCESS_ID)")
     g.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize() with auto-detection (TPU pods, SLURM, ...)")
+    g.add_argument("--processes", choices=("auto", "one", "per-device"), default="auto",
+                   help="on one host: one process for all devices, or one per device started by the tool itself "
+                        "(lpjax/launch.py); auto: one, for now")
 
 
 def _env_int(name: str) -> int | None:
@@ -59,8 +63,9 @@ def enable_compile_cache() -> None:
     jax.config.update("jax_compilation_cache_dir", where)
 
 
-def init_distributed(args: argparse.Namespace) -> None:
-    """Join the other processes (if any) so the mesh spans every device of every host; enable the compile cache."""
+def init_distributed(args: argparse.Namespace, initialization_timeout: int | None = None) -> None:
+    """Join the other processes (if any) so the mesh spans every device of every host; enable the compile cache.
+    `initialization_timeout`: seconds to wait for the others (default: JAX's)."""
     import jax
 
     enable_compile_cache()
@@ -72,7 +77,8 @@ def init_distributed(args: argparse.Namespace) -> None:
         raise LPJaxError("multi-host: give --coordinator, --num-processes and --process-id together")
     try:
         if explicit:
-            jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+            timeout = {} if initialization_timeout is None else {"initialization_timeout": initialization_timeout}
+            jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id, **timeout)
         else:
             jax.distributed.initialize()
     except (RuntimeError, ValueError) as e:
@@ -84,6 +90,12 @@ def is_main_process() -> bool:
     import jax
 
     return jax.process_index() == 0
+
+
+def process_count() -> int:
+    import jax
+
+    return jax.process_count()
 
 
 def say(*parts, file=None, end="\n", flush=True) -> None:
@@ -104,7 +116,7 @@ def bar_line(label: str, done: int, total: int) -> str:
 
 def progress_bar(label: str, min_interval_s: float = 0.5) -> Callable[[int, int], None]:
     """A progress bar on stderr: redrawn in place on a terminal, a line at most every few seconds otherwise."""
-    tty = sys.stderr.isatty()
+    tty = stderr_is_terminal()
     last = [0.0]
 
     def show(done: int, total: int):
@@ -117,6 +129,11 @@ def progress_bar(label: str, min_interval_s: float = 0.5) -> Callable[[int, int]
         sys.stderr.flush()
 
     return show
+
+
+def stderr_is_terminal() -> bool:
+    """Whether progress may redraw in place: stderr is a terminal, or a per-device launcher's pipe to one."""
+    return sys.stderr.isatty() or os.environ.get(STDERR_TERMINAL_ENV) == "1"
 
 
 def load_bar() -> Callable[[int, int], None]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lpjax import cli
+from lpjax import cli, launch
 from lpjax.errors import LPJaxError
 from lpjax.quality.perplexity import DEFAULT_WINDOW, encode_texts, perplexity, resolve_window
 
@@ -33,7 +33,8 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cli.init_distributed(args)
+    if (code := launch.start(args, "lpjax.eval", argv)) is not None:
+        return code  # this process launched per-device workers, which ran the tool
     from lpjax.engine import Engine
 
     contents = [cli.read_text_file(f) for f in args.text]

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lpjax import cli
+from lpjax import cli, launch
 from lpjax.errors import LPJaxError
 
 # A 16-layer, 3.9M-parameter Llama trained by bench/quality.sh on the Python standard library (README: Quality).
@@ -127,7 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     Sampling(args.temperature, args.top_k, args.top_p)  # bad values fail before the model loads
     if args.max_new_tokens < 1:
         raise LPJaxError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
-    cli.init_distributed(args)
+    if (code := launch.start(args, "lpjax.generate", argv)) is not None:
+        return code  # this process launched per-device workers, which ran the tool
+    if args.chat and not args.prompt and cli.process_count() > 1:  # only one process can read the user's stdin
+        raise LPJaxError("--chat without --prompt (a conversation on stdin) runs in one process: give the messages "
+                         "with --prompt, or use --processes one")
     from lpjax.engine import Engine
 
     default = args.model is None

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from lpjax import cli
+from lpjax import cli, launch
 from lpjax.errors import LPJaxError
 from lpjax.quality.perplexity import DEFAULT_WINDOW, encode_texts, resolve_window
 from lpjax.quality.sweep import OUT_FILES, Timing, finish, format_table, measure, parse_deltas, plot, sweep_plans
@@ -81,7 +81,8 @@ def main(argv=None) -> int:
                                ("--max-tokens", args.max_tokens, 0)):
         if value < least:
             raise LPJaxError(f"{flag} {value}: must be at least {least}")
-    cli.init_distributed(args)
+    if (code := launch.start(args, "lpjax.sweep", argv)) is not None:
+        return code  # this process launched per-device workers, which ran the tool
     from lpjax.engine import Engine
     from lpjax.sources import open_source
 

@@ -14,8 +14,8 @@ LAYERS = (
     ("runtime: compiled programs, decode loop, host-called step", ("lpjax.runtime",)),
     ("engine", ("lpjax.engine",)),
     ("libraries over the model", ("lpjax.quality", "lpjax.training")),
-    ("tools (command lines)", ("lpjax.cli", "lpjax.training.cli", "lpjax.generate", "lpjax.eval", "lpjax.sweep",
-                               "lpjax.plan.__main__", "lpjax.train", "lpjax.finetune", "lpjax.convert")),
+    ("tools (command lines)", ("lpjax.cli", "lpjax.launch", "lpjax.training.cli", "lpjax.generate", "lpjax.eval",
+                               "lpjax.sweep", "lpjax.plan.__main__", "lpjax.train", "lpjax.finetune", "lpjax.convert")),
 )
 TOP = len(LAYERS)
 

@@ -9,7 +9,7 @@ import argparse
 import sys
 import time
 
-from lpjax import cli
+from lpjax import cli, launch
 from lpjax.errors import LPJaxError
 from lpjax.plan import LPPlan
 from lpjax.quality import search as search_lib
@@ -57,7 +57,8 @@ def main(argv=None) -> int:
             raise LPJaxError(f"{flag} {value}: must be at least {least}")
     if args.lp:
         raise LPJaxError("--lp: the search finds the plan itself; give --delta instead")
-    cli.init_distributed(args)
+    if (code := launch.start(args, "lpjax.plan", argv)) is not None:
+        return code  # this process launched per-device workers, which ran the tool
     from lpjax.engine import Engine
     from lpjax.sources import open_source
 
