@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     Sampling(args.temperature, args.top_k, args.top_p)  # bad values fail before the model loads
     if args.max_new_tokens < 1:
         raise LPJaxError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+    if args.chat and not args.prompt and args.processes == "auto":
+        args.processes = "one"  # a conversation on stdin is read by one process
     if (code := launch.start(args, "lpjax.generate", argv)) is not None:
         return code  # this process launched per-device workers, which ran the tool
     if args.chat and not args.prompt and cli.process_count() > 1:  # only one process can read the user's stdin

@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from lpjax import cli
 from lpjax.errors import LPJaxError
 
-# `--processes auto`: the platforms where it means one process per device. Empty (one process everywhere) until a
-# GPU measurement shows per-device faster there; then frozenset({"gpu"}).
-AUTO_PER_DEVICE_ON: frozenset[str] = frozenset()
+# `--processes auto`: the platforms where it means one process per device. GPUs: on 2 H200s (Llama-2-7B, bf16,
+# batch 1, bench/NOTES.md 2026-11-30) per-device decode took 3.72 / 3.42 ms a token against 3.99 / 3.44 in one
+# process (Δ=0 / Δ=14, `generate`), and a host-called step 5.41 against 6.01 ms.
+AUTO_PER_DEVICE_ON: frozenset[str] = frozenset({"gpu"})
 
 START_TIMEOUT_S = 120.0  # workers not all joined by then: the run ends with one line (JAX itself would wait 300 s)
 INTERRUPT_GRACE_S = 3.0  # interrupted workers that have not ended by then are killed
@@ -75,6 +76,8 @@ def _per_device_devices(args: argparse.Namespace) -> LocalDevices | None:
     wanted = args.processes == "per-device" or (args.processes == "auto" and bool(AUTO_PER_DEVICE_ON))
     if not wanted or multi_host or args.devices == 1:
         return None
+    if args.processes == "auto" and not _may_have(AUTO_PER_DEVICE_ON):
+        return None
     if _backend_started():
         raise RuntimeError("launch.start: a JAX backend already runs in the launcher; start the workers before "
                            "anything touches a device (on GPU it holds memory on the devices the workers need)")
@@ -88,6 +91,15 @@ def _per_device_devices(args: argparse.Namespace) -> LocalDevices | None:
     if n > visible:
         raise LPJaxError(f"--devices {n}: only {visible} {platform.upper()} device(s) are visible")
     return LocalDevices(platform, visible, n) if n > 1 else None
+
+
+def _may_have(platforms: frozenset[str]) -> bool:
+    """Whether this host may have devices of `platforms`, asked without starting anything: an NVIDIA driver for
+    "gpu". It spares CPU-only hosts the probe subprocess (`local_devices`) at every start of a tool."""
+    if os.environ.get("JAX_PLATFORMS", "").strip() in ("cpu", "tpu"):
+        return False
+    driver = os.path.isdir("/proc/driver/nvidia/gpus") or bool(os.environ.get("CUDA_VISIBLE_DEVICES"))
+    return "gpu" in platforms and driver
 
 
 def _backend_started() -> bool:
