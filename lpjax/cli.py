@@ -10,7 +10,8 @@ import sys
 import time
 from collections.abc import Callable
 
-from lpjax.errors import LPJaxError
+from lpjax.errors import LPJaxError, first_line
+from lpjax.weights import DTYPES
 
 EXIT_BAD_INPUT = 2
 
@@ -23,7 +24,7 @@ def add_model_args(p: argparse.ArgumentParser, model_required: bool = True) -> N
                         + ("" if model_required else "; omit it for the embedded demo"))
     p.add_argument("--lp", default="", metavar="START:END[,...]",
                    help="layers to run as LP pairs, e.g. 16:30 (even length) or 4:6,10:16; empty = sequential")
-    p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), default=None,
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                    help="compute/weight dtype (default: the checkpoint's)")
     p.add_argument("--devices", type=int, default=None, help="number of devices to use (default: all visible)")
     p.add_argument("--max-len", type=int, default=None, help="context length limit (default: the model's)")
@@ -74,8 +75,7 @@ def init_distributed(args: argparse.Namespace) -> None:
         else:
             jax.distributed.initialize()
     except (RuntimeError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise LPJaxError(f"multi-host start-up failed: {first}") from None
+        raise LPJaxError(f"multi-host start-up failed: {first_line(e)}") from None
 
 
 def is_main_process() -> bool:
