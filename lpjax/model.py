@@ -30,7 +30,7 @@ from flax import struct
 
 from lpjax.cache import StageCache
 from lpjax.config import ModelConfig
-from lpjax.schema import BY_PATH, Sizes, TreeParam, init_std
+from lpjax.schema import BY_PATH, Sizes, TreeParam
 from lpjax.sharding import ALL, Layout, StageLayout
 
 
@@ -204,9 +204,9 @@ def stream_rows(batch: int, tokens: int) -> int:
 
 
 def _initializer(row: TreeParam, config: ModelConfig):
-    if row.init in ("ones", "zeros"):
-        return nn.initializers.ones if row.init == "ones" else nn.initializers.zeros
-    return nn.initializers.normal(init_std(row, config))
+    """The flax initializer of the leaf's schema init."""
+    init = row.init(config)
+    return nn.initializers.normal(init.std) if init.std else nn.initializers.constant(init.fill)
 
 
 def _param(module: nn.Module, path: str, stack: int | None = None) -> jax.Array:
