@@ -1,6 +1,6 @@
 """Why a host-called decode step runs as a chain of programs: the same step three ways, host to host.
 
-    python -m bench.step_latency [--model llama2-7b] [--devices 1] [--lp ''] [--calls 20]
+    python -m bench.step_latency [--model llama2-7b] [--devices 1] [--lp ''] [--repeats 20]
 
 Each call sends the token ids up, runs one decode step with the greedy choice on the device and brings the next ids
 back (records.SINGLE_TOKEN's definition). Prints one JSON record of medians in ms:
@@ -8,7 +8,7 @@ back (records.SINGLE_TOKEN's definition). Prints one JSON record of medians in m
 - `one_program_pinned_out`: the same program writing its result to pinned host memory (GPUs only);
 - `engine`: `Engine.next_token`, a chain of programs of `engine.STEP_SPAN` stages whose buffers stay put;
 and `one_program_dispatch`: host time until the one-program call returns, before the result is waited for.
-On one H200 (Llama-2-7B, bench/NOTES.md, session 5) the one program's CUDA graph was re-recorded on every call (its
+On one H200 (Llama-2-7B, bench/NOTES.md, 2026-11-30) the one program's CUDA graph was re-recorded on every call (its
 output buffer moved) and the call returned only after ~2 ms: 6.18 / 5.20 / 4.63 ms for the three.
 """
 
@@ -25,7 +25,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bench.records import SINGLE_TOKEN_AT, prompt_ids
+from bench.common import prompt_ids
+from bench.records import SINGLE_TOKEN_AT
 from lpjax.engine import Engine
 from lpjax.model import DECODE, Positions
 
@@ -95,11 +96,11 @@ def main() -> None:
     p.add_argument("--model", default="llama2-7b")
     p.add_argument("--devices", type=int, default=1)
     p.add_argument("--lp", default="")
-    p.add_argument("--calls", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=20, help="timed calls of each variant (median reported)")
     args = p.parse_args()
     engine = Engine.load(f"random:{args.model}", args.lp, args.devices, None)
     print(json.dumps(dict(model=args.model, devices=args.devices, lp=args.lp, jax=jax.__version__,
-                          device=engine.mesh.devices.flat[0].device_kind, **measure(engine, args.calls))), flush=True)
+                          device=engine.mesh.devices.flat[0].device_kind, **measure(engine, args.repeats))), flush=True)
 
 
 if __name__ == "__main__":
