@@ -189,7 +189,7 @@ def normed_project(x: jax.Array, norm: jax.Array, w: jax.Array, eps: float) -> j
     The factor is one number per row, so (s·x·n) W = s·((x·n) W): the product reads x·n, which XLA computes in the
     same kernel as the reduction Σx², and s lands in the kernel that reads the product (RoPE and the cache write;
     SwiGLU). One kernel between a residual add and its GEMM instead of a reduction, a normalise and a pad
-    (bench/NOTES.md, session 5)."""
+    (bench/NOTES.md #18)."""
     y = project(x * norm, w)
     s = rms_scale(x, eps).reshape(*x.shape[:-1], *(1,) * (y.ndim - x.ndim + 1))
     return (y * s).astype(y.dtype)
