@@ -23,7 +23,7 @@ py=${PYTHON:-python3}
 } | tee "$out/versions.txt"
 
 for lp in ${PROFILE_PLANS-"" 16:30}; do
-  $py -m bench.profile --model random:llama2-7b --lp "$lp" --devices "$gpus" --tokens 64 \
+  $py -m bench.profile --model llama2-7b --lp "$lp" --devices "$gpus" --tokens 64 \
     --summary "$out/profile-${gpus}gpu-lp${lp/:/_}.json" 2>>"$out/profile.log" | tee -a "$out/profile.txt"
 done
 
@@ -34,9 +34,9 @@ else
   impls=lpjax,torch-compile,torch-tp
   metrics=prefill_1024,decode,single_token,peak_memory
 fi
-lp_for=()
-[[ ",$models," == *,llama3.2-3b,* ]] && lp_for=(--lp-for llama3.2-3b=0,10)
-$py -m bench.run --models "$models" --gpus "$gpus" --lp 0,14 "${lp_for[@]}" \
+delta_for=()
+[[ ",$models," == *,llama3.2-3b,* ]] && delta_for=(--delta-for llama3.2-3b=0,10)
+$py -m bench.run --models "$models" --devices "$gpus" --delta 0,14 "${delta_for[@]}" \
   --impls "${IMPLS:-$impls}" --metrics "${METRICS:-$metrics}" --long-metrics "${LONG_METRICS-generate_4096}" \
   --long-models llama2-7b --repeats 3 --machine "$machine" --out "$out/records.json" --timeout 1200 \
   > "$out/tables.md" 2> "$out/run.log"

@@ -1,6 +1,6 @@
 """The Hugging Face transformers baselines on one GPU: `hf-eager` and `hf-static-compile`.
 
-    python -m bench.hf_baselines --impl hf-eager|hf-static-compile --model llama2-7b --lp-delta 0 --batch 1 \
+    python -m bench.hf_baselines --impl hf-eager|hf-static-compile --model llama2-7b --delta 0 --batch 1 \
         [--metrics ...] [--repeats 5] [--json-out FILE] [--device cpu]
 
 - hf-eager: `LlamaForCausalLM` (attn_implementation "sdpa") and `model.generate` with its default dynamic cache.
@@ -13,8 +13,9 @@
   On CPU transformers does not compile (it compiles on accelerators only): the static cache runs eagerly, and the
   records say so.
 
-Random weights built directly on the device in the target dtype (7B in seconds). greedy decoding with
-min_new_tokens = max_new_tokens, so EOS never stops a run. Definitions (records as bench/torch_tp.py writes them):
+Random weights built directly on the device in the target dtype (7B in seconds), from the HF config lpjax writes
+for the preset (`lpjax.config.to_hf`). Greedy decoding with min_new_tokens = max_new_tokens, so EOS never stops a
+run; the prompt is every runner's (`bench.common.prompt_ids`). Definitions (records as bench.torch_tp writes them):
   prefill_1024, prefill_4096  ms        one forward of the prompt with use_cache=True (logits of the last position
                                         only, as generate asks for), host clock with device syncs
   decode                      ms/token  one generate of 129 new tokens after the 128-token prompt: the time from the
@@ -26,7 +27,7 @@ min_new_tokens = max_new_tokens, so EOS never stops a run. Definitions (records 
                                         uses (compiled for hf-static-compile), argmax on the device, ids back
   generate_4096               s         wall time of generate(4096 new tokens) after a 128-token prompt
   peak_memory                 GiB       torch.cuda.max_memory_allocated over the configuration's run
-LP (`--lp-delta`): the paired decoder layers are replaced by one module that runs the pair by the LP equations
+LP (`--delta`): the paired decoder layers are replaced by one module that runs the pair by the LP equations
 (docs/design.md section 1) from the two HF layers' own norms, attention and MLP; each attention keeps its `layer_idx`,
 so it keeps its own slot of the dynamic or static cache.
 """
@@ -34,81 +35,52 @@ so it keeps its own slot of the dynamic or static cache.
 from __future__ import annotations
 
 import argparse
-import gc
 import inspect
 import os
+import sys
 import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from bench.records import PROMPT_LEN, SINGLE_TOKEN_AT
-from bench.torch_tp import (
-    CACHE_MULTIPLE,
-    DECODE_STEPS,
-    DTYPES,
-    GENERATE_TOKENS,
-    add_runner_args,
+from bench import common
+from bench.common import emit, host_peak_gib, log
+from bench.records import DECODE_TOKENS, GENERATE_TOKENS, PROMPT_LEN, SINGLE_TOKEN_AT
+from bench.torch_tp.context import (
+    add_torch_args,
     check_device,
-    check_json_out,
-    emit,
-    host_peak_gib,
-    log,
+    default_dtype,
+    free,
     make_record,
-    parse_ints,
-    parse_metrics,
-    plans_for,
     prompt_tokens,
-    resolve_model,
+    torch_dtype,
 )
-from lpjax.cli import run as run_cli
-from lpjax.config import ModelConfig, round_up
-from lpjax.errors import LPJaxError
+from lpjax.config import ModelConfig, round_up, to_hf
+from lpjax.engine import CACHE_MULTIPLE
+from lpjax.errors import LPJaxError, first_line
 from lpjax.plan import LPPlan
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 IMPLS = ("hf-eager", "hf-static-compile")
-DEFAULT_METRICS = ("prefill_1024", "prefill_4096", "decode", "single_token", "peak_memory")
 
 
 # ---------------------------------------------------------------------------------------------- model
 
 
-def hf_config(c: ModelConfig):
-    """A transformers LlamaConfig of the preset's shape."""
-    from transformers import LlamaConfig
-
-    scaling = None
-    if c.rope_scaling is not None:
-        rs = c.rope_scaling
-        scaling = {"rope_type": rs.kind, "factor": rs.factor}
-        if rs.kind == "llama3":
-            scaling |= {"low_freq_factor": rs.low_freq_factor, "high_freq_factor": rs.high_freq_factor,
-                        "original_max_position_embeddings": rs.original_max_position_embeddings}
-    return LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_dim, num_hidden_layers=c.n_layers,
-        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim,
-        rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, rope_scaling=scaling, max_position_embeddings=c.max_seq_len,
-        tie_word_embeddings=c.tied_embeddings, attention_bias=c.attention_bias, mlp_bias=c.mlp_bias,
-        bos_token_id=c.bos_token_id, eos_token_id=list(c.eos_token_ids) or None, initializer_range=0.02,
-        attn_implementation="sdpa",
-    )
-
-
-def build_model(config: ModelConfig, device: str, dtype: torch.dtype, seed: int = 0):
-    """Random `LlamaForCausalLM` created on `device` in `dtype` (no float32 copy on the host, no host->device
-    copy: transformers' own init runs on the device)."""
-    from transformers import LlamaForCausalLM
+def build_model(config: ModelConfig, device: str, dtype: str, seed: int = 0):
+    """Random `LlamaForCausalLM` of `config` (its HF config as lpjax writes it, SDPA attention) created on `device` in
+    `dtype` (no float32 copy on the host, no host->device copy: transformers' own init runs on the device)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
+    torch.set_default_dtype(torch_dtype(dtype))
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(hf_config(config))
+            model = LlamaForCausalLM(LlamaConfig(**to_hf(config, dtype), attn_implementation="sdpa"))
     finally:
         torch.set_default_dtype(previous)
     return model.eval()
@@ -226,9 +198,8 @@ class Runner:
         except Exception as e:  # any compile failure: retry with the documented default once
             if not (self.static and self.fullgraph and self.device == "cuda"):
                 raise
-            first = (str(e).strip().splitlines() or [""])[0][:200]
-            log(f"[{self.impl}] fullgraph compile failed ({e.__class__.__name__}: {first}); retrying with "
-                "fullgraph=False")
+            log(f"[{self.impl}] fullgraph compile failed ({e.__class__.__name__}: {first_line(e)[:200]}); retrying "
+                "with fullgraph=False")
             self.fullgraph = False
             torch._dynamo.reset()
             for _ in range(times):
@@ -243,7 +214,7 @@ class Runner:
         `ids`, and the next cache position [1]."""
         from transformers import DynamicCache
 
-        length = round_up(max(PROMPT_LEN + DECODE_STEPS + 1, SINGLE_TOKEN_AT + 2), CACHE_MULTIPLE)
+        length = round_up(max(PROMPT_LEN + DECODE_TOKENS + 1, SINGLE_TOKEN_AT + 2), CACHE_MULTIPLE)
         cache = self.cache(ids.shape[0], length) if self.static else DynamicCache(config=self.model.config)
         with torch.no_grad():
             self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **self.cache_arg(cache))
@@ -306,21 +277,21 @@ class StepClock:
 
 
 def _decode_samples(r: Runner, batch: int, repeats: int) -> list[float]:
-    """records' decode for generate: one generate of DECODE_STEPS + 1 tokens; the time from the first token's stamp
-    to the last, over DECODE_STEPS (StepClock)."""
+    """records' decode for generate: one generate of DECODE_TOKENS + 1 tokens; the time from the first token's stamp
+    to the last, over DECODE_TOKENS (StepClock)."""
     ids = prompt_tokens(PROMPT_LEN, batch, r.config, r.device)
-    length = round_up(max(PROMPT_LEN + DECODE_STEPS + 1, SINGLE_TOKEN_AT + 2), CACHE_MULTIPLE)
-    r.warm_generate(ids, DECODE_STEPS + 1, length, r.warm_calls)
+    length = round_up(max(PROMPT_LEN + DECODE_TOKENS + 1, SINGLE_TOKEN_AT + 2), CACHE_MULTIPLE)
+    r.warm_generate(ids, DECODE_TOKENS + 1, length, r.warm_calls)
     samples = []
     for _ in range(repeats):
         clock = StepClock(r.device)
-        r.generate(ids, DECODE_STEPS + 1, length, clock)
+        r.generate(ids, DECODE_TOKENS + 1, length, clock)
         samples.append(clock.ms_per_step())
     return samples
 
 
 def _forward_loop_ms(r: Runner, batch: int) -> float:
-    """The model alone, without generate: after a prefill, DECODE_STEPS calls of the forward generate uses (for
+    """The model alone, without generate: after a prefill, DECODE_TOKENS calls of the forward generate uses (for
     hf-static-compile its compiled call) in a Python loop, each fed the previous argmax on the device; ms per step.
     Set beside `decode`, it tells generate's own overhead from the model's time."""
     ids = prompt_tokens(PROMPT_LEN, batch, r.config, r.device)
@@ -335,7 +306,7 @@ def _forward_loop_ms(r: Runner, batch: int) -> float:
 
     with torch.no_grad():
         loop(3)  # compile and record the graphs of this call's shapes
-        return 1000 * r.timed(lambda: loop(DECODE_STEPS)) / DECODE_STEPS
+        return 1000 * r.timed(lambda: loop(DECODE_TOKENS)) / DECODE_TOKENS
 
 
 def _single_token_samples(r: Runner, batch: int, repeats: int) -> list[float]:
@@ -369,15 +340,8 @@ def _prefill_samples(r: Runner, batch: int, length: int, repeats: int) -> list[f
     return [r.prefill_ms(ids) for _ in range(repeats + 1)][1:]  # the first is the warm-up
 
 
-def _free(device: str) -> None:
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
 def measure(model, impl: str, name: str, config: ModelConfig, plan: LPPlan, batch: int, metrics: list[str],
-            repeats: int, generate_repeats: int, device: str, dtype: str, json_out: str | None) -> list[dict]:
+            repeats: int, long_repeats: int, device: str, dtype: str, json_out: str | None) -> list[dict]:
     """Every asked metric of one configuration; records emitted as they are measured, and returned."""
     import transformers
 
@@ -398,7 +362,7 @@ def measure(model, impl: str, name: str, config: ModelConfig, plan: LPPlan, batc
     if "single_token" in metrics:
         done("single_token", _single_token_samples(r, batch, repeats))
     if "generate_4096" in metrics:
-        done("generate_4096", _generate_samples(r, batch, generate_repeats))
+        done("generate_4096", _generate_samples(r, batch, long_repeats))
     for length in (1024, 4096):
         if f"prefill_{length}" in metrics:
             done(f"prefill_{length}", _prefill_samples(r, batch, length, repeats))
@@ -421,29 +385,30 @@ def _drop_compiled(model) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.hf_baselines", description=__doc__.splitlines()[0])
     p.add_argument("--impl", required=True, help=f"{' or '.join(IMPLS)} (or both, comma-separated)")
-    add_runner_args(p, "must be 1 (the transformers baselines run on one device)")
+    common.add_runner_args(p, "must be 1 (the transformers baselines run on one device)")
+    add_torch_args(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    impls = [i.strip() for i in args.impl.split(",") if i.strip()]
+    impls = common.parse_names(args.impl)
     if not impls or any(i not in IMPLS for i in impls):
         raise LPJaxError(f"--impl {args.impl}: choose {' or '.join(IMPLS)}")
-    if args.gpus != 1:
-        raise LPJaxError(f"--gpus {args.gpus}: the transformers baselines run on one GPU (use bench.torch_tp for more)")
-    if args.repeats < 1 or args.generate_repeats < 1:
-        raise LPJaxError("--repeats and --generate-repeats must be at least 1")
-    name, config, directory = resolve_model(args.model)
+    if args.devices != 1:
+        raise LPJaxError(f"--devices {args.devices}: the transformers baselines run on one GPU (use bench.torch_tp "
+                         "for more)")
+    common.check_repeats(args)
+    name, config, directory = common.resolve_model(args.model)
     check_device(args.device, 1)
-    check_json_out(args.json_out)
-    plans = plans_for(config, parse_ints(args.lp_delta, "--lp-delta"), args.lp)
-    batches = parse_ints(args.batch, "--batch", 1)
-    metrics = parse_metrics(args.metrics)
-    dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    common.check_json_out(args.json_out)
+    plans = common.runner_plans(args, config)
+    batches = common.parse_ints(args.batch, "--batch", 1)
+    metrics = common.parse_metrics(args.metrics)
+    dtype = default_dtype(args.device, args.dtype)
     t0 = time.perf_counter()
-    model = load_model(directory, args.device, DTYPES[dtype]) if directory else \
-        build_model(config, args.device, DTYPES[dtype], args.seed)
+    model = load_model(directory, args.device, torch_dtype(dtype)) if directory else \
+        build_model(config, args.device, dtype, args.seed)
     if args.device == "cuda":
         torch.cuda.synchronize()
     log(f"[hf] {name}: {config.n_params / 1e9:.3g}B params, {dtype}, on {args.device}, "
@@ -452,13 +417,13 @@ def main(argv: list[str] | None = None) -> int:
         for plan in plans:
             apply_lp(model, plan)
             for batch in batches:
-                _free(args.device)
+                free(args.device)
                 log(f"[{impl}] LP {plan.describe()}, batch {batch}")
-                measure(model, impl, name, config, plan, batch, metrics, args.repeats, args.generate_repeats,
+                measure(model, impl, name, config, plan, batch, metrics, args.repeats, args.long_repeats,
                         args.device, dtype, args.json_out)
                 _drop_compiled(model)
     return 0
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    sys.exit(common.exit_code(main))

@@ -1,10 +1,11 @@
-"""lpjax's benchmark runner: one model on N devices, for several LP Δ, at one batch size (run by `bench.run`).
+"""lpjax's benchmark runner: one model on N devices, for several LP Δ and batch sizes (run by `bench.run`).
 
-    python -m bench.lpjax_bench --model llama2-7b --gpus 2 --lp-delta 0,14 --batch 1 --json-out FILE
+    python -m bench.lpjax_bench --model llama2-7b --devices 2 --delta 0,14 --batch 1 --json-out FILE
 
-Random weights at the preset's real shapes (bf16 on GPU, float32 on CPU). Every metric is timed after a warm-up of
-the same compiled program; compile time is never inside a figure (the engine measures it apart). One process per
-(model, GPUs, batch) keeps JAX and PyTorch off each other's memory and gives each configuration its own peak.
+Random weights at the preset's real shapes (bf16 on GPU, float32 on CPU unless --dtype says otherwise). Every metric
+is timed after a warm-up of the same compiled program; compile time is never inside a figure (the engine measures it
+apart). One process per (model, devices, batch) keeps JAX and PyTorch off each other's memory and gives each
+configuration its own peak.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import argparse
 import gc
 import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 
-from bench.records import DECODE_TOKENS, METRICS, PROMPT_LEN, SINGLE_TOKEN_AT, append, make, parse_list, prompt_ids
+from bench import common
+from bench.common import log, model_prompt
+from bench.records import DECODE_TOKENS, PROMPT_LEN, SINGLE_TOKEN_AT, make
 from lpjax.cli import enable_compile_cache
 from lpjax.config import PRESETS
 from lpjax.engine import Engine
@@ -29,18 +31,18 @@ IMPL = "lpjax"
 SINGLE_TOKEN_CALLS = 20
 
 
-def _prompts(batch: int, n: int, vocab: int) -> list[list[int]]:
-    return [prompt_ids(n, vocab, row) for row in range(batch)]
+def _prompts(engine: Engine, batch: int, n: int) -> list[list[int]]:
+    return [model_prompt(n, engine.config)] * batch
 
 
 def time_decode(engine: Engine, batch: int, repeats: int) -> list[float]:
-    prompts = _prompts(batch, PROMPT_LEN, engine.config.vocab_size)
+    prompts = _prompts(engine, batch, PROMPT_LEN)
     engine.generate(prompts, DECODE_TOKENS + 1, eos=())  # compile + warm-up (the first token comes from prefill)
     return [engine.generate(prompts, DECODE_TOKENS + 1, eos=()).decode_ms_per_step for _ in range(repeats)]
 
 
 def time_prefill(engine: Engine, batch: int, n: int, repeats: int) -> list[float]:
-    prompts = _prompts(batch, n, engine.config.vocab_size)
+    prompts = _prompts(engine, batch, n)
     run = lambda: engine.generate(prompts, 1, eos=(), max_len=n + 128).prefill_s * 1000  # noqa: E731
     run()
     return [run() for _ in range(repeats)]
@@ -49,7 +51,7 @@ def time_prefill(engine: Engine, batch: int, n: int, repeats: int) -> list[float
 def time_generate(engine: Engine, batch: int, tokens: int, repeats: int) -> list[float]:
     """Wall seconds for `tokens` new tokens (prefill included). The engine compiles and warms the loop with one
     step before its timed run, so every call, the first included, is a warm figure."""
-    prompts = _prompts(batch, PROMPT_LEN, engine.config.vocab_size)
+    prompts = _prompts(engine, batch, PROMPT_LEN)
     out = []
     for _ in range(repeats):
         r = engine.generate(prompts, tokens, eos=(), max_len=PROMPT_LEN + tokens)
@@ -60,7 +62,7 @@ def time_generate(engine: Engine, batch: int, tokens: int, repeats: int) -> list
 def time_single_token(engine: Engine, batch: int, calls: int) -> list[float]:
     """records.SINGLE_TOKEN: `Engine.next_token` after a prompt of SINGLE_TOKEN_AT tokens, each call feeding the
     token the previous one returned (host -> device -> host), at the same cache slot; host clock around the call."""
-    prompts = _prompts(batch, SINGLE_TOKEN_AT, engine.config.vocab_size)
+    prompts = _prompts(engine, batch, SINGLE_TOKEN_AT)
     cache = engine.init_cache(batch, engine.cache_length(SINGLE_TOKEN_AT, DECODE_TOKENS, None))  # 384, as torch
     _, cache, n, pad = engine.prefill(cache, prompts)
     tokens = np.full(batch, 5, np.int32)
@@ -83,7 +85,7 @@ def peak_memory_gib(engine: Engine) -> list[float] | None:
 def measure(engine: Engine, batch: int, metrics: list[str], repeats: int, long_repeats: int) -> dict[str, list]:
     out: dict[str, list] = {}
     for m in metrics:
-        print(f"[lpjax] {engine.plan.spec() or 'sequential'} batch {batch}: {m}", file=sys.stderr, flush=True)
+        log(f"[lpjax] {engine.plan.spec() or 'sequential'} batch {batch}: {m}")
         if m == "decode":
             out[m] = time_decode(engine, batch, repeats)
         elif m.startswith("prefill_"):
@@ -107,51 +109,41 @@ def versions(engine: Engine) -> dict:
                 attention=engine.attention)
 
 
-def run(model: str, gpus: int, deltas: list[int], batch: int, metrics: list[str], repeats: int, long_repeats: int,
-        json_out: Path | None, impl: str = IMPL) -> None:
-    if model not in PRESETS:
-        raise LPJaxError(f"--model {model}: not a preset ({', '.join(PRESETS)})")
-    n_layers = PRESETS[model].n_layers
-    for delta in deltas:
-        plan = LPPlan.ending_before_last(delta, n_layers)
-        engine = Engine.load(f"random:{model}", plan.spec(), gpus, None)
-        print(f"[lpjax] {engine.describe()}", file=sys.stderr, flush=True)
-        figures = measure(engine, batch, metrics, repeats, long_repeats)
-        context = versions(engine)
-        append(json_out, [make(impl, model, gpus, delta, plan.spec(), batch, m, v, **context)
-                          for m, v in figures.items()])
+def run(model: str, devices: int, plans: list[LPPlan], batches: list[int], metrics: list[str], repeats: int,
+        long_repeats: int, json_out: str | None, dtype: str | None = None, impl: str = IMPL) -> None:
+    """Every plan on `devices` devices, each at every batch size; records emitted per plan."""
+    for plan in plans:
+        engine = Engine.load(f"random:{model}", plan.spec(), devices, dtype)
+        log(f"[lpjax] {engine.describe()}")
+        for batch in batches:
+            figures = measure(engine, batch, metrics, repeats, long_repeats)
+            context = versions(engine)
+            for m, v in figures.items():
+                common.emit(make(impl, model, devices, plan.delta, plan.spec(), batch, m, v, **context), json_out)
         del engine
         gc.collect()
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help=f"preset: {', '.join(PRESETS)}")
-    p.add_argument("--gpus", type=int, default=1, help="devices to use (the first N)")
-    p.add_argument("--lp-delta", default="0", help="comma-separated Δ (0 = sequential)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--metrics", default="prefill_1024,prefill_4096,decode,single_token,peak_memory",
-                   help=f"comma-separated, of: {', '.join(METRICS)}")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--long-repeats", type=int, default=1, help="repeats of generate_4096 (16+ s each on a 7B model)")
-    p.add_argument("--json-out", type=Path, default=None)
+    common.add_runner_args(p, "devices to use (the first N)")
     p.add_argument("--impl-name", default=IMPL, help="name in the records (variants: e.g. lpjax+flags)")
     args = p.parse_args(argv)
-    metrics = parse_list(args.metrics)
-    unknown = [m for m in metrics if m not in METRICS]
-    try:
-        if unknown:
-            raise LPJaxError(f"--metrics: unknown {', '.join(unknown)} (choose from {', '.join(METRICS)})")
-        if len(jax.devices()) < args.gpus:
-            raise LPJaxError(f"--gpus {args.gpus}: only {len(jax.devices())} devices visible")
-        enable_compile_cache()
-        run(args.model, args.gpus, parse_list(args.lp_delta, int), args.batch, metrics, args.repeats,
-            args.long_repeats, args.json_out, args.impl_name)
-    except LPJaxError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    name = args.model.removeprefix("random:")
+    if name not in PRESETS:
+        raise LPJaxError(f"--model {args.model}: not a preset ({', '.join(PRESETS)})")
+    metrics = common.parse_metrics(args.metrics)
+    common.check_repeats(args)
+    common.check_json_out(args.json_out)
+    plans = common.runner_plans(args, PRESETS[name])
+    batches = common.parse_ints(args.batch, "--batch", 1)
+    if len(jax.devices()) < args.devices:
+        raise LPJaxError(f"--devices {args.devices}: only {len(jax.devices())} devices visible")
+    enable_compile_cache()
+    run(name, args.devices, plans, batches, metrics, args.repeats, args.long_repeats, args.json_out, args.dtype,
+        args.impl_name)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(common.exit_code(main))

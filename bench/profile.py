@@ -1,6 +1,6 @@
 """Where decode time goes: trace one on-device decode loop with the JAX profiler and summarise the GPU kernels.
 
-    python -m bench.profile --model random:llama2-7b --lp 16:30 --devices 2 [--tokens 128] [--summary FILE]
+    python -m bench.profile --model llama2-7b --lp 16:30 --devices 2 [--tokens 128] [--summary FILE]
 
 Prints, per device: wall time per token, kernel time per token (the rest is gaps between kernels), kernels per
 token, the kernels that take the most time, and the decode step's budget per stage (kernels and microseconds by
@@ -21,7 +21,10 @@ import time
 
 import jax
 
+from bench import common
+from bench.records import PROMPT_LEN
 from lpjax.engine import Engine
+from lpjax.weights import DTYPES
 
 
 def kernel_events(path: str) -> dict[str, list[tuple[str, int, int]]]:
@@ -91,17 +94,18 @@ def summarise(events: list[tuple[str, int, int]], tokens: int, top: int) -> dict
     }
 
 
-def main() -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="random:llama2-7b")
-    p.add_argument("--lp", default="")
-    p.add_argument("--devices", type=int, default=None)
-    p.add_argument("--tokens", type=int, default=128)
-    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--model", default="llama2-7b", help="a preset (random weights) or any model lpjax loads")
+    p.add_argument("--lp", default="", metavar="START:END", help="the plan (default: sequential)")
+    p.add_argument("--devices", type=int, default=None, help="devices to use (default: all visible)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16")
+    p.add_argument("--tokens", type=int, default=128, help="decode steps traced")
+    p.add_argument("--top", type=int, default=25, help="kernels listed, the slowest first")
     p.add_argument("--summary", default=None, help="write the summary JSON here (the trace stays in a temp dir)")
-    args = p.parse_args()
-    engine = Engine.load(args.model, args.lp, args.devices, "bfloat16")
-    prompt = [1] + [100 + (i % 150) for i in range(127)]
+    args = p.parse_args(argv)
+    engine = Engine.load(common.engine_model(args.model), args.lp, args.devices, args.dtype)
+    prompt = common.model_prompt(PROMPT_LEN, engine.config)
     engine.generate([prompt], args.tokens + 1, eos=())  # compile and warm up
     out = tempfile.mkdtemp(prefix="lpjax-trace-")
     jax.profiler.start_trace(out)
@@ -128,7 +132,8 @@ def main() -> None:
         with open(args.summary, "w") as f:
             json.dump(report, f, indent=1)
     print(f"trace in {out}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(common.exit_code(main))

@@ -1,11 +1,14 @@
 """Quick single-process reading: decode ms/token and prefill ms for one model, several device counts and LP plans.
 
-    python bench/quick.py [--model random:llama2-7b] [--devices 1,2,4] [--lp ,16:30] [--prefill 1024,4096]
+    python -m bench.quick [--model llama2-7b] [--devices 1,2,4] [--delta 0,14 | --lp 16:30] [--prefill 1024,4096]
 
 Prints one JSON record per (device count, plan): `decode_ms` is the median over `--repeats` of ms per token for 128
-tokens after a 128-token prompt in one on-device loop (after a warm-up run of the same shape); `prefill_ms` the
-median latency of a prompt filling each bucket.
+tokens after the 128-token benchmark prompt in one on-device loop (after a warm-up run of the same shape);
+`prefill_ms` the median latency of a prompt filling each bucket. The weights load once per device count; each plan
+reuses them.
 """
+
+from __future__ import annotations
 
 import argparse
 import json
@@ -15,20 +18,26 @@ import time
 
 import jax
 
+from bench import common
+from bench.common import log, model_prompt
+from bench.records import DECODE_TOKENS, PROMPT_LEN
 from lpjax.engine import Engine
+from lpjax.plan import LPPlan, parse_deltas
+from lpjax.sources import open_source
+from lpjax.weights import DTYPES
 
-PROMPT = [1] + [100 + (i % 150) for i in range(127)]  # 128 tokens
-NEW_TOKENS = 129  # the first comes from prefill: 128 decode steps
+NEW_TOKENS = DECODE_TOKENS + 1  # the first comes from prefill
 
 
 def measure(engine: Engine, prefill_sizes: list[int], repeats: int) -> dict:
+    prompt = model_prompt(PROMPT_LEN, engine.config)
     t = time.perf_counter()
-    engine.generate([PROMPT], NEW_TOKENS, eos=())  # compile + warm-up with the timed shape
+    engine.generate([prompt], NEW_TOKENS, eos=())  # compile + warm-up with the timed shape
     first_call = time.perf_counter() - t
-    decode = [engine.generate([PROMPT], NEW_TOKENS, eos=()).decode_ms_per_step for _ in range(repeats)]
+    decode = [engine.generate([prompt], NEW_TOKENS, eos=()).decode_ms_per_step for _ in range(repeats)]
     prefill = {}
     for n in prefill_sizes:
-        long = [1] + [100 + (i % 150) for i in range(n - 2)]  # n-1 tokens: bucket n, room for 1 new token
+        long = model_prompt(n - 1, engine.config)  # n-1 tokens: bucket n, room for 1 new token
         prefill[n] = statistics.median(
             engine.generate([long], 1, eos=(), max_len=n).prefill_s * 1000 for _ in range(repeats))
     return dict(lp=engine.plan.spec(), delta=engine.plan.delta, decode_ms=statistics.median(decode),
@@ -36,25 +45,30 @@ def measure(engine: Engine, prefill_sizes: list[int], repeats: int) -> dict:
                 attention=engine.attention)
 
 
-def main() -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="random:llama2-7b")
-    p.add_argument("--lp", default=",16:30", help="comma-separated plans ('' = sequential); ';' if plans hold commas")
+    p.add_argument("--model", default="llama2-7b", help="a preset (random weights) or any model lpjax loads")
     p.add_argument("--devices", default="", help="comma-separated device counts (default: all)")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--delta", default="0,14", help="Δ values: paired layers ending two before the last")
+    p.add_argument("--lp", default=None, metavar="START:END", help="an explicit plan instead of --delta")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per figure (median reported)")
     p.add_argument("--prefill", default="1024,4096", help="prompt buckets to time ('' = none)")
-    args = p.parse_args()
-    plans = args.lp.split(";") if ";" in args.lp else args.lp.split(",")
-    prefill_sizes = [int(x) for x in args.prefill.split(",") if x]
-    for devices in [int(d) for d in args.devices.split(",") if d] or [None]:
-        base = Engine.load(args.model, "", devices, "bfloat16")
-        print(base.describe(), jax.__version__, file=sys.stderr)
-        for lp in plans:
-            engine = base if lp == "" else base.with_plan(lp)
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16")
+    args = p.parse_args(argv)
+    prefill_sizes = common.parse_ints(args.prefill, "--prefill", 2) if args.prefill else []
+    device_counts = common.parse_ints(args.devices, "--devices", 1) if args.devices else [None]
+    model = common.engine_model(args.model)
+    plans = common.plans_for(open_source(model).config, parse_deltas(args.delta), args.lp)  # before any weight loads
+    for devices in device_counts:
+        base = Engine.load(model, "", devices, args.dtype)
+        log(base.describe(), jax.__version__)
+        for plan in plans:
+            engine = base if plan == LPPlan(base.config.n_layers) else base.with_plan(plan.spec())
             print(json.dumps(measure(engine, prefill_sizes, args.repeats)), flush=True)
             del engine
         del base
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(common.exit_code(main))

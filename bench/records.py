@@ -29,15 +29,7 @@ KEY = ("impl", "model", "gpus", "lp_delta", "batch", "metric")
 PROMPT_LEN = 128
 DECODE_TOKENS = 128
 SINGLE_TOKEN_AT = 256  # single_token: the cache slot of the timed step (after a prompt of this many tokens)
-
-
-def parse_list(text: str, kind=str) -> list:
-    return [kind(x.strip()) for x in text.split(",") if x.strip()]
-
-
-def prompt_ids(n: int, vocab: int, row: int = 0) -> list[int]:
-    """A deterministic prompt of n token ids below `vocab` (values do not matter for speed; rows differ)."""
-    return [1] + [3 + (7 * i + 13 * row) % (vocab - 3) for i in range(n - 1)]
+GENERATE_TOKENS = 4096  # generate_4096: new tokens after the PROMPT_LEN prompt
 
 
 def make(impl: str, model: str, gpus: int, lp_delta: int, lp: str, batch: int, metric: str, samples: list[float],

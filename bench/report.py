@@ -1,6 +1,6 @@
 """Tables and plots from benchmark records (`bench/results/<machine>.json`).
 
-    python -m bench.report bench/results/h200.json [--plots DIR] [--markdown FILE]
+    python -m bench.report bench/results/<machine>.json [--plots DIR] [--markdown FILE]
 
 Decode table: one row per (GPUs, Δ, batch), one column per implementation, then lpjax against the best PyTorch
 baseline of the same row and the LP speed-up (Δ=0 time over Δ time, same implementation and GPU count). Versus

@@ -1,13 +1,13 @@
 """The benchmark harness: every implementation, model shape, GPU count, LP Δ and batch size, in one run.
 
-    python -m bench.run --models llama2-7b,llama3.2-3b --gpus 1,2,4 --lp 0,8,14 --batch 1,8 \
+    python -m bench.run --models llama2-7b,llama3.2-3b --devices 1,2,4 --delta 0,8,14 --batch 1,8 \
         --impls lpjax,torch-compile,torch-tp,hf-eager,hf-static-compile --machine h200
 
 Each configuration runs in its own subprocess (`bench.lpjax_bench`, `bench.torch_tp` for `torch-tp` and
-`torch-compile`, `bench.hf_baselines`), so
-JAX and PyTorch never share a GPU's memory and each reports its own peak. The records (see `bench.records`) are
-merged into `bench/results/<machine>.json` (a record measured again replaces the old one), then `bench.report`
-renders the tables and plots. A configuration that fails is reported at the end; the others still count.
+`torch-compile`, `bench.hf_baselines`), so JAX and PyTorch never share a GPU's memory and each reports its own peak;
+every runner takes the same flags (`bench.common`). The records (see `bench.records`) are merged into
+`bench/results/<machine>.json` (a record measured again replaces the old one), then `bench.report` renders the
+tables and plots. A configuration that fails is reported at the end; the others still count.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import records
-from bench.records import COMPILE_MODES, METRICS, parse_list
+from bench.common import exit_code, parse_ints, parse_metrics, parse_names
+from bench.records import COMPILE_MODES
 from lpjax.config import PRESETS
 from lpjax.errors import LPJaxError
-from lpjax.plan import LPPlan
+from lpjax.plan import default_plan, parse_deltas
 
 IMPLS = {  # name -> (module, what it is)
     "lpjax": ("bench.lpjax_bench", "this library: JAX/XLA, shard_map tensor parallelism, on-device decode loop"),
@@ -56,15 +57,16 @@ class Job:
     variant: str = ""  # lpjax run under extra XLA flags: records say impl "lpjax+<variant>"
 
     def command(self, json_out: Path, repeats: int, long_repeats: int, device: str, compile_mode: str) -> list[str]:
-        cmd = [sys.executable, "-m", IMPLS[self.impl][0], "--model", self.model,
-               "--lp-delta", ",".join(map(str, self.deltas)), "--batch", str(self.batch),
-               "--metrics", ",".join(self.metrics), "--repeats", str(repeats), "--json-out", str(json_out)]
+        """The runner's command line: the flags every runner shares (`bench.common.add_runner_args`), then its own."""
+        cmd = [sys.executable, "-m", IMPLS[self.impl][0], "--model", self.model, "--devices", str(self.gpus),
+               "--delta", ",".join(map(str, self.deltas)), "--batch", str(self.batch),
+               "--metrics", ",".join(self.metrics), "--repeats", str(repeats), "--long-repeats", str(long_repeats),
+               "--json-out", str(json_out)]
         if self.impl == "lpjax":
-            name = f"lpjax+{self.variant}" if self.variant else "lpjax"
-            return cmd + ["--gpus", str(self.gpus), "--long-repeats", str(long_repeats), "--impl-name", name]
+            return cmd + ["--impl-name", f"lpjax+{self.variant}" if self.variant else "lpjax"]
         if self.impl in SINGLE_GPU:
             return cmd + ["--impl", self.impl, "--device", device]
-        cmd += ["--gpus", str(self.gpus), "--device", device, "--impl-name", self.impl]
+        cmd += ["--device", device, "--impl-name", self.impl]
         return cmd + (["--compile", compile_mode] if self.impl == "torch-compile" else [])
 
     def describe(self) -> str:
@@ -74,13 +76,13 @@ class Job:
 
 
 def model_deltas(models: list[str], default: list[int], overrides: list[str]) -> dict[str, list[int]]:
-    """Δ values per model: `--lp` for all, `--lp-for MODEL=0,10` for one."""
+    """Δ values per model: `--delta` for all, `--delta-for MODEL=0,10` for one."""
     out = {m: list(default) for m in models}
     for spec in overrides:
         model, _, values = spec.partition("=")
         if model not in out or not values:
-            raise LPJaxError(f"--lp-for {spec}: expected MODEL=D1,D2 for one of --models ({', '.join(models)})")
-        out[model] = parse_list(values, int)
+            raise LPJaxError(f"--delta-for {spec}: expected MODEL=D1,D2 for one of --models ({', '.join(models)})")
+        out[model] = parse_deltas(values, "--delta-for")
     return out
 
 
@@ -96,7 +98,7 @@ def plan_jobs(models, gpus, deltas: dict[str, list[int]], batches, impls, metric
         valid = []
         for d in deltas[model]:
             try:
-                LPPlan.ending_before_last(d, n_layers)
+                default_plan(d, n_layers)
                 valid.append(d)
             except LPJaxError as e:
                 print(f"[run] {model}: skipping Δ={d} ({e})", file=sys.stderr)
@@ -167,10 +169,10 @@ def run_job(job: Job, args, context: dict) -> tuple[list[dict], str | None]:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="llama2-7b,llama3.2-3b", help=f"presets: {', '.join(PRESETS)}")
-    p.add_argument("--gpus", default="1,2,4", help="GPU counts (transformers baselines: 1 only)")
-    p.add_argument("--lp", default="0,14", help="LP Δ values; the range ends two layers before the last")
-    p.add_argument("--lp-for", action="append", default=[], metavar="MODEL=D1,D2",
-                   help="Δ values for one model instead of --lp (repeatable), e.g. llama3.2-3b=0,10")
+    p.add_argument("--devices", default="1,2,4", help="GPU counts (transformers baselines: 1 only)")
+    p.add_argument("--delta", default="0,14", help="LP Δ values; the range ends two layers before the last")
+    p.add_argument("--delta-for", action="append", default=[], metavar="MODEL=D1,D2",
+                   help="Δ values for one model instead of --delta (repeatable), e.g. llama3.2-3b=0,10")
     p.add_argument("--batch", default="1")
     p.add_argument("--impls", default=",".join(IMPLS), help=f"of: {', '.join(IMPLS)}")
     p.add_argument("--metrics", default="prefill_1024,prefill_4096,decode,single_token,peak_memory")
@@ -184,8 +186,8 @@ def parse_args(argv):
     p.add_argument("--lpjax-variant", action="append", default=[], metavar="NAME=FLAGS",
                    help="also run lpjax under extra XLA flags, recorded as impl lpjax+NAME (repeatable)")
     p.add_argument("--variants-only", action="store_true", help="run only the --lpjax-variant jobs")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--long-repeats", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per metric (median reported)")
+    p.add_argument("--long-repeats", type=int, default=1, help="timed runs of the long metrics")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: the harness's own test")
     p.add_argument("--machine", default=os.environ.get("LPJAX_MACHINE", "local"),
                    help="machine name: results go to bench/results/<machine>.json")
@@ -197,27 +199,27 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
+    """The harness, under the runners' error contract (`bench.common.exit_code`)."""
+    return exit_code(harness, argv)
+
+
+def harness(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        impls = parse_list(args.impls)
-        for name in impls:
-            if name not in IMPLS:
-                raise LPJaxError(f"--impls {name}: unknown (choose from {', '.join(IMPLS)})")
-        metrics, long_metrics = parse_list(args.metrics), parse_list(args.long_metrics)
-        for m in metrics + long_metrics:
-            if m not in METRICS:
-                raise LPJaxError(f"--metrics {m}: unknown (choose from {', '.join(METRICS)})")
-        models = parse_list(args.models)
-        deltas = model_deltas(models, parse_list(args.lp, int), args.lp_for)
-        jobs = plan_jobs(models, parse_list(args.gpus, int), deltas, parse_list(args.batch, int), impls, metrics,
-                         long_metrics, parse_list(args.long_impls), parse_list(args.long_models), args.long_batch)
-        args.variants = parse_variants(args.lpjax_variant)
-        jobs = with_variants(jobs, args.variants)
-        if args.variants_only:
-            jobs = [j for j in jobs if j.variant]
-    except (LPJaxError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    impls = parse_names(args.impls)
+    for name in impls:
+        if name not in IMPLS:
+            raise LPJaxError(f"--impls {name}: unknown (choose from {', '.join(IMPLS)})")
+    metrics = parse_metrics(args.metrics, allow_empty=True)
+    long_metrics = parse_metrics(args.long_metrics, "--long-metrics", allow_empty=True)
+    models = parse_names(args.models)
+    deltas = model_deltas(models, parse_deltas(args.delta), args.delta_for)
+    jobs = plan_jobs(models, parse_ints(args.devices, "--devices", 1), deltas, parse_ints(args.batch, "--batch", 1),
+                     impls, metrics, long_metrics, parse_names(args.long_impls), parse_names(args.long_models),
+                     args.long_batch)
+    args.variants = parse_variants(args.lpjax_variant)
+    jobs = with_variants(jobs, args.variants)
+    if args.variants_only:
+        jobs = [j for j in jobs if j.variant]
     if args.dry_run:
         for job in jobs:
             print(job.describe())

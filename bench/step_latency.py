@@ -1,12 +1,12 @@
 """Why a host-called decode step runs as a chain of programs: the same step three ways, host to host.
 
-    python -m bench.step_latency [--model llama2-7b] [--devices 1] [--lp ''] [--calls 20] [--trace DIR]
+    python -m bench.step_latency [--model llama2-7b] [--devices 1] [--lp ''] [--repeats 20] [--trace DIR]
 
 Each call sends the token ids up, runs one decode step with the greedy choice on the device and brings the next ids
 back (records.SINGLE_TOKEN's definition). Prints one JSON record of medians in ms:
 - `one_program`: the whole step as one XLA program, its result a fresh device buffer each call;
 - `one_program_pinned_out`: the same program writing its result to pinned host memory (GPUs only);
-- `engine`: `Engine.next_token`, a chain of programs of `host_step.STEP_SPAN` stages whose buffers stay put;
+- `engine`: `Engine.next_token`, a chain of programs of the host-called step the engine runs (`host_step.default_span`);
 - `loop_per_token`: the on-device decode loop's time per token on the same engine, the floor a host-called step
   can approach.
 `--trace DIR` also records a JAX profiler trace (host and device timelines) of 5 engine calls, for
@@ -25,7 +25,8 @@ import time
 import jax
 import numpy as np
 
-from bench.records import DECODE_TOKENS, PROMPT_LEN, SINGLE_TOKEN_AT, prompt_ids
+from bench.common import prompt_ids
+from bench.records import DECODE_TOKENS, PROMPT_LEN, SINGLE_TOKEN_AT
 from lpjax.engine import Engine
 from lpjax.runtime.host_step import HostStep
 
@@ -75,13 +76,13 @@ def main() -> None:
     p.add_argument("--model", default="llama2-7b")
     p.add_argument("--devices", type=int, default=1)
     p.add_argument("--lp", default="")
-    p.add_argument("--calls", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=20, help="timed calls of each variant (median reported)")
     p.add_argument("--trace", default=None, help="directory for a JAX profiler trace of 5 engine calls")
     args = p.parse_args()
     engine = Engine.load(f"random:{args.model}", args.lp, args.devices, None)
     print(json.dumps(dict(model=args.model, devices=args.devices, lp=args.lp, jax=jax.__version__,
                           device=engine.mesh.devices.flat[0].device_kind,
-                          **measure(engine, args.calls, args.trace))), flush=True)
+                          **measure(engine, args.repeats, args.trace))), flush=True)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ import sys
 import time
 from collections.abc import Callable
 
-from lpjax.errors import LPJaxError
+from lpjax.errors import LPJaxError, first_line
+from lpjax.weights import DTYPES
 
 EXIT_BAD_INPUT = 2
 STDERR_TERMINAL_ENV = "LPJAX_STDERR_IS_TERMINAL"  # set by lpjax.launch: this worker's stderr reaches a terminal
@@ -26,7 +27,7 @@ def add_model_args(p: argparse.ArgumentParser, model_required: bool = True) -> N
                    help="layers to run as LP pairs, e.g. 16:30 (even length) or 4:6,10:16; empty = sequential; "
                         "not given: the plan a fine-tuned model records in its config.json (lpjax.lp), else "
                         "sequential")
-    p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), default=None,
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                    help="compute/weight dtype (default: the checkpoint's)")
     p.add_argument("--devices", type=int, default=None, help="number of devices to use (default: all visible)")
     p.add_argument("--max-len", type=int, default=None, help="context length limit (default: the model's)")
@@ -82,8 +83,7 @@ def init_distributed(args: argparse.Namespace, initialization_timeout: int | Non
         else:
             jax.distributed.initialize()
     except (RuntimeError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise LPJaxError(f"multi-host start-up failed: {first}") from None
+        raise LPJaxError(f"multi-host start-up failed: {first_line(e)}") from None
 
 
 def is_main_process() -> bool:

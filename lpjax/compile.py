@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from lpjax.errors import LPJaxError
+from lpjax.errors import LPJaxError, first_line
 
 
 def resolve_attention(requested: str, platform: str, dtype: str) -> str:
@@ -41,7 +41,7 @@ class CompileCache:
             try:
                 return self.get((key, impl), lambda impl=impl: build(impl), args, options), impl
             except Exception as e:  # noqa: BLE001 -- any compile failure of the cuDNN kernel means: use XLA's
-                first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+                first = first_line(e)
                 if impl != "cudnn":
                     raise
                 if not automatic:

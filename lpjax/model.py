@@ -30,7 +30,7 @@ from flax import struct
 
 from lpjax.cache import StageCache
 from lpjax.config import ModelConfig
-from lpjax.schema import BY_PATH, Sizes, TreeParam, init_std
+from lpjax.schema import BY_PATH, Sizes, TreeParam
 from lpjax.sharding import ALL, Layout, StageLayout
 
 
@@ -189,7 +189,7 @@ def normed_project(x: jax.Array, norm: jax.Array, w: jax.Array, eps: float) -> j
     The factor is one number per row, so (s·x·n) W = s·((x·n) W): the product reads x·n, which XLA computes in the
     same kernel as the reduction Σx², and s lands in the kernel that reads the product (RoPE and the cache write;
     SwiGLU). One kernel between a residual add and its GEMM instead of a reduction, a normalise and a pad
-    (bench/NOTES.md, session 5)."""
+    (bench/NOTES.md #18)."""
     y = project(x * norm, w)
     s = rms_scale(x, eps).reshape(*x.shape[:-1], *(1,) * (y.ndim - x.ndim + 1))
     return (y * s).astype(y.dtype)
@@ -204,9 +204,9 @@ def stream_rows(batch: int, tokens: int) -> int:
 
 
 def _initializer(row: TreeParam, config: ModelConfig):
-    if row.init in ("ones", "zeros"):
-        return nn.initializers.ones if row.init == "ones" else nn.initializers.zeros
-    return nn.initializers.normal(init_std(row, config))
+    """The flax initializer of the leaf's schema init."""
+    init = row.init(config)
+    return nn.initializers.normal(init.std) if init.std else nn.initializers.constant(init.fill)
 
 
 def _param(module: nn.Module, path: str, stack: int | None = None) -> jax.Array:

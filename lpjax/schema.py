@@ -5,8 +5,9 @@ its Hugging Face name and layout, its GGUF (llama.cpp) name, how it is initialis
 `TreeParam` is one leaf of the model tree a plan assembles from them (fused, stacked per stage). Everything else is
 derived from these two tables: shapes (`layer_shapes`, `global_shapes`, and the model's parameters:
 `TreeParam.shape`), shardings (`sharding.ShardingRules`), the HF name map (`sources/hf.py`,
-`sources/hf.py:write_hf`), the GGUF name map (`sources/gguf.py`), initialisation (`init_std`, used by random
-weights, training and the model's own `init`) and the weight-decay mask (`decayed_paths`). Adding a weight is one
+`sources/hf.py:write_hf`), the GGUF name map (`sources/gguf.py`), initialisation (`Weight.init`, a function of the
+config: random weights, training, the model's own `init` and the PyTorch baselines draw from it) and the weight-decay
+mask (`decayed_paths`). Adding a weight is one
 row here (and a `TreeParam` row, unless an existing leaf fuses it), plus its use in the model's math (`model.py`
 takes a leaf by path: `_param(module, "attn/wqkv")`) and in the fusion (`weights.assemble_stage`).
 
@@ -25,6 +26,35 @@ import numpy as np
 from lpjax.config import ModelConfig
 
 INIT_STD = 0.02  # every matrix's N(0, std); the residual-writing ones are scaled down by depth
+
+
+@dataclasses.dataclass(frozen=True)
+class Init:
+    """A weight's initial values: draws of N(0, std) when `std` > 0, else `fill` everywhere."""
+
+    fill: float = 0.0
+    std: float = 0.0
+
+
+def ones(config: ModelConfig) -> Init:
+    """Norm scales: the identity."""
+    return Init(fill=1.0)
+
+
+def zeros(config: ModelConfig) -> Init:
+    """Biases."""
+    return Init()
+
+
+def normal(config: ModelConfig) -> Init:
+    """Matrices that read the residual stream, and the embedding."""
+    return Init(std=INIT_STD)
+
+
+def residual(config: ModelConfig) -> Init:
+    """Projections that write the residual stream (wo, w_down), scaled by 1/sqrt(2 * layers) as in GPT-2, so the
+    stream's variance does not grow with depth when training from scratch."""
+    return Init(std=INIT_STD / math.sqrt(2 * config.n_layers))
 
 
 def _always(config: ModelConfig) -> bool:
@@ -54,7 +84,7 @@ class Weight:
     hf_name: str  # `{i}` is the layer
     gguf_name: str  # the same tensor's name in a GGUF file (llama.cpp's `llama` architecture)
     hf_layout: str  # id | T | in_heads | heads
-    init: str  # ones | zeros | normal | residual (normal, scaled by 1/sqrt(2 * layers) when training from scratch)
+    init: Callable[[ModelConfig], Init]  # ones | zeros | normal | residual
     decayed: bool = False  # AdamW weight decay (matrices only)
     present: Callable[[ModelConfig], bool] = _always
 
@@ -102,41 +132,41 @@ def _w(name, per_layer, shape, axes, names, layout, init, decayed=False, present
 _L, _B = "model.layers.{i}.", "blk.{i}."  # HF and GGUF (llama.cpp) prefixes of a layer's names
 WEIGHTS: tuple[Weight, ...] = (
     _w("embedding", False, lambda c: (c.vocab_size, c.dim), ("vocab", None),
-       ("model.embed_tokens.weight", "token_embd.weight"), "id", "normal", decayed=True),
-    _w("norm", False, lambda c: (c.dim,), (None,), ("model.norm.weight", "output_norm.weight"), "id", "ones"),
+       ("model.embed_tokens.weight", "token_embd.weight"), "id", normal, decayed=True),
+    _w("norm", False, lambda c: (c.dim,), (None,), ("model.norm.weight", "output_norm.weight"), "id", ones),
     _w("lm_head", False, lambda c: (c.dim, c.vocab_size), (None, "vocab"), ("lm_head.weight", "output.weight"), "T",
-       "normal", decayed=True, present=_untied),
+       normal, decayed=True, present=_untied),
     _w("attn_norm", True, lambda c: (c.dim,), (None,), (_L + "input_layernorm.weight", _B + "attn_norm.weight"),
-       "id", "ones"),
+       "id", ones),
     _w("wq", True, lambda c: (c.dim, c.n_heads, c.head_dim), (None, "heads", None),
-       (_L + "self_attn.q_proj.weight", _B + "attn_q.weight"), "in_heads", "normal", decayed=True),
+       (_L + "self_attn.q_proj.weight", _B + "attn_q.weight"), "in_heads", normal, decayed=True),
     _w("wk", True, lambda c: (c.dim, c.n_kv_heads, c.head_dim), (None, "kv_heads", None),
-       (_L + "self_attn.k_proj.weight", _B + "attn_k.weight"), "in_heads", "normal", decayed=True),
+       (_L + "self_attn.k_proj.weight", _B + "attn_k.weight"), "in_heads", normal, decayed=True),
     _w("wv", True, lambda c: (c.dim, c.n_kv_heads, c.head_dim), (None, "kv_heads", None),
-       (_L + "self_attn.v_proj.weight", _B + "attn_v.weight"), "in_heads", "normal", decayed=True),
+       (_L + "self_attn.v_proj.weight", _B + "attn_v.weight"), "in_heads", normal, decayed=True),
     _w("wo", True, lambda c: (c.n_heads * c.head_dim, c.dim), ("heads", None),
-       (_L + "self_attn.o_proj.weight", _B + "attn_output.weight"), "T", "residual", decayed=True),
+       (_L + "self_attn.o_proj.weight", _B + "attn_output.weight"), "T", residual, decayed=True),
     _w("bq", True, lambda c: (c.n_heads, c.head_dim), ("heads", None),
-       (_L + "self_attn.q_proj.bias", _B + "attn_q.bias"), "heads", "zeros", present=_attention_bias),
+       (_L + "self_attn.q_proj.bias", _B + "attn_q.bias"), "heads", zeros, present=_attention_bias),
     _w("bk", True, lambda c: (c.n_kv_heads, c.head_dim), ("kv_heads", None),
-       (_L + "self_attn.k_proj.bias", _B + "attn_k.bias"), "heads", "zeros", present=_attention_bias),
+       (_L + "self_attn.k_proj.bias", _B + "attn_k.bias"), "heads", zeros, present=_attention_bias),
     _w("bv", True, lambda c: (c.n_kv_heads, c.head_dim), ("kv_heads", None),
-       (_L + "self_attn.v_proj.bias", _B + "attn_v.bias"), "heads", "zeros", present=_attention_bias),
+       (_L + "self_attn.v_proj.bias", _B + "attn_v.bias"), "heads", zeros, present=_attention_bias),
     _w("bo", True, lambda c: (c.dim,), (None,), (_L + "self_attn.o_proj.bias", _B + "attn_output.bias"), "id",
-       "zeros", present=_attention_bias),
+       zeros, present=_attention_bias),
     _w("mlp_norm", True, lambda c: (c.dim,), (None,),
-       (_L + "post_attention_layernorm.weight", _B + "ffn_norm.weight"), "id", "ones"),
+       (_L + "post_attention_layernorm.weight", _B + "ffn_norm.weight"), "id", ones),
     _w("w_gate", True, lambda c: (c.dim, c.ffn_dim), (None, "mlp"),
-       (_L + "mlp.gate_proj.weight", _B + "ffn_gate.weight"), "T", "normal", decayed=True),
+       (_L + "mlp.gate_proj.weight", _B + "ffn_gate.weight"), "T", normal, decayed=True),
     _w("w_up", True, lambda c: (c.dim, c.ffn_dim), (None, "mlp"), (_L + "mlp.up_proj.weight", _B + "ffn_up.weight"),
-       "T", "normal", decayed=True),
+       "T", normal, decayed=True),
     _w("w_down", True, lambda c: (c.ffn_dim, c.dim), ("mlp", None),
-       (_L + "mlp.down_proj.weight", _B + "ffn_down.weight"), "T", "residual", decayed=True),
+       (_L + "mlp.down_proj.weight", _B + "ffn_down.weight"), "T", residual, decayed=True),
     _w("b_gate", True, lambda c: (c.ffn_dim,), ("mlp",), (_L + "mlp.gate_proj.bias", _B + "ffn_gate.bias"), "id",
-       "zeros", present=_mlp_bias),
-    _w("b_up", True, lambda c: (c.ffn_dim,), ("mlp",), (_L + "mlp.up_proj.bias", _B + "ffn_up.bias"), "id", "zeros",
+       zeros, present=_mlp_bias),
+    _w("b_up", True, lambda c: (c.ffn_dim,), ("mlp",), (_L + "mlp.up_proj.bias", _B + "ffn_up.bias"), "id", zeros,
        present=_mlp_bias),
-    _w("b_down", True, lambda c: (c.dim,), (None,), (_L + "mlp.down_proj.bias", _B + "ffn_down.bias"), "id", "zeros",
+    _w("b_down", True, lambda c: (c.dim,), (None,), (_L + "mlp.down_proj.bias", _B + "ffn_down.bias"), "id", zeros,
        present=_mlp_bias),
 )
 BY_NAME: dict[str, Weight] = {w.name: w for w in WEIGHTS}
@@ -169,7 +199,7 @@ class TreeParam:
         return any(BY_NAME[n].decayed for n in self.made_of)
 
     @property
-    def init(self) -> str:
+    def init(self) -> Callable[[ModelConfig], Init]:
         (init,) = {BY_NAME[n].init for n in self.made_of}  # a leaf only fuses weights initialised alike
         return init
 
@@ -227,12 +257,6 @@ def canonical_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     for i in range(config.n_layers):
         out.update({f"{n}@{i}": s for n, s in layer_shapes(config).items()})
     return out
-
-
-def init_std(weight: Weight | TreeParam, config: ModelConfig) -> float:
-    """Standard deviation of a matrix's initial N(0, std): residual-writing projections (wo, w_down) are scaled by
-    1/sqrt(2 * layers), as in GPT-2."""
-    return INIT_STD / math.sqrt(2 * config.n_layers) if weight.init == "residual" else INIT_STD
 
 
 def decayed_paths() -> frozenset[str]:

@@ -35,14 +35,9 @@ def make_mesh(n_devices: int | None = None, devices: list | None = None) -> Mesh
     """A ("pair", "tp") mesh over the first `n_devices` devices (default: all, across all processes)."""
     devices = list(devices if devices is not None else jax.devices())
     n = len(devices) if n_devices is None else n_devices
-    if n < 1:
-        raise LPJaxError(f"--devices {n}: need at least one device")
     if n > len(devices):
         raise LPJaxError(f"--devices {n}: only {len(devices)} {devices[0].platform.upper()} device(s) are visible")
-    if n > 1 and n % 2:
-        raise LPJaxError(
-            f"--devices {n}: use 1 or an even number of devices (LP puts one layer of a pair on each half)")
-    shape = (1, 1) if n == 1 else (2, n // 2)
+    shape = grid_shape(n)
     try:  # topology-aware order (TPU slices, NVLink islands), as JAX lays meshes out itself
         from jax.experimental import mesh_utils
 
@@ -50,6 +45,16 @@ def make_mesh(n_devices: int | None = None, devices: list | None = None) -> Mesh
     except (ValueError, AssertionError, NotImplementedError):
         grid = np.array(devices[:n]).reshape(shape)
     return Mesh(grid, MESH_AXES)
+
+
+def grid_shape(n: int) -> tuple[int, int]:
+    """The ("pair", "tp") shape of a mesh of `n` devices, or the one-line reason there is none."""
+    if n < 1:
+        raise LPJaxError(f"--devices {n}: need at least one device")
+    if n > 1 and n % 2:
+        raise LPJaxError(
+            f"--devices {n}: use 1 or an even number of devices (LP puts one layer of a pair on each half)")
+    return (1, 1) if n == 1 else (2, n // 2)
 
 
 def mesh_shape(mesh: Mesh) -> tuple[int, int]:
@@ -95,7 +100,16 @@ class Layout:
 
     @classmethod
     def build(cls, config: ModelConfig, plan: LPPlan, mesh: Mesh) -> Layout:
-        pair, tp = mesh_shape(mesh)
+        return cls.of_grid(config, plan, *mesh_shape(mesh))
+
+    @classmethod
+    def for_devices(cls, config: ModelConfig, plan: LPPlan, n_devices: int) -> Layout:
+        """The layout on `n_devices` devices, without a mesh (the PyTorch baselines split the model by it)."""
+        return cls.of_grid(config, plan, *grid_shape(n_devices))
+
+    @classmethod
+    def of_grid(cls, config: ModelConfig, plan: LPPlan, pair: int, tp: int) -> Layout:
+        """Each stage's split over a ("pair", "tp") grid, or the one-line reason the model does not divide."""
         n = pair * tp
         if plan.n_layers != config.n_layers:
             raise LPJaxError(f"LP plan is for {plan.n_layers} layers but the model has {config.n_layers}")

@@ -27,8 +27,9 @@ from pathlib import Path
 
 from lpjax import cli, launch
 from lpjax.errors import LPJaxError
+from lpjax.plan import parse_deltas
 from lpjax.quality.perplexity import DEFAULT_WINDOW, encode_texts, resolve_window
-from lpjax.quality.sweep import OUT_FILES, Timing, finish, format_table, measure, parse_deltas, plot, sweep_plans
+from lpjax.quality.sweep import OUT_FILES, Timing, finish, format_table, measure, plot, sweep_plans
 
 
 def check_out(out: Path | None, overwrite: bool) -> None:

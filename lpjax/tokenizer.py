@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from lpjax.errors import LPJaxError
+from lpjax.errors import LPJaxError, first_line
 
 
 class Tokenizer:
@@ -67,8 +67,7 @@ class HFTokenizer(Tokenizer):
         try:
             self.tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
         except (OSError, ValueError, TypeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-            raise LPJaxError(f"{directory}: cannot load its tokenizer ({first})") from None
+            raise LPJaxError(f"{directory}: cannot load its tokenizer ({first_line(e)})") from None
         eos = set(eos_ids)
         if self.tok.eos_token_id is not None:
             eos.add(int(self.tok.eos_token_id))

@@ -35,6 +35,7 @@ from lpjax.training.data import prepare_data, text_digest, train_tokenizer, unig
 from lpjax.training.loop import fit
 from lpjax.training.programs import Programs, data_mesh, init_params, single_device_layout
 from lpjax.training.rundir import check_run, start_run, write_model
+from lpjax.weights import DTYPES
 
 
 def parse_args(argv):
@@ -56,7 +57,7 @@ def parse_args(argv):
     g.add_argument("--tie-embeddings", action="store_true", help="share the embedding with the LM head")
     g.add_argument("--rope-theta", type=float, default=10000.0)
     training_cli.add_training_args(p, steps=1000, batch_size=32, lr=3e-3, warmup=100, weight_decay=0.1, seq_len=256)
-    p.add_argument("--save-dtype", choices=("bfloat16", "float32", "float16"), default="bfloat16",
+    p.add_argument("--save-dtype", choices=tuple(DTYPES), default="bfloat16",
                    help="dtype of the written model (default bfloat16)")
     return p.parse_args(argv)
 

@@ -25,8 +25,8 @@ from lpjax.config import ModelConfig
 from lpjax.schema import global_shapes, layer_shapes
 from lpjax.sharding import RULES, Layout, StageLayout
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
+# The dtypes weights can be loaded, computed and saved in, by the name every `--dtype` flag takes (its choices).
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 
 
 class WeightSource:

@@ -21,7 +21,7 @@ def _records(path):
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "cpu.json"
-    cmd = [sys.executable, "-m", "bench.run", "--models", "tiny", "--gpus", "2", "--lp", "0,4", "--batch", "1",
+    cmd = [sys.executable, "-m", "bench.run", "--models", "tiny", "--devices", "2", "--delta", "0,4", "--batch", "1",
            "--impls", "lpjax,torch-tp,torch-compile,hf-eager", "--torch-compile-mode", "default", "--metrics", METRICS,
            "--long-metrics", "", "--repeats", "2", "--device", "cpu", "--machine", "cpu-test", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -72,7 +72,7 @@ def test_merge_replaces_only_what_is_measured_again():
 
 
 def test_dry_run_plans_configurations(capsys):
-    assert run.main(["--models", "llama2-7b,llama3.2-3b", "--gpus", "1,2", "--lp", "0,14", "--lp-for",
+    assert run.main(["--models", "llama2-7b,llama3.2-3b", "--devices", "1,2", "--delta", "0,14", "--delta-for",
                      "llama3.2-3b=0,10", "--impls", "lpjax,torch-tp,hf-eager", "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "lpjax llama2-7b gpus=2 Δ=0,14 batch=1" in "\n".join(lines)
@@ -86,7 +86,7 @@ def test_dry_run_plans_configurations(capsys):
     (["--impls", "tensorrt"], "--impls tensorrt: unknown"),
     (["--metrics", "speed"], "--metrics speed: unknown"),
     (["--models", "gpt2"], "--models gpt2: not a preset"),
-    (["--lp-for", "nomodel=0,2"], "--lp-for nomodel=0,2: expected MODEL=D1,D2"),
+    (["--delta-for", "nomodel=0,2"], "--delta-for nomodel=0,2: expected MODEL=D1,D2"),
 ])
 def test_bad_arguments(argv, message, capsys):
     assert run.main([*argv, "--dry-run"]) == 2

@@ -158,3 +158,27 @@ def test_bad_input_gets_one_line_and_exit_2(checkpoints, bad_dirs, text_file, tm
         args += ["--prompt", "hello"]
     rc, _, err = run(*args, devices=4)
     assert_clean_error(rc, err, words)
+
+
+def test_every_dtype_flag_offers_the_weight_dtypes(monkeypatch):
+    """Every tool's --dtype / --save-dtype choices are lpjax.weights.DTYPES (training's --compute-dtype: those
+    without float16), in one definition."""
+    import argparse
+
+    from lpjax import eval as eval_tool
+    from lpjax import finetune, generate, sweep, train
+    from lpjax.convert import __main__ as convert
+    from lpjax.plan import __main__ as plan
+    from lpjax.training.settings import COMPUTE_DTYPES
+    from lpjax.weights import DTYPES
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", lambda self, args=None, namespace=None: self)
+    choices = {}
+    for tool in (generate, eval_tool, sweep, plan, convert, finetune, train):
+        for action in tool.parse_args([])._actions:
+            if action.dest.endswith("dtype"):
+                choices[(tool.__name__, action.dest)] = tuple(action.choices)
+    assert {k[1] for k in choices} == {"dtype", "save_dtype", "compute_dtype"}
+    for (tool, dest), got in choices.items():
+        assert got == (COMPUTE_DTYPES if dest == "compute_dtype" else tuple(DTYPES)), (tool, dest)
+    assert COMPUTE_DTYPES == ("bfloat16", "float32")

@@ -1,4 +1,4 @@
-"""The PyTorch baselines on CPU: bench/torch_tp.py (tensor-parallel LP over gloo ranks) gives the HF reference's
+"""The PyTorch baselines on CPU: bench.torch_tp (tensor-parallel LP over gloo ranks) gives the HF reference's
 logits with and without LP and decodes greedily like its full forward; bench/hf_baselines.py's LP replacement matches
 the reference through transformers' own caches; both CLIs write valid records."""
 
@@ -111,6 +111,17 @@ def test_torch_tp_layout_slots_and_kv_replication():
         torch_tp.check_layout(preset("tiny"), LPPlan(8), 6)
 
 
+def test_pytorch_runners_reuse_lpjax_without_starting_jax():
+    """The PyTorch runners take lpjax's layout rules, weight schema and constants, but importing them starts no JAX
+    backend: on a GPU machine that would take the GPU's memory from the baseline being measured."""
+    code = ("import bench.torch_tp, bench.hf_baselines\n"
+            "from jax._src import xla_bridge\n"
+            "assert not xla_bridge.backends_are_initialized()")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+
+
 def test_load_hf_reads_a_checkpoint_by_hf_names(checkpoints):
     directory, model = checkpoints("mha")
     config, state = torch_tp.load_hf(directory)
@@ -121,10 +132,10 @@ def test_load_hf_reads_a_checkpoint_by_hf_names(checkpoints):
 
 
 def test_torch_tp_bench_in_process_records(tmp_path, capsys):
-    """--gpus 1 runs in this process: the decode loop's records for two plans."""
+    """--devices 1 runs in this process: the decode loop's records for two plans."""
     out = tmp_path / "records.jsonl"
     metrics = ["decode", "single_token", "prefill_1024", "peak_memory"]
-    assert torch_tp.main(["--device", "cpu", "--model", "tiny", "--lp-delta", "0,2", "--batch", "2",
+    assert torch_tp.main(["--device", "cpu", "--model", "tiny", "--delta", "0,2", "--batch", "2",
                           "--metrics", ",".join(metrics), "--repeats", "1", "--json-out", str(out)]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == records
@@ -138,7 +149,7 @@ def test_torch_tp_cli_spawns_ranks_and_appends_records(tmp_path):
     out = tmp_path / "records.jsonl"
     out.write_text('{"earlier": true}\n')
     metrics = ["single_token", "prefill_1024", "peak_memory"]
-    rc, stdout, err = run_cli("bench.torch_tp", "--device", "cpu", "--model", "tiny", "--gpus", 2, "--lp-delta", 2,
+    rc, stdout, err = run_cli("bench.torch_tp", "--device", "cpu", "--model", "tiny", "--devices", 2, "--delta", 2,
                               "--metrics", ",".join(metrics), "--repeats", 1, "--json-out", out)
     assert rc == 0, err
     lines = out.read_text().splitlines()
@@ -151,9 +162,9 @@ def test_torch_tp_cli_spawns_ranks_and_appends_records(tmp_path):
 
 
 @pytest.mark.parametrize("argv,words", [
-    (["--gpus", "64"], "only"),
-    (["--device", "cpu", "--gpus", "3"], "even number"),
-    (["--device", "cpu", "--lp-delta", "3"], "must be even"),
+    (["--devices", "64"], "only"),
+    (["--device", "cpu", "--devices", "3"], "even number"),
+    (["--device", "cpu", "--delta", "3"], "must be even"),
     (["--device", "cpu", "--metrics", "decode,speed"], "choose from"),
     (["--device", "cpu", "--batch", "0"], "--batch"),
     (["--device", "cpu", "--model", "gpt2"], "unknown preset"),
@@ -207,7 +218,7 @@ def test_hf_cli_both_impls_append_records(tmp_path):
     out = tmp_path / "records.jsonl"
     metrics = ["single_token", "prefill_1024", "peak_memory"]
     rc, stdout, err = run_cli("bench.hf_baselines", "--impl", "hf-eager,hf-static-compile", "--device", "cpu",
-                              "--model", "tiny", "--lp-delta", 2, "--metrics", ",".join(metrics), "--repeats", 1,
+                              "--model", "tiny", "--delta", 2, "--metrics", ",".join(metrics), "--repeats", 1,
                               "--json-out", out)
     assert rc == 0, err
     records = [json.loads(line) for line in out.read_text().splitlines()]
@@ -220,4 +231,4 @@ def test_hf_cli_both_impls_append_records(tmp_path):
 
 def test_hf_cli_refuses_several_gpus():
     with pytest.raises(LPJaxError, match="one GPU"):
-        hf_baselines.main(["--impl", "hf-eager", "--gpus", "2", "--device", "cpu", "--model", "tiny"])
+        hf_baselines.main(["--impl", "hf-eager", "--devices", "2", "--device", "cpu", "--model", "tiny"])

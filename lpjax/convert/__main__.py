@@ -14,6 +14,7 @@ from pathlib import Path
 from lpjax import cli
 from lpjax.errors import LPJaxError
 from lpjax.export import FORMATS
+from lpjax.weights import DTYPES
 
 
 def parse_args(argv):
@@ -25,7 +26,7 @@ def parse_args(argv):
     src.add_argument("--hf", type=Path, default=None, help="Hugging Face Llama directory (config.json + safetensors)")
     p.add_argument("--out", required=True, type=Path, help="output directory (must be new or empty)")
     p.add_argument("--format", choices=FORMATS, default="lpjax", help="lpjax (default) or hf")
-    p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), default=None,
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                    help="stored dtype (default: as in the source)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier lpjax checkpoint or export at --out")
     return p.parse_args(argv)

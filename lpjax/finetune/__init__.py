@@ -41,7 +41,7 @@ from lpjax.training.loop import fit
 from lpjax.training.programs import Programs, cast_tree, data_mesh, single_device_layout
 from lpjax.training.rundir import check_run, start_run, write_model
 from lpjax.training.settings import Objective
-from lpjax.weights import load_params, retarget, source_dtype
+from lpjax.weights import DTYPES, load_params, retarget, source_dtype
 
 
 def parse_args(argv):
@@ -61,7 +61,7 @@ def parse_args(argv):
                    help="softmax temperature of both distributions under --distill; the loss is scaled by T^2 "
                         "(default 1)")
     training_cli.add_training_args(p, steps=200, batch_size=8, lr=3e-4, warmup=20, weight_decay=0.0, seq_len=None)
-    p.add_argument("--save-dtype", choices=("bfloat16", "float32", "float16"), default=None,
+    p.add_argument("--save-dtype", choices=tuple(DTYPES), default=None,
                    help="dtype of the written model (default: the source's, so frozen weights stay bit-identical)")
     return p.parse_args(argv)
 

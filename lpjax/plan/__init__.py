@@ -118,3 +118,27 @@ class LPPlan:
             return f"none (sequential, {self.n_layers} layers)"
         return f"{self.spec()} (Δ={self.delta}, depth {self.depth} of {self.n_layers})"
 
+
+def parse_deltas(text: str, flag: str = "--delta") -> list[int]:
+    """A list of Δ (how many layers run as pairs), `0,2,4` -> [0, 2, 4], each once in the order given: the one
+    parser of every `--delta` flag. Whether a model can take each Δ is `default_plan`'s to say."""
+    try:
+        deltas = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise LPJaxError(f"{flag} {text}: expected comma-separated even layer counts, e.g. 0,2,4,8") from None
+    if not deltas:
+        raise LPJaxError(f"{flag}: give at least one layer count, e.g. 0,2,4,8")
+    if any(d < 0 for d in deltas):
+        raise LPJaxError(f"{flag} {text}: layer counts cannot be negative")
+    return list(dict.fromkeys(deltas))
+
+
+def default_plan(delta: int, n_layers: int, flag: str = "--delta") -> LPPlan:
+    """The default range of `delta` layers (`LPPlan.ending_before_last`), with the reason when the model cannot
+    have it."""
+    if delta % 2:
+        raise LPJaxError(f"{flag} {delta}: an odd number of layers; LP pairs layers two by two, so Δ must be even")
+    try:
+        return LPPlan.ending_before_last(delta, n_layers)
+    except LPJaxError as e:
+        raise LPJaxError(f"{flag} {delta} (default range, ending two layers before the last): {e}") from None

@@ -11,7 +11,7 @@ import time
 
 from lpjax import cli, launch
 from lpjax.errors import LPJaxError
-from lpjax.plan import LPPlan
+from lpjax.plan import LPPlan, parse_deltas
 from lpjax.quality import search as search_lib
 from lpjax.quality.perplexity import DEFAULT_WINDOW, encode_texts, resolve_window
 from lpjax.quality.search import SearchSpace, Step, format_result, method_name, plan_perplexity, search
@@ -41,10 +41,10 @@ def parse_args(argv):
 def parse_delta(text: str | None) -> int:
     if text is None:
         raise LPJaxError("--delta: give the number of layers to pair, e.g. --delta 8")
-    try:
-        return int(text)
-    except ValueError:
-        raise LPJaxError(f"--delta {text}: expected one even number of layers, e.g. 8") from None
+    deltas = parse_deltas(text)
+    if len(deltas) != 1:
+        raise LPJaxError(f"--delta {text}: expected one even number of layers, e.g. 8")
+    return deltas[0]
 
 
 def main(argv=None) -> int:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lpjax.errors import LPJaxError
-from lpjax.plan import LPPlan
+from lpjax.plan import LPPlan, default_plan
 from lpjax.quality.perplexity import perplexity
 
 OUT_FILES = ("sweep.txt", "sweep.json", "sweep.png")
@@ -44,32 +44,6 @@ class Timing:
     def describe(self) -> str:
         return (f"decode ms/token: batch 1, {self.new_tokens} new tokens after a {self.prompt_tokens}-token prompt, "
                 f"EOS ignored, median of {self.repeats} run(s) after 1 warm-up, compile time excluded")
-
-
-# ---------------------------------------------------------------------------------------------------- shared inputs
-
-
-def parse_deltas(text: str) -> list[int]:
-    """`0,2,4` -> [0, 2, 4] (parity and size are checked against the model by LPPlan)."""
-    try:
-        deltas = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise LPJaxError(f"--delta {text}: expected comma-separated even layer counts, e.g. 0,2,4,8") from None
-    if not deltas:
-        raise LPJaxError("--delta: give at least one layer count, e.g. 0,2,4,8")
-    if any(d < 0 for d in deltas):
-        raise LPJaxError(f"--delta {text}: layer counts cannot be negative")
-    return list(dict.fromkeys(deltas))
-
-
-def default_plan(delta: int, n_layers: int) -> LPPlan:
-    """The default range of `delta` layers, with LPPlan's own reason when the model cannot have it."""
-    if delta % 2:
-        raise LPJaxError(f"--delta {delta}: an odd number of layers; LP pairs layers two by two, so Δ must be even")
-    try:
-        return LPPlan.ending_before_last(delta, n_layers)
-    except LPJaxError as e:
-        raise LPJaxError(f"--delta {delta} (default range, ending two layers before the last): {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------------- the sweep

@@ -21,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lpjax.config import read_hf_config
-from lpjax.errors import LPJaxError
+from lpjax.errors import LPJaxError, first_line
 from lpjax.schema import global_shapes, layer_shapes
 from lpjax.tokenizer import copy_tokenizer
 from lpjax.weights import DTYPES, WeightSource
@@ -96,7 +96,7 @@ class OrbaxSource(WeightSource):
             try:
                 restored = self._checkpointer.restore((self.directory / "params" / item).absolute(), abstract)
             except (ValueError, KeyError, FileNotFoundError) as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-                raise LPJaxError(f"{self.directory}: params/{item} does not match config.json ({first})") from None
+                raise LPJaxError(f"{self.directory}: params/{item} does not match config.json "
+                                 f"({first_line(e)})") from None
             out.update({wanted[n][0]: v for n, v in restored.items()})
         return out

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from lpjax.config import from_hf
-from lpjax.errors import LPJaxError
+from lpjax.errors import LPJaxError, first_line
 from lpjax.schema import WEIGHTS
 from lpjax.sources.hf import HFNamedSource
 
@@ -109,8 +109,7 @@ def open_reader(path: Path):
     except LPJaxError:
         raise
     except (OSError, ValueError, IndexError, KeyError, TypeError, UnicodeDecodeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise LPJaxError(f"{path}: not a readable GGUF file, truncated or corrupt ({first})") from None
+        raise LPJaxError(f"{path}: not a readable GGUF file, truncated or corrupt ({first_line(e)})") from None
     size = path.stat().st_size
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
@@ -304,8 +303,7 @@ def save_tokenizer(path: Path, out: Path) -> None:
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError, NotImplementedError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise LPJaxError(f"{path}: cannot build a tokenizer from its metadata ({first})") from None
+        raise LPJaxError(f"{path}: cannot build a tokenizer from its metadata ({first_line(e)})") from None
     tok.save_pretrained(str(out))
 
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from lpjax.config import preset
-from lpjax.schema import BY_NAME, global_shapes, init_std, layer_shapes
+from lpjax.schema import BY_NAME, global_shapes, layer_shapes
 from lpjax.weights import WeightSource
 
 
@@ -47,10 +47,10 @@ class RandomSource(WeightSource):
         """Each weight by its schema init; a matrix's key folds in a hash of its name."""
         out = {}
         for name, shape in shapes.items():
-            w = BY_NAME[name]
-            if w.init in ("ones", "zeros"):
-                out[name] = (jnp.ones if w.init == "ones" else jnp.zeros)(shape, dtype)
+            init = BY_NAME[name].init(self.config)
+            if not init.std:
+                out[name] = jnp.full(shape, init.fill, dtype)
             else:
                 key = jax.random.fold_in(rng, zlib.crc32(name.encode()) & 0x7FFFFFFF)
-                out[name] = (init_std(w, self.config) * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+                out[name] = (init.std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
         return out

@@ -11,7 +11,7 @@ from lpjax import cli
 from lpjax.errors import LPJaxError
 from lpjax.training.loop import FitResult
 from lpjax.training.rundir import STATE_DIR
-from lpjax.training.settings import Cadence, Hyper
+from lpjax.training.settings import COMPUTE_DTYPES, Cadence, Hyper
 
 
 class StepBar:
@@ -71,7 +71,7 @@ def add_training_args(p: argparse.ArgumentParser, *, steps: int, batch_size: int
                    help=f"AdamW decay of the weight matrices (default {weight_decay:g}; norms and biases: none)")
     g.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (0: off)")
     g.add_argument("--seed", type=int, default=0, help="data order (and initial weights when training from scratch)")
-    g.add_argument("--compute-dtype", choices=("bfloat16", "float32"), default="bfloat16",
+    g.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="bfloat16",
                    help="dtype of the forward/backward (weights and optimizer state stay float32)")
     g = p.add_argument_group("evaluation, checkpoints, devices")
     g.add_argument("--log-every", type=int, default=10, help="steps between progress updates (the only host syncs)")

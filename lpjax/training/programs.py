@@ -18,7 +18,7 @@ from lpjax.config import ModelConfig
 from lpjax.errors import LPJaxError
 from lpjax.model import FULL, LlamaLM, Positions
 from lpjax.plan import LPPlan
-from lpjax.schema import BY_NAME, global_shapes, init_std, layer_shapes
+from lpjax.schema import BY_NAME, global_shapes, layer_shapes
 from lpjax.sharding import Layout, make_mesh
 from lpjax.training.data import ValSet, sample_windows
 from lpjax.training.optimizer import make_optimizer
@@ -44,7 +44,7 @@ def single_device_layout(config: ModelConfig, plan: LPPlan) -> Layout:
 
 
 def init_params(layout, seed: int) -> dict:
-    """Fresh float32 weights in the layout's model tree, initialised as the schema says (`schema.init_std`). Drawn
+    """Fresh float32 weights in the layout's model tree, initialised as the schema says (`Weight.init`). Drawn
     per canonical weight from (seed, layer, name), so the same seed gives the same model under any plan."""
     c = layout.config
 
@@ -52,11 +52,11 @@ def init_params(layout, seed: int) -> dict:
         w = {}
         for name, shape in shapes.items():
             rng = np.random.default_rng([seed, layer + 1, zlib.crc32(name.encode())])
-            init = BY_NAME[name].init
-            if init in ("ones", "zeros"):
-                w[name] = (np.ones if init == "ones" else np.zeros)(shape, np.float32)
+            init = BY_NAME[name].init(c)
+            if not init.std:
+                w[name] = np.full(shape, init.fill, np.float32)
             else:
-                w[name] = (init_std(BY_NAME[name], c) * rng.standard_normal(shape)).astype(np.float32)
+                w[name] = (init.std * rng.standard_normal(shape)).astype(np.float32)
         return w
 
     params = assemble_globals(layout, draw(global_shapes(c), -1))

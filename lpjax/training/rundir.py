@@ -8,7 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
-from lpjax.errors import LPJaxError
+from lpjax.errors import LPJaxError, first_line
 from lpjax.sources.converted import MARKER, is_converted, write_checkpoint
 from lpjax.tokenizer import copy_tokenizer
 from lpjax.weights import canonical_items
@@ -108,8 +108,7 @@ class StateStore:
             got = self.manager.restore(step, args=args.Composite(state=args.StandardRestore(abstract),
                                                                  meta=args.JsonRestore()))
         except (ValueError, KeyError, FileNotFoundError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-            raise LPJaxError(f"{STATE_DIR}/{step}: does not match this run's model ({first})") from None
+            raise LPJaxError(f"{STATE_DIR}/{step}: does not match this run's model ({first_line(e)})") from None
         if got.meta.get("data_seed") != self.seed or got.meta.get("step") != step:
             raise LPJaxError(f"{STATE_DIR}/{step}: saved with another seed or step ({got.meta})")
         return got.state

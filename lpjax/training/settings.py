@@ -5,6 +5,10 @@ from __future__ import annotations
 import dataclasses
 
 from lpjax.errors import LPJaxError
+from lpjax.weights import DTYPES
+
+# float16 is not offered for the forward/backward: the loop has no loss scaling, which float16 gradients need
+COMPUTE_DTYPES = tuple(d for d in DTYPES if d != "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,8 +42,8 @@ class Hyper:
             raise LPJaxError("--weight-decay and --clip must not be negative")
         if not 0 <= self.min_lr_ratio <= 1:
             raise LPJaxError(f"--min-lr-ratio {self.min_lr_ratio}: must be between 0 and 1")
-        if self.compute_dtype not in ("bfloat16", "float32"):
-            raise LPJaxError(f"--compute-dtype {self.compute_dtype}: choose bfloat16 or float32")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise LPJaxError(f"--compute-dtype {self.compute_dtype}: choose {' or '.join(COMPUTE_DTYPES)}")
 
     @property
     def tokens_per_step(self) -> int:
