@@ -51,17 +51,27 @@ def _env_int(name: str) -> int | None:
     return int(v) if v and v.isdigit() else None
 
 
-def enable_compile_cache() -> None:
-    """Keep XLA's compiled programs between runs (a 7B model's decode loop takes ~15 s to compile).
-    LPJAX_COMPILE_CACHE=DIR moves the cache, LPJAX_COMPILE_CACHE=off disables it."""
-    import jax
-
+def compile_cache_dir() -> str | None:
+    """Where compiled programs are kept: LPJAX_COMPILE_CACHE=DIR, else ~/.cache/lpjax/xla (XDG_CACHE_HOME);
+    None when LPJAX_COMPILE_CACHE is off (or 0, no, false)."""
     where = os.environ.get("LPJAX_COMPILE_CACHE", "")
     if where.lower() in ("0", "off", "no", "false"):
+        return None
+    return where or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lpjax", "xla")
+
+
+def enable_compile_cache(where: str | None = None) -> None:
+    """Keep XLA's compiled programs between runs, in `where` or `compile_cache_dir()` (a 7B model's decode loop
+    takes ~15 s to compile; the embedded demo's programs, each well under JAX's default threshold of one second of
+    compile time, add up to most of its run). Every program is kept, however quick its compile."""
+    import jax
+
+    where = where or compile_cache_dir()
+    if where is None:
         return
-    if not where:
-        where = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lpjax", "xla")
     jax.config.update("jax_compilation_cache_dir", where)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # no size floor either
 
 
 def init_distributed(args: argparse.Namespace, initialization_timeout: int | None = None) -> None:

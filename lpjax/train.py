@@ -109,11 +109,11 @@ def main(argv=None) -> int:
         else:
             tok_dir = args.tokenizer
         tok = load_tokenizer(tok_dir, 0, ())
-        n_tok = len(tok.tok)
+        n_tok = tok.n_tokens
         vocab = args.vocab_size or (4096 if args.tokenizer is None else round_up(n_tok, 64))
         if n_tok > vocab:
             raise LPJaxError(f"--vocab-size {vocab}: smaller than the tokenizer's {n_tok} tokens")
-        config = model_config(args, vocab, tok.tok.bos_token_id, tok.tok.eos_token_id)
+        config = model_config(args, vocab, tok.bos_id, tok.eos_id)
         layout = single_device_layout(config, LPPlan(config.n_layers))
         stream, val = prepare_data(tok, texts, val_text, hp, args.val_windows)
         mesh = data_mesh(args.devices)

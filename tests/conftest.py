@@ -2,6 +2,7 @@
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
@@ -9,17 +10,19 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-if "LPJAX_COMPILE_CACHE" not in os.environ:  # keep the CLIs' compile cache out of the user's home
-    import tempfile
-
+# The session's compiled programs are kept in a fresh directory (never the user's cache), by the tests and by the
+# command lines they start: each program is compiled once per session, however many engines run it.
+if "LPJAX_COMPILE_CACHE" not in os.environ:
     os.environ["LPJAX_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="lpjax-test-xla-")
 if "LPJAX_GGUF_CACHE" not in os.environ:  # GGUF companion directories (tokenizer files) too
-    import tempfile
-
     os.environ["LPJAX_GGUF_CACHE"] = tempfile.mkdtemp(prefix="lpjax-test-gguf-")
 
 import pytest  # noqa: E402
 from helpers import CORPUS, make_checkpoint  # noqa: E402
+
+from lpjax.cli import enable_compile_cache  # noqa: E402
+
+enable_compile_cache()  # before the first compile: JAX decides once per process whether the cache is used
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +62,36 @@ def text_file(tmp_path_factory):
     p = tmp_path_factory.mktemp("text") / "corpus.txt"
     p.write_text(CORPUS * 3)
     return p
+
+
+# the command-line tools by the module `python -m` runs
+MAINS = {"lpjax.generate": "lpjax.generate", "lpjax.eval": "lpjax.eval", "lpjax.sweep": "lpjax.sweep",
+         "lpjax.plan": "lpjax.plan.__main__", "lpjax.convert": "lpjax.convert.__main__", "convert": "convert.__main__"}
+DEVICE_FLAG = ("lpjax.generate", "lpjax.eval", "lpjax.sweep", "lpjax.plan")
+
+
+@pytest.fixture
+def run_main(capsys, monkeypatch):
+    """`run_main(module, *args, devices=1, stdin=None)` -> (exit code, stdout, stderr): the command line
+    `python -m module ARGS` run in this process, through `cli.run` as the module's `__main__` runs it (exit code 2
+    and one line for bad input), without a JAX start-up of its own. This process sees 8 devices, so `--devices N`
+    stands in for a process that sees N (unless ARGS give --devices)."""
+    import importlib
+    import io
+
+    from lpjax import cli
+
+    def run(module: str, *args, devices: int = 1, stdin: str | None = None):
+        argv = [str(a) for a in args]
+        if module in DEVICE_FLAG and "--devices" not in argv:
+            argv += ["--devices", str(devices)]
+        main = importlib.import_module(MAINS[module]).main
+        if stdin is not None:
+            monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            cli.run(main, argv)
+        out, err = capsys.readouterr()
+        return e.value.code, out, err
+
+    return run

@@ -1,7 +1,10 @@
-"""The command-line tools end to end, as a user runs them (subprocesses)."""
+"""The command-line tools end to end, as a user runs them: `python -m` subprocesses for the entry points (and the
+README's demo, whose printed text must be the README's), the rest of each command line in this process
+(`run_main`: the same `cli.run` contract of exit codes and one-line errors, without a JAX start-up per run)."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,30 +33,53 @@ def assert_clean_error(rc, stderr, words):
     assert sum(x.startswith("error:") for x in lines) == 1
 
 
-def test_generate_json_with_and_without_lp(checkpoints):
+def test_generate_json_with_and_without_lp(checkpoints, run_main):
     directory, _ = checkpoints("gqa_head_dim")
-    rc, out, err = run("lpjax.generate", "--model", directory, "--prompt", "The quick brown", "--max-new-tokens", 8,
-                       "--json", "--dtype", "float32")
+    rc, out, err = run_main("lpjax.generate", "--model", directory, "--prompt", "The quick brown", "--max-new-tokens",
+                            8, "--json", "--dtype", "float32")
     assert rc == 0, err
     seq = last_json(out)
     assert {"text", "tokens", "prefill_ms", "decode_tokens_per_s", "lp"} <= seq.keys()
     assert len(seq["tokens"]) >= 1 and seq["lp"] == "" and seq["devices"] == 1
     assert out.startswith("The quick brown")  # streamed: prompt, then new text
-    rc, out, err = run("lpjax.generate", "--model", directory, "--prompt", "The quick brown", "--max-new-tokens", 8,
-                       "--lp", "2:6", "--json", "--temperature", "0.7", "--top-k", "20", "--top-p", "0.9",
-                       "--seed", "3")
+    rc, out, err = run_main("lpjax.generate", "--model", directory, "--prompt", "The quick brown", "--max-new-tokens",
+                            8, "--lp", "2:6", "--json", "--temperature", "0.7", "--top-k", "20", "--top-p", "0.9",
+                            "--seed", "3")
     assert rc == 0, err
     lp = last_json(out)
     assert lp["lp"] == "2:6" and lp["delta"] == 4 and lp["depth"] == 4 and "mesh" in lp
 
 
-def test_generate_without_arguments_runs_the_embedded_default():
-    rc, out, err = run("lpjax.generate", "--max-new-tokens", 8, "--json")
+def test_generate_without_arguments_runs_the_embedded_default(run_main):
+    rc, out, err = run_main("lpjax.generate", "--max-new-tokens", 8, "--json")
     assert rc == 0, err
     assert "trained here" in out and "sequential" in out
     res = last_json(out)
     assert [r["lp"] for r in res["runs"]] == ["", "6:14"] and all(r["decode_tokens_per_s"] > 0 for r in res["runs"])
     assert all(len(r["tokens"]) == 8 for r in res["runs"])
+
+
+def readme_demo() -> tuple[str, str]:
+    """The README's demo command (the bash block of `python -m lpjax.generate` alone) and the next fenced block, its
+    output (prose may come between)."""
+    readme = (ROOT / "README.md").read_text()
+    m = re.search(r"```bash\n(python -m lpjax\.generate)\n```\n(?:(?!```).)*```\n(.*?)```", readme, re.S)
+    assert m, "README.md: no `python -m lpjax.generate` block followed by its output"
+    return m.group(1), m.group(2)
+
+
+def comparable(out: str) -> list[str]:
+    """The demo's output from its first run on, numbers of the timing lines masked: the text must match exactly."""
+    lines = out[out.index("== LP plan"):].rstrip("\n").split("\n")
+    return [re.sub(r"\d+(\.\d+)?", "#", x) if x.startswith(("[prompt ", "sequential ")) else x for x in lines]
+
+
+def test_readme_demo_prints_what_the_readme_shows():
+    command, shown = readme_demo()
+    rc, out, err = run(*command.split()[2:])  # python -m lpjax.generate, nothing else
+    assert rc == 0, err
+    assert "== LP plan: 6:14" in out and "[prompt " in out  # both runs, with their summaries
+    assert comparable(out) == comparable(shown)
 
 
 def test_embedded_default_model_is_a_handful_of_hf_files_read_without_torch():
@@ -81,29 +107,31 @@ def test_embedded_default_model_speaks_python(tmp_path):
     assert last_json(out)["ppl"] < 30
 
 
-def test_eval_json_and_windows(checkpoints, text_file):
+def test_eval_json_and_windows(checkpoints, text_file, run_main):
     directory, _ = checkpoints("mha")
-    rc, out, err = run("lpjax.eval", "--model", directory, "--text", text_file, "--window", 64, "--stride", 48,
+    rc, out, err = run_main("lpjax.eval", "--model", directory, "--text", text_file, "--window", 64, "--stride", 48,
                        "--json")
     assert rc == 0, err
     seq = last_json(out)
     assert {"ppl", "nll", "tokens", "lp", "devices"} <= seq.keys() and seq["devices"] == 1 and seq["windows"] > 1
-    rc, out, err = run("lpjax.eval", "--model", directory, "--text", text_file, "--window", 64, "--stride", 48,
-                       "--lp", "0:2", "--json")
+    rc, out, err = run_main("lpjax.eval", "--model", directory, "--text", text_file, "--window", 64, "--stride", 48,
+                            "--lp", "0:2", "--json")
     assert rc == 0, err
     lp = last_json(out)
     assert lp["tokens"] == seq["tokens"] and lp["ppl"] != seq["ppl"] and lp["lp"] == "0:2"
 
 
-def test_convert_then_generate_from_converted(checkpoints, tmp_path):
+def test_convert_then_generate_from_converted(checkpoints, tmp_path, run_main):
     directory, _ = checkpoints("tied")
     out_dir = tmp_path / "conv"
-    rc, out, err = run("convert", "--hf", directory, "--out", out_dir, "--dtype", "float32")
+    rc, out, err = run_main("convert", "--hf", directory, "--out", out_dir, "--dtype", "float32")
     assert rc == 0, err
-    hf = last_json(run("lpjax.generate", "--model", directory, "--prompt", "fox", "--max-new-tokens", 5, "--json")[1])
-    conv = last_json(run("lpjax.generate", "--model", out_dir, "--prompt", "fox", "--max-new-tokens", 5, "--json")[1])
+    hf = last_json(run_main("lpjax.generate", "--model", directory, "--prompt", "fox", "--max-new-tokens", 5,
+                            "--json")[1])
+    conv = last_json(run_main("lpjax.generate", "--model", out_dir, "--prompt", "fox", "--max-new-tokens", 5,
+                              "--json")[1])
     assert hf["tokens"] == conv["tokens"]
-    assert_clean_error(*run("convert", "--hf", directory, "--out", out_dir)[::2], "already exists")
+    assert_clean_error(*run_main("convert", "--hf", directory, "--out", out_dir)[::2], "already exists")
 
 
 @pytest.fixture(scope="module")
@@ -149,14 +177,15 @@ def bad_dirs(checkpoints, tmp_path_factory):
     ("bad sampling", ["lpjax.generate", "--model", "{good}", "--top-p", "0"], "top-p"),
     ("convert missing", ["convert", "--hf", "/nonexistent", "--out", "{tmp}/x"], "no such directory"),
 ])
-def test_bad_input_gets_one_line_and_exit_2(checkpoints, bad_dirs, text_file, tmp_path, case, args, words):
+def test_bad_input_gets_one_line_and_exit_2(checkpoints, bad_dirs, text_file, tmp_path, run_main, case, args,
+                                           words):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
     names = dict(bad_dirs, good=checkpoints("mha")[0], text=text_file, empty=empty, tmp=tmp_path)
     args = [a.format(**names) for a in args]
     if args[0] == "lpjax.generate":
         args += ["--prompt", "hello"]
-    rc, _, err = run(*args, devices=4)
+    rc, _, err = run_main(*args, devices=4)
     assert_clean_error(rc, err, words)
 
 

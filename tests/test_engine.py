@@ -46,12 +46,14 @@ def test_batched_full_forward_with_left_padding_matches_unpadded(engines):
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_greedy_generation_equals_transformers(checkpoints, engines, batch):
-    _, model = checkpoints("gqa_head_dim")
+    from transformers import AutoTokenizer
+
+    directory, model = checkpoints("gqa_head_dim")
     engine = engines("gqa_head_dim")
     tok = engine.tokenizer
     prompts = PROMPTS[:batch]
     res = engine.generate([tok.encode(p) for p in prompts], 12, eos=tok.eos_ids, pad_id=tok.pad_id)
-    hf_tok = tok.tok
+    hf_tok = AutoTokenizer.from_pretrained(str(directory))  # the reference: transformers' own tokenizer
     hf_tok.padding_side = "left"
     hf_tok.pad_token = hf_tok.eos_token
     enc = hf_tok(prompts, return_tensors="pt", padding=True)

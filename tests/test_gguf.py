@@ -98,7 +98,7 @@ def test_gguf_tokenizer_and_chat_template_come_from_the_file(checkpoints, tiny_g
     messages = [{"role": "user", "content": "fox"}]
     expected = hf("<s>user: fox</s><s>assistant: ", add_special_tokens=False)["input_ids"]
     assert tok.chat_ids(messages) == expected and tok.end_of_turn_ids == (2,)
-    assert tok.tok.chat_template == CHAT_TEMPLATE
+    assert tok.chat_template == CHAT_TEMPLATE
 
 
 def test_convert_turns_a_gguf_file_into_an_lpjax_checkpoint(tiny_gguf, tmp_path):
