@@ -17,6 +17,10 @@ import sys
 from lpjax import cli
 from lpjax.errors import LPJaxError
 
+# Every slot holds a whole context of keys and values, so the model's own (128k tokens for Llama 3.1) is not the
+# default: 8 slots of it would take 128 GB for an 8B model.
+DEFAULT_CONTEXT = 4096
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m lpjax.serve", description=__doc__.splitlines()[0])
@@ -27,6 +31,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, printed)")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights (random:NAME)")
+    max_len = next(a for a in p._actions if a.dest == "max_len")  # add_model_args' flag, with this tool's default
+    max_len.help = f"context of each slot: prompt + new tokens (default: the model's, at most {DEFAULT_CONTEXT})"
+    next(a for a in p._actions if a.dest == "json").help = "print the ready line as a JSON object"
     args = p.parse_args(argv)
     if args.max_batch < 1:
         raise LPJaxError(f"--max-batch {args.max_batch}: must be at least 1")
@@ -79,12 +86,18 @@ def main(argv: list[str] | None = None) -> int:
 
     engine = Engine.load(args.model, args.lp, args.devices, args.dtype, seed=args.seed, progress=cli.load_bar())
     cli.say(f"[{engine.describe()}]", file=sys.stderr)
-    context = args.max_len or engine.config.max_seq_len
+    context = args.max_len or min(engine.config.max_seq_len, DEFAULT_CONTEXT)
     tok = engine.tokenizer
-    slots = Slots(engine.programs, engine.step, args.max_batch, context, pad_id=tok.pad_id)
     cli.say(f"compiling the prefill, insert and decode-step programs ({args.max_batch} slots x {context} tokens)",
             file=sys.stderr)
-    slots.warm_up()
+    try:
+        slots = Slots(engine.programs, engine.step, args.max_batch, context, pad_id=tok.pad_id)
+        slots.warm_up()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        raise LPJaxError(f"the KV cache of {args.max_batch} slots x {context} tokens does not fit in device memory: "
+                         "lower --max-batch or --max-len") from None
     scheduler = Scheduler(slots, args.max_queue)
     served = ServedModel(args.model, tok, context, engine.config.vocab_size, engine.plan.spec(),
                          describe_mesh(engine.mesh))

@@ -353,7 +353,7 @@ def test_smollm2_chat_answers_paris(tmp_path):
         path = smollm2_path()
     except RuntimeError as e:
         pytest.fail(str(e))
-    s = ServerProcess(["--model", path, "--max-batch", 2, "--max-len", 256, "--dtype", "float32"],
+    s = ServerProcess(["--model", path, "--max-batch", 2, "--max-len", 256, "--dtype", "float32", "--devices", 1],
                       tmp_path / "stderr.txt")
     try:
         res = s.openai().chat.completions.create(
@@ -445,3 +445,18 @@ def test_text_stream_shows_text_as_it_grows_and_cuts_it_before_a_stop_string(eng
     shown = feed(never)
     assert "lazy d" in next(s for s in shown if "lazy" in s)  # held back while it could become the stop string
     assert "".join(shown) + never.flush() == text and not never.stopped
+
+
+def test_load_benchmark_reports_throughput_and_latency_percentiles(server, tmp_path):
+    out = tmp_path / "load.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-m", "bench.serve_load", "--url", server.url, "--concurrency", "3",
+                        "--requests", "6", "--prompt-len", "10", "--max-tokens", "8", "--out", str(out)],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stderr
+    result = json.loads(out.read_text())
+    assert result == json.loads(p.stdout.strip().splitlines()[-1])
+    assert (result["requests_ok"], result["requests_failed"], result["output_tokens"]) == (6, 0, 48)
+    assert result["prompt_tokens_mean"] == 10 and result["prompt_kind"] == "token ids"
+    assert result["output_tokens_per_s"] > 0 and result["requests_per_s"] > 0
+    assert 0 < result["ttft_ms_p50"] <= result["ttft_ms_p99"] and 0 < result["itl_ms_p50"] <= result["itl_ms_p99"]
