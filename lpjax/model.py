@@ -54,8 +54,9 @@ class Positions:
     """Where the tokens of one call sit.
 
     `positions` [B, T]: RoPE positions (left padding does not count). `pad` [B]: left-padding slots of each row;
-    those keys are never attended. `index`: the cache slot of the call's first token (all rows share it, which is
-    why batches are left-padded).
+    those keys are never attended. `index`: the cache slot of the call's first token: a scalar that all rows share
+    (why batches are left-padded), or in a decode step [B], each row at its own slot (a server's decode slots, whose
+    sequences started at different times).
     """
 
     positions: jax.Array
@@ -70,7 +71,7 @@ class Positions:
 
     @classmethod
     def step(cls, pad: jax.Array, index: jax.Array) -> Positions:
-        """One new token per row, written at cache slot `index`."""
+        """One new token per row, written at cache slot `index` (scalar, or [B]: one slot per row)."""
         return cls((index - pad)[:, None], pad, index)
 
 
@@ -147,8 +148,11 @@ def _cached_attention(q, k_cache, v_cache, pos: Positions):
     qg = q.reshape(B, T, K, H // K, hd)
     scores = jnp.einsum("btkgd,bkld->bkgtl", qg, k_cache, preferred_element_type=jnp.float32) / math.sqrt(hd)
     j = jnp.arange(L)
-    i = pos.index + jnp.arange(T)
-    valid = (j[None, None, :] <= i[None, :, None]) & (j[None, None, :] >= pos.pad[:, None, None])  # [B, T, L]
+    if jnp.ndim(pos.index) == 0:
+        i = (pos.index + jnp.arange(T))[None]  # [1, T]: every row's queries at the same slots
+    else:
+        i = pos.index[:, None] + jnp.arange(T)  # [B, T]: each row's at its own
+    valid = (j[None, None, :] <= i[:, :, None]) & (j[None, None, :] >= pos.pad[:, None, None])  # [B, T, L]
     scores = jnp.where(valid[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
     out = jnp.einsum("bkgtl,bkld->btkgd", probs, v_cache, preferred_element_type=jnp.float32)
@@ -156,9 +160,13 @@ def _cached_attention(q, k_cache, v_cache, pos: Positions):
 
 
 def _write_cache(cache: StageCache, k: jax.Array, v: jax.Array, index) -> StageCache:
-    """Write keys/values [B, T, K, hd] into the head-major cache [B, K, L, hd] at slots index..index+T-1."""
+    """Write keys/values [B, T, K, hd] into the head-major cache [B, K, L, hd] at slots index..index+T-1 (`index`
+    scalar: one slice for all rows; [B]: each row at its own slots, a scatter)."""
     def write(c, x):
-        return jax.lax.dynamic_update_slice_in_dim(c, x.transpose(0, 2, 1, 3).astype(c.dtype), index, axis=2)
+        x = x.transpose(0, 2, 1, 3).astype(c.dtype)
+        if jnp.ndim(index) == 0:
+            return jax.lax.dynamic_update_slice_in_dim(c, x, index, axis=2)
+        return jax.vmap(lambda row, xr, i: jax.lax.dynamic_update_slice_in_dim(row, xr, i, axis=1))(c, x, index)
 
     return StageCache(k=write(cache.k, k), v=write(cache.v, v))
 

@@ -1,4 +1,5 @@
-"""On-device next-token sampling: greedy, temperature, top-k, top-p. Runs inside the jitted decode loop."""
+"""On-device next-token sampling: greedy, temperature, top-k, top-p. Runs inside the jitted decode loop; `sample_rows`
+is the row-wise version for a batch whose rows each have their own settings (a server's decode slots)."""
 
 from __future__ import annotations
 
@@ -59,3 +60,26 @@ def sample(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
         threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < threshold, neg, logits)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def row_keys(seeds: jax.Array, counts: jax.Array) -> jax.Array:
+    """One PRNG key per row: row b's `counts[b]`-th draw of the stream seeded by `seeds[b]`. Stateless, so a
+    request's samples depend on its own seed and position only, not on the other rows of the batch."""
+    return jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counts)
+
+
+def sample_rows(logits: jax.Array, seeds: jax.Array, counts: jax.Array, temperature: jax.Array,
+                top_p: jax.Array) -> jax.Array:
+    """Next tokens [B] from float32 logits [B, V], each row with its own settings (a server's decode slots):
+    `temperature` [B] (0: the exact argmax, as `sample` is for greedy), `top_p` [B] (the most likely token always
+    stays), and the key of `row_keys(seeds, counts)`."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    hot = temperature > 0
+    scaled = logits / jnp.where(hot, temperature, 1.0)[:, None]
+    sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    keep = ((jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]).at[:, 0].set(True)
+    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    filtered = jnp.where(scaled < threshold, jnp.finfo(scaled.dtype).min, scaled)
+    drawn = jax.vmap(jax.random.categorical)(row_keys(seeds, counts), filtered).astype(jnp.int32)
+    return jnp.where(hot, drawn, greedy)

@@ -13,9 +13,10 @@ LAYERS = (
     ("weights and sources", ("lpjax.weights", "lpjax.tokenizer", "lpjax.sources", "lpjax.export")),
     ("runtime: compiled programs, decode loop, host-called step", ("lpjax.runtime",)),
     ("engine", ("lpjax.engine",)),
-    ("libraries over the model", ("lpjax.quality", "lpjax.training")),
+    ("libraries over the model", ("lpjax.quality", "lpjax.training", "lpjax.serving")),
     ("tools (command lines)", ("lpjax.cli", "lpjax.launch", "lpjax.training.cli", "lpjax.generate", "lpjax.eval",
-                               "lpjax.sweep", "lpjax.plan.__main__", "lpjax.train", "lpjax.finetune", "lpjax.convert")),
+                               "lpjax.sweep", "lpjax.plan.__main__", "lpjax.train", "lpjax.finetune", "lpjax.convert",
+                               "lpjax.serve")),
 )
 TOP = len(LAYERS)
 

@@ -1,0 +1,158 @@
+"""Decode slots for continuous batching, in JetStream's engine shape: prefill, insert, generate.
+
+A static decode cache of `batch` rows; each row is a *slot* that holds one sequence at its own position, so
+sequences join and leave the batch between steps without waiting for each other:
+
+- `prefill`: one prompt through the model into a one-row cache of the decode cache's length (the same prefill
+  program `Engine.generate` runs), and its first token sampled on the device;
+- `insert`: that row copied into slot b of the decode cache (a `dynamic_update_slice` on the batch axis, the
+  decode cache donated);
+- `step`: one decode step for every slot, each row fed its own last token at its own cache slot (`Positions.index`
+  [B]), sampled on the device with its own settings (`sampling.sample_rows`): only the next ids [B] come back.
+
+The step is the host-called chain of programs of `host_step.HostStep`, with per-row positions. A free slot still
+runs (the batch is static): it is fed token 0 at slot 0 of its own row, which the next `insert` overwrites.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from lpjax.cache import Cache, StageCache
+from lpjax.runtime.host_step import HostStep, greedy
+from lpjax.runtime.programs import Programs
+from lpjax.sampling import sample_rows
+from lpjax.sharding import named
+
+SEED_MOD = 1 << 32  # seeds are taken modulo 2**32 (a PRNG key's seed is 32 bits here)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSampling:
+    """One sequence's sampling: `temperature` 0 is greedy (exact argmax); `top_p` 1 keeps every token; `seed` seeds
+    the sequence's own random stream (its n-th token is drawn with key fold_in(key(seed), n))."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclasses.dataclass
+class Prefix:
+    """A prompt prefilled into a one-row cache, to be inserted into a slot."""
+
+    cache: Cache
+    length: int  # prompt tokens: the cache slot of the next token
+    first: int  # the first new token, sampled from the prefill's logits
+    sampling: RowSampling
+
+
+class Slots:
+    """`batch` decode slots over a static cache of `max_len` tokens, on `programs`' mesh; `step` is the host-called
+    step whose chains run the decode (shared with the engine's `next_token`)."""
+
+    def __init__(self, programs: Programs, step: HostStep, batch: int, max_len: int, pad_id: int = 0):
+        if batch < 1:
+            raise ValueError(f"batch {batch}: at least one slot")
+        self.programs, self.host_step, self.batch, self.max_len, self.pad_id = programs, step, batch, max_len, pad_id
+        self.cache = programs.init_cache(batch, max_len)
+        self._rows: list[Cache] = []  # one-row caches free for the next prefill (donated to it, so reused in place)
+        self.busy = np.zeros(batch, bool)
+        self._tokens = np.zeros(batch, np.int32)  # each slot's last token, fed to the next step
+        self._index = np.zeros(batch, np.int32)  # the cache slot that token is written at
+        self._count = np.zeros(batch, np.int32)  # tokens generated so far (the draw number of the next one)
+        self._temperature = np.zeros(batch, np.float32)
+        self._top_p = np.ones(batch, np.float32)
+        self._seed = np.zeros(batch, np.uint32)
+
+    def free_slots(self) -> list[int]:
+        return [int(b) for b in np.flatnonzero(~self.busy)]
+
+    # ---------------------------------------------------------------- prefill, insert, step
+
+    def prefill(self, prompt: list[int], sampling: RowSampling) -> Prefix:
+        """Run `prompt` into a one-row cache and sample its first new token on the device."""
+        n = len(prompt)
+        if not 0 < n < self.max_len:
+            raise ValueError(f"a prompt of {n} tokens does not fit a cache of {self.max_len} (1 to {self.max_len - 1})")
+        row = self._rows.pop() if self._rows else self.programs.init_cache(1, self.max_len)
+        logits, row, _, _ = self.programs.prefill(row, [list(prompt)], self.pad_id)
+        first = self._sample_first(logits, sampling)
+        return Prefix(row, n, first, sampling)
+
+    def insert(self, prefix: Prefix, slot: int) -> None:
+        """Put a prefilled sequence into free slot `slot`: its next step feeds its first token after its prompt."""
+        if self.busy[slot]:
+            raise ValueError(f"slot {slot} is busy")
+        p = self.programs
+        args = (self.cache, prefix.cache, p.put(np.int32(slot)))
+        fn = p.compile(("slot-insert", self.batch, self.max_len), self._build_insert, *args)
+        self.cache = fn(*args)
+        self._rows.append(prefix.cache)
+        s = prefix.sampling
+        self.busy[slot] = True
+        self._tokens[slot], self._index[slot], self._count[slot] = prefix.first, prefix.length, 1
+        self._temperature[slot], self._top_p[slot], self._seed[slot] = s.temperature, s.top_p, s.seed % SEED_MOD
+
+    def release(self, slot: int) -> None:
+        """Free `slot` (its sequence finished or was cancelled); the next step feeds it token 0 at slot 0."""
+        self.busy[slot] = False
+        self._tokens[slot] = self._index[slot] = self._count[slot] = 0
+        self._temperature[slot], self._top_p[slot], self._seed[slot] = 0.0, 1.0, 0
+
+    def step(self) -> np.ndarray:
+        """One decode step of every slot: the next token ids [B] (those of free slots mean nothing). Busy slots
+        advance by one token. Greedy when no busy slot samples (no sort of the vocabulary)."""
+        full = self.busy & (self._index >= self.max_len)
+        if full.any():
+            raise ValueError(f"slots {np.flatnonzero(full).tolist()} are at the end of the cache ({self.max_len})")
+        pad = np.zeros(self.batch, np.int32)
+        if not (self._temperature[self.busy] > 0).any():
+            ids, self.cache = self.host_step.run("slots-greedy", greedy, self.cache, self._tokens, self._index, pad)
+        else:
+            rows = (self._seed, self._count, self._temperature, self._top_p)
+            ids, self.cache = self.host_step.run("slots-sample", sample_rows, self.cache, self._tokens, self._index,
+                                                 pad, post_args=rows)
+        ids = np.asarray(ids, np.int32)
+        self._tokens = np.where(self.busy, ids, 0).astype(np.int32)
+        self._index = self._index + self.busy
+        self._count = self._count + self.busy
+        return ids
+
+    def warm_up(self) -> None:
+        """Compile and run once every program a request meets (prefill of the smallest prompt bucket, the first
+        token's sampler, insert, the greedy and the sampling step), so that the first requests do not wait on
+        compiles. Leaves every slot free."""
+        slot = self.free_slots()[0]
+        self.insert(self.prefill([self.pad_id], RowSampling(temperature=1.0)), slot)
+        self.step()
+        self._temperature[slot] = 0.0
+        self.step()
+        self.release(slot)
+
+    # ---------------------------------------------------------------- programs
+
+    def _sample_first(self, logits: jax.Array, s: RowSampling) -> int:
+        p = self.programs
+        rows = (np.array([s.seed % SEED_MOD], np.uint32), np.zeros(1, np.int32),
+                np.array([s.temperature], np.float32), np.array([s.top_p], np.float32))
+        args = (logits, *(p.put(a) for a in rows))
+        return int(p.get(p.compile(("slot-first",), lambda: jax.jit(sample_rows), *args)(*args))[0])
+
+    def _build_insert(self):
+        shardings = named(self.programs.mesh, self.programs.cache_specs)
+
+        def insert(cache: Cache, row: Cache, slot: jax.Array) -> Cache:
+            def put(c, r):
+                return jax.lax.dynamic_update_slice_in_dim(c, r, slot, axis=1)  # [stack, batch, ...]: batch axis
+
+            return {k: StageCache(put(cache[k].k, row[k].k), put(cache[k].v, row[k].v)) for k in cache}
+
+        return jax.jit(insert, donate_argnums=0, out_shardings=shardings)
