@@ -21,7 +21,8 @@ import time
 import jax
 import numpy as np
 
-from bench.records import DECODE_TOKENS, PROMPT_LEN, SINGLE_TOKEN_AT, prompt_ids
+from bench.common import prompt_ids
+from bench.records import DECODE_TOKENS, PROMPT_LEN, SINGLE_TOKEN_AT
 from lpjax.engine import Engine
 from lpjax.runtime import decode_loop
 from lpjax.runtime.host_step import HostStep
