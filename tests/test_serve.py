@@ -315,6 +315,24 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(one_slot_lp_server)
     assert s.health()["steps"] - before < LONG_CONTEXT // 2
 
 
+def test_a_client_that_disconnects_before_a_whole_reply_frees_its_slot(one_slot_lp_server):
+    import socket
+    from urllib.parse import urlsplit
+
+    s = one_slot_lp_server
+    before = s.health()["steps"]
+    body = json.dumps({"model": s.model, "prompt": PROMPTS[0], "max_tokens": LONG_CONTEXT - 16,
+                       "ignore_eos": True}).encode()
+    where = urlsplit(s.url)
+    with socket.create_connection((where.hostname, where.port)) as sock:  # a client that will hang up
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        wait_for(lambda: s.health()["decoding"] == 1)
+    reply = s.post("/completions", {"model": s.model, "prompt": "a", "max_tokens": 3, "ignore_eos": True})
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
+    assert s.health()["steps"] - before < LONG_CONTEXT // 2
+
+
 def test_requests_past_the_slots_and_the_queue_get_429(one_slot_lp_server):
     s = one_slot_lp_server
     with httpx.Client(timeout=300) as client:
