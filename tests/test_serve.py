@@ -363,6 +363,28 @@ def test_sigterm_ends_requests_in_flight_and_stops_the_server_cleanly(one_slot_l
     assert "Traceback" not in s.stderr() and '"stopped": true' in s.stderr()
 
 
+# ---------------------------------------------------------------------------------------------- the command line
+
+
+@pytest.mark.parametrize("case", ["no slots", "port taken", "no such model"])
+def test_bad_flags_end_in_one_error_line(chat_model, tmp_path, case):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        args, words = {
+            "no slots": (["--model", chat_model, "--max-batch", 0], "--max-batch 0: must be at least 1"),
+            "port taken": (["--model", chat_model, "--port", taken.getsockname()[1]], "already in use"),
+            "no such model": (["--model", tmp_path / "nothing"], "no such file or directory"),
+        }[case]
+        p = subprocess.run([sys.executable, "-m", "lpjax.serve", *map(str, args)], capture_output=True, text=True,
+                           env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT, timeout=300)
+    lines = [x for x in p.stderr.strip().splitlines() if x.strip()]
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert lines[-1].startswith("error:") and words in lines[-1], p.stderr
+
+
 # ---------------------------------------------------------------------------------------------- a real model
 
 
