@@ -46,8 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """A listening socket (bound before the ready line, so a client that reads it can connect at once)."""
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, before the model loads (a taken port fails at once); it listens once the server
+    is ready, so a client that reads the ready line can connect at once."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
@@ -61,8 +62,6 @@ def listen(host: str, port: int) -> socket.socket:
         sock.close()
         why = "already in use" if e.errno == errno.EADDRINUSE else e.strerror
         raise LPJaxError(f"--host {host} --port {port}: cannot listen there ({why})") from None
-    sock.listen(2048)
-    sock.set_inheritable(True)
     return sock
 
 
@@ -84,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from lpjax.serving.scheduler import Scheduler
     from lpjax.sharding import describe_mesh
 
+    sock = bind(args.host, args.port)
     engine = Engine.load(args.model, args.lp, args.devices, args.dtype, seed=args.seed, progress=cli.load_bar())
     cli.say(f"[{engine.describe()}]", file=sys.stderr)
     context = args.max_len or min(engine.config.max_seq_len, DEFAULT_CONTEXT)
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = Scheduler(slots, args.max_queue)
     served = ServedModel(args.model, tok, context, engine.config.vocab_size, engine.plan.spec(),
                          describe_mesh(engine.mesh))
-    sock = listen(args.host, args.port)
+    sock.listen(2048)
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
     ready = {"url": url, "model": args.model, "lp": engine.plan.spec(), "plan": engine.plan.describe(),

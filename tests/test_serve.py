@@ -315,6 +315,24 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(one_slot_lp_server)
     assert s.health()["steps"] - before < LONG_CONTEXT // 2
 
 
+def test_a_client_that_disconnects_before_a_whole_reply_frees_its_slot(one_slot_lp_server):
+    import socket
+    from urllib.parse import urlsplit
+
+    s = one_slot_lp_server
+    before = s.health()["steps"]
+    body = json.dumps({"model": s.model, "prompt": PROMPTS[0], "max_tokens": LONG_CONTEXT - 16,
+                       "ignore_eos": True}).encode()
+    where = urlsplit(s.url)
+    with socket.create_connection((where.hostname, where.port)) as sock:  # a client that will hang up
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        wait_for(lambda: s.health()["decoding"] == 1)
+    reply = s.post("/completions", {"model": s.model, "prompt": "a", "max_tokens": 3, "ignore_eos": True})
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
+    assert s.health()["steps"] - before < LONG_CONTEXT // 2
+
+
 def test_requests_past_the_slots_and_the_queue_get_429(one_slot_lp_server):
     s = one_slot_lp_server
     with httpx.Client(timeout=300) as client:
@@ -343,6 +361,28 @@ def test_sigterm_ends_requests_in_flight_and_stops_the_server_cleanly(one_slot_l
     assert rest[-1] == "[DONE]" and "shutting down" in rest[-2]["error"]["message"]
     assert s.proc.wait(120) == 0
     assert "Traceback" not in s.stderr() and '"stopped": true' in s.stderr()
+
+
+# ---------------------------------------------------------------------------------------------- the command line
+
+
+@pytest.mark.parametrize("case", ["no slots", "port taken", "no such model"])
+def test_bad_flags_end_in_one_error_line(chat_model, tmp_path, case):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        args, words = {
+            "no slots": (["--model", chat_model, "--max-batch", 0], "--max-batch 0: must be at least 1"),
+            "port taken": (["--model", chat_model, "--port", taken.getsockname()[1]], "already in use"),
+            "no such model": (["--model", tmp_path / "nothing"], "no such file or directory"),
+        }[case]
+        p = subprocess.run([sys.executable, "-m", "lpjax.serve", *map(str, args)], capture_output=True, text=True,
+                           env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT, timeout=300)
+    lines = [x for x in p.stderr.strip().splitlines() if x.strip()]
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert lines[-1].startswith("error:") and words in lines[-1], p.stderr
 
 
 # ---------------------------------------------------------------------------------------------- a real model

@@ -13,6 +13,7 @@ A request ends at EOS (finish "stop"), at a stop string (the text ends before it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import secrets
@@ -364,10 +365,11 @@ async def _whole(request: Request, reply: Reply, pieces, text: TextStream) -> JS
         await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
-        if not work.done():
+        if not work.done():  # the client went first: stop reading (`pieces` cancels the request on its way out)
             work.cancel()
-            await pieces.aclose()
-    if not work.done() or work.cancelled():
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+    if work.cancelled():
         return error_response(499, "the client closed the connection")
     content, finish = work.result()
     return JSONResponse(reply.whole(content, finish, text))
