@@ -1,6 +1,9 @@
-"""Test session set-up: 8 forced CPU devices (so sharding is tested without GPUs), offline HF, tiny checkpoints."""
+"""Test session set-up: 8 forced CPU devices (so sharding is tested without GPUs), offline HF, tiny checkpoints,
+one compile per program per session, and the command lines run in this process (`run_main`)."""
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -9,13 +12,19 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# PyTorch on one thread, here and in the processes tests start: its work here is tiny matmuls, which two threads
+# only slow down (a 3x slower transformers generate when the 2 cores are shared), and pytest-xdist's workers take
+# one core each
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # The session's compiled programs are kept in a fresh directory (never the user's cache), by the tests and by the
 # command lines they start: each program is compiled once per session, however many engines run it.
-if "LPJAX_COMPILE_CACHE" not in os.environ:
-    os.environ["LPJAX_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="lpjax-test-xla-")
-if "LPJAX_GGUF_CACHE" not in os.environ:  # GGUF companion directories (tokenizer files) too
-    os.environ["LPJAX_GGUF_CACHE"] = tempfile.mkdtemp(prefix="lpjax-test-gguf-")
+# pytest-xdist's workers inherit the directories, and the process that made them removes them at its end.
+for variable, prefix in (("LPJAX_COMPILE_CACHE", "lpjax-test-xla-"),
+                         ("LPJAX_GGUF_CACHE", "lpjax-test-gguf-")):  # GGUF companion directories (tokenizer files)
+    if variable not in os.environ:
+        os.environ[variable] = tempfile.mkdtemp(prefix=prefix)
+        atexit.register(shutil.rmtree, os.environ[variable], ignore_errors=True)
 
 import pytest  # noqa: E402
 from helpers import CORPUS, make_checkpoint  # noqa: E402
