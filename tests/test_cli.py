@@ -187,3 +187,38 @@ def test_bad_input_gets_one_line_and_exit_2(checkpoints, bad_dirs, text_file, tm
         args += ["--prompt", "hello"]
     rc, _, err = run_main(*args, devices=4)
     assert_clean_error(rc, err, words)
+
+
+CACHE_PROBE = """
+import json, sys
+import jax
+from lpjax.cli import enable_compile_cache
+events = []
+jax.monitoring.register_event_listener(lambda name, **kwargs: events.append(name))
+enable_compile_cache()
+jax.jit(lambda x: x * 2 + 1).lower(1.0).compile()  # a program that compiles in milliseconds
+print(json.dumps({"hit": "/jax/compilation_cache/cache_hits" in events}))
+"""
+
+
+def test_compile_cache_keeps_every_program_where_the_variable_says(tmp_path):
+    """Every tool calls `cli.enable_compile_cache`: programs however quick to compile are kept in
+    ~/.cache/lpjax/xla (XDG_CACHE_HOME) or LPJAX_COMPILE_CACHE, and the next process reads them back; `off`
+    keeps nothing."""
+
+    def probe(**variables):
+        env = {k: v for k, v in os.environ.items() if k != "LPJAX_COMPILE_CACHE"}  # the session's own cache
+        env.update(PYTHONPATH=str(ROOT), XLA_FLAGS="--xla_force_host_platform_device_count=1", **variables)
+        p = subprocess.run([sys.executable, "-c", CACHE_PROBE], capture_output=True, text=True, env=env, cwd=ROOT,
+                           timeout=300)
+        assert p.returncode == 0, p.stderr
+        return json.loads(p.stdout.strip().splitlines()[-1])["hit"]
+
+    default = tmp_path / "xdg" / "lpjax" / "xla"
+    assert [probe(XDG_CACHE_HOME=str(tmp_path / "xdg")) for _ in range(2)] == [False, True]
+    assert len(list(default.iterdir())) == 1
+    moved = tmp_path / "moved"
+    assert [probe(LPJAX_COMPILE_CACHE=str(moved)) for _ in range(2)] == [False, True]
+    assert len(list(moved.iterdir())) == 1
+    assert probe(LPJAX_COMPILE_CACHE="off", XDG_CACHE_HOME=str(tmp_path / "off")) is False
+    assert not (tmp_path / "off").exists()

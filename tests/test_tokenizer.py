@@ -95,11 +95,10 @@ def test_a_broken_tokenizer_json_is_one_line(tmp_path):
 
 
 def test_the_generate_path_imports_neither_torch_nor_transformers():
-    """A fresh interpreter imports the generate tool and the engine and loads the embedded model's tokenizer: no
-    torch, no transformers, none of the libraries only other tools need (matplotlib, orbax, optax)."""
-    code = ("import sys; import lpjax.generate, lpjax.engine; from pathlib import Path; "
-            "from lpjax.tokenizer import load_tokenizer; "
-            "tok = load_tokenizer(Path(lpjax.generate.DEFAULT_MODEL), 4096, ()); "
+    """A fresh interpreter imports the generate tool, loads the embedded model and its tokenizer: no torch, no
+    transformers, none of the libraries only other tools need (matplotlib, orbax, optax)."""
+    code = ("import sys; from lpjax.generate import DEFAULT_MODEL; from lpjax.engine import Engine; "
+            "tok = Engine.load(DEFAULT_MODEL, '', 1, None).tokenizer; "
             "assert tok.decode(tok.encode('def f(x):')) == 'def f(x):'; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & "
             "{'torch', 'transformers', 'matplotlib', 'orbax', 'optax'}))")
