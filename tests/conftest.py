@@ -42,8 +42,9 @@ enable_compile_cache()  # before the first compile: JAX decides once per process
 
 # The slowest files first: pytest-xdist (pyproject's addopts) hands each worker whole files in this order, so none
 # of them starts last and leaves one worker running alone at the end.
-SLOW_FIRST = ("test_bench.py", "test_gguf.py", "test_sharding.py", "test_engine.py", "test_cli.py",
-              "test_torch_baselines.py", "test_export.py", "test_multihost.py")
+SLOW_FIRST = ("test_bench.py", "test_gguf.py", "test_cli.py", "test_torch_baselines.py", "test_sharding.py",
+              "test_engine.py", "test_multihost.py", "test_quality.py", "test_train.py", "test_export.py",
+              "test_model.py", "test_weights.py", "test_tokenizer.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -201,24 +201,30 @@ print(json.dumps({"hit": "/jax/compilation_cache/cache_hits" in events}))
 """
 
 
-def test_compile_cache_keeps_every_program_where_the_variable_says(tmp_path):
-    """Every tool calls `cli.enable_compile_cache`: programs however quick to compile are kept in
-    ~/.cache/lpjax/xla (XDG_CACHE_HOME) or LPJAX_COMPILE_CACHE, and the next process reads them back; `off`
-    keeps nothing."""
+def test_compile_cache_lives_where_the_variable_says(tmp_path, monkeypatch):
+    from lpjax.cli import compile_cache_dir
 
-    def probe(**variables):
-        env = {k: v for k, v in os.environ.items() if k != "LPJAX_COMPILE_CACHE"}  # the session's own cache
-        env.update(PYTHONPATH=str(ROOT), XLA_FLAGS="--xla_force_host_platform_device_count=1", **variables)
+    monkeypatch.delenv("LPJAX_COMPILE_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert compile_cache_dir() == str(tmp_path / "lpjax" / "xla")
+    monkeypatch.setenv("LPJAX_COMPILE_CACHE", str(tmp_path / "moved"))
+    assert compile_cache_dir() == str(tmp_path / "moved")
+    for off in ("off", "0", "no", "false", "OFF"):
+        monkeypatch.setenv("LPJAX_COMPILE_CACHE", off)
+        assert compile_cache_dir() is None
+
+
+def test_compile_cache_keeps_every_program_for_the_next_process(tmp_path):
+    """Every tool calls `cli.enable_compile_cache`: a program that compiles in milliseconds is kept, and the next
+    process reads it back instead of compiling it."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               LPJAX_COMPILE_CACHE=str(tmp_path / "xla"))
+
+    def probe() -> bool:
         p = subprocess.run([sys.executable, "-c", CACHE_PROBE], capture_output=True, text=True, env=env, cwd=ROOT,
                            timeout=300)
         assert p.returncode == 0, p.stderr
         return json.loads(p.stdout.strip().splitlines()[-1])["hit"]
 
-    default = tmp_path / "xdg" / "lpjax" / "xla"
-    assert [probe(XDG_CACHE_HOME=str(tmp_path / "xdg")) for _ in range(2)] == [False, True]
-    assert len(list(default.iterdir())) == 1
-    moved = tmp_path / "moved"
-    assert [probe(LPJAX_COMPILE_CACHE=str(moved)) for _ in range(2)] == [False, True]
-    assert len(list(moved.iterdir())) == 1
-    assert probe(LPJAX_COMPILE_CACHE="off", XDG_CACHE_HOME=str(tmp_path / "off")) is False
-    assert not (tmp_path / "off").exists()
+    assert [probe(), probe()] == [False, True]
+    assert len(list((tmp_path / "xla").iterdir())) == 1
