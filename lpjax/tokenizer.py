@@ -97,9 +97,7 @@ class HFTokenizer(Tokenizer):
 
     def _is_bpe(self) -> bool:
         """transformers skips the clean-up of spaces for BPE models (it would strip real spaces)."""
-        import json
-
-        return json.loads(self.tok.to_str()).get("model", {}).get("type") == "BPE"
+        return type(self.tok.model).__name__ == "BPE"
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=True).ids

@@ -1,21 +1,36 @@
-"""Test session set-up: 8 forced CPU devices (so sharding is tested without GPUs), offline HF, tiny checkpoints."""
+"""Test session set-up: 8 forced CPU devices (so sharding is tested without GPUs), offline HF, tiny checkpoints,
+one compile per program per session, and the command lines run in this process (`run_main`)."""
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# 8 CPU devices, and unless XLA_FLAGS says otherwise the CPU backend's LLVM optimisation level 0: the same HLO
+# programs (fusions, shardings, collectives), compiled in 3/4 of the time (the command lines that tests start as
+# subprocesses get flags of their own)
+XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
+if "--xla_backend_optimization_level" not in XLA_FLAGS:
+    XLA_FLAGS += " --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = (XLA_FLAGS + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# PyTorch on one thread, here and in the processes tests start: its work here is tiny matmuls, which two threads
+# only slow down (a 3x slower transformers generate when the 2 cores are shared), and pytest-xdist's workers take
+# one core each
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # The session's compiled programs are kept in a fresh directory (never the user's cache), by the tests and by the
 # command lines they start: each program is compiled once per session, however many engines run it.
-if "LPJAX_COMPILE_CACHE" not in os.environ:
-    os.environ["LPJAX_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="lpjax-test-xla-")
-if "LPJAX_GGUF_CACHE" not in os.environ:  # GGUF companion directories (tokenizer files) too
-    os.environ["LPJAX_GGUF_CACHE"] = tempfile.mkdtemp(prefix="lpjax-test-gguf-")
+# pytest-xdist's workers inherit the directories, and the process that made them removes them at its end.
+for variable, prefix in (("LPJAX_COMPILE_CACHE", "lpjax-test-xla-"),
+                         ("LPJAX_GGUF_CACHE", "lpjax-test-gguf-")):  # GGUF companion directories (tokenizer files)
+    if variable not in os.environ:
+        os.environ[variable] = tempfile.mkdtemp(prefix=prefix)
+        atexit.register(shutil.rmtree, os.environ[variable], ignore_errors=True)
 
 import pytest  # noqa: E402
 from helpers import CORPUS, make_checkpoint  # noqa: E402
@@ -23,6 +38,18 @@ from helpers import CORPUS, make_checkpoint  # noqa: E402
 from lpjax.cli import enable_compile_cache  # noqa: E402
 
 enable_compile_cache()  # before the first compile: JAX decides once per process whether the cache is used
+
+
+# The slowest files first: pytest-xdist (pyproject's addopts) hands each worker whole files in this order, so none
+# of them starts last and leaves one worker running alone at the end.
+SLOW_FIRST = ("test_bench.py", "test_gguf.py", "test_cli.py", "test_torch_baselines.py", "test_sharding.py",
+              "test_engine.py", "test_multihost.py", "test_quality.py", "test_train.py", "test_export.py",
+              "test_model.py", "test_weights.py", "test_tokenizer.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
 
 
 @pytest.fixture(scope="session")

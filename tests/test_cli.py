@@ -211,3 +211,44 @@ def test_every_dtype_flag_offers_the_weight_dtypes(monkeypatch):
     for (tool, dest), got in choices.items():
         assert got == (COMPUTE_DTYPES if dest == "compute_dtype" else tuple(DTYPES)), (tool, dest)
     assert COMPUTE_DTYPES == ("bfloat16", "float32")
+
+
+CACHE_PROBE = """
+import json, sys
+import jax
+from lpjax.cli import enable_compile_cache
+events = []
+jax.monitoring.register_event_listener(lambda name, **kwargs: events.append(name))
+enable_compile_cache()
+jax.jit(lambda x: x * 2 + 1).lower(1.0).compile()  # a program that compiles in milliseconds
+print(json.dumps({"hit": "/jax/compilation_cache/cache_hits" in events}))
+"""
+
+
+def test_compile_cache_lives_where_the_variable_says(tmp_path, monkeypatch):
+    from lpjax.cli import compile_cache_dir
+
+    monkeypatch.delenv("LPJAX_COMPILE_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert compile_cache_dir() == str(tmp_path / "lpjax" / "xla")
+    monkeypatch.setenv("LPJAX_COMPILE_CACHE", str(tmp_path / "moved"))
+    assert compile_cache_dir() == str(tmp_path / "moved")
+    for off in ("off", "0", "no", "false", "OFF"):
+        monkeypatch.setenv("LPJAX_COMPILE_CACHE", off)
+        assert compile_cache_dir() is None
+
+
+def test_compile_cache_keeps_every_program_for_the_next_process(tmp_path):
+    """Every tool calls `cli.enable_compile_cache`: a program that compiles in milliseconds is kept, and the next
+    process reads it back instead of compiling it."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               LPJAX_COMPILE_CACHE=str(tmp_path / "xla"))
+
+    def probe() -> bool:
+        p = subprocess.run([sys.executable, "-c", CACHE_PROBE], capture_output=True, text=True, env=env, cwd=ROOT,
+                           timeout=300)
+        assert p.returncode == 0, p.stderr
+        return json.loads(p.stdout.strip().splitlines()[-1])["hit"]
+
+    assert [probe(), probe()] == [False, True]
+    assert len(list((tmp_path / "xla").iterdir())) == 1

@@ -125,7 +125,7 @@ def test_model_params_are_the_schema_tree_params(bias_and_head):
     layout = Layout.build(config, LPPlan.parse("1:3", config.n_layers), make_mesh(1))
     tokens = jnp.zeros((1, 4), jnp.int32)
     pos = Positions(jnp.zeros((1, 4), jnp.int32), jnp.zeros((1,), jnp.int32), jnp.int32(0))
-    params = LlamaLM(layout).init(jax.random.key(0), tokens, pos)["params"]
+    params = jax.jit(LlamaLM(layout).init)(jax.random.key(0), tokens, pos)["params"]  # one compile, not one per op
     stages = {s.name for s in layout.stages}
     leaves = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:

@@ -22,7 +22,9 @@ def free_port() -> int:
 
 def launch(module_args, processes=2, local_devices=2, timeout=300):
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=f"--xla_force_host_platform_device_count={local_devices}",
+    # the CPU backend's LLVM level 0, as in this process (tests/conftest.py): the reference is compiled the same way
+    flags = f"--xla_force_host_platform_device_count={local_devices} --xla_backend_optimization_level=0"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=flags,
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes))
     procs = [subprocess.Popen([sys.executable, "-m", *map(str, module_args)], cwd=ROOT, text=True,
                               env=dict(env, JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE, stderr=subprocess.PIPE)

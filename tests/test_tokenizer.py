@@ -11,20 +11,30 @@ import pytest
 from helpers import make_tokenizer
 
 from lpjax.errors import LPJaxError
-from lpjax.tokenizer import HFTokenizer, load_tokenizer
+from lpjax.tokenizer import HFTokenizer, TransformersTokenizer, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["The quick brown fox", "def read_config(path):\n    return {}\n", "  two  spaces,\ttabs and\n\nlines ,",
          "<s>special</s> tokens in text", "héllo ünïcode ✓ 🦊", "don 't , it 's"]
-# ChatML-like, with what real templates use: the BOS variable, loop controls, tojson, raise_exception
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' and not loop.first %}"
-    "{{ raise_exception('system message must come first') }}{% endif %}{% if m['content'] == '' %}{% continue %}"
-    "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}{{ {'n': messages | length} | tojson }}"
-)
+# ChatML-like, with what real templates use: the BOS variable, loop controls, tojson, raise_exception, a generation
+# block (which marks the assistant's text for training masks)
+CHAT_TEMPLATE = "\n".join([  # indented and on several lines, as templates are: trim_blocks and lstrip_blocks matter
+    "{{ bos_token }}{% for m in messages %}",
+    "  {% if m['role'] == 'system' and not loop.first %}",
+    "    {{ raise_exception('system message must come first') }}",
+    "  {% endif %}",
+    "  {% if m['content'] == '' %}{% continue %}{% endif %}",
+    "<|im_start|>{{ m['role'] }}",
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{% endgeneration %}",
+    "{% else %}{{ m['content'] }}{% endif %}<|im_end|>",
+    "{% endfor %}",
+    "{% if add_generation_prompt %}",
+    "<|im_start|>assistant",
+    "{% endif %}{{ {'n': messages | length} | tojson }}",
+])
 MESSAGES = [{"role": "system", "content": "Be brief & exact."}, {"role": "user", "content": "Capital of France?"},
-            {"role": "assistant", "content": ""}, {"role": "user", "content": "And <b>Germany</b>?"}]
+            {"role": "assistant", "content": "Paris."}, {"role": "user", "content": ""},
+            {"role": "user", "content": "And <b>Germany</b>?"}]
 
 
 def tokenizer_dir(root: Path, name: str, post_processor: bool = True, **config) -> Path:
@@ -86,6 +96,25 @@ def test_tokenizer_json_encodes_decodes_and_renders_chats_as_transformers_does(t
             ours.chat_ids(MESSAGES)
 
 
+def test_a_checkpoint_without_tokenizer_json_is_read_by_transformers(tmp_path):
+    """Only vocab.json and merges.txt (as a SentencePiece-only checkpoint has only tokenizer.model): transformers'
+    AutoTokenizer builds the tokenizer."""
+    from transformers import AutoTokenizer
+
+    source = tokenizer_dir(tmp_path, "source")
+    directory = tmp_path / "slow"
+    directory.mkdir()
+    HFTokenizer(source, ()).tok.model.save(str(directory))
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    ours = load_tokenizer(directory, 0, ())
+    hf = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    assert isinstance(ours, TransformersTokenizer) and "GPT2Tokenizer" in ours.description
+    for text in TEXTS[:3]:
+        assert ours.encode(text) == hf(text)["input_ids"] and ours.decode(ours.encode(text)) == text
+    assert (ours.bos_id, ours.eos_id, ours.eos_ids, ours.n_tokens) == (1, 2, (2,), len(hf))
+
+
 def test_a_broken_tokenizer_json_is_one_line(tmp_path):
     directory = tokenizer_dir(tmp_path, "tok")
     (directory / "tokenizer.json").write_text("{not json")
@@ -95,11 +124,10 @@ def test_a_broken_tokenizer_json_is_one_line(tmp_path):
 
 
 def test_the_generate_path_imports_neither_torch_nor_transformers():
-    """A fresh interpreter imports the generate tool and the engine and loads the embedded model's tokenizer: no
-    torch, no transformers, none of the libraries only other tools need (matplotlib, orbax, optax)."""
-    code = ("import sys; import lpjax.generate, lpjax.engine; from pathlib import Path; "
-            "from lpjax.tokenizer import load_tokenizer; "
-            "tok = load_tokenizer(Path(lpjax.generate.DEFAULT_MODEL), 4096, ()); "
+    """A fresh interpreter imports the generate tool, loads the embedded model and its tokenizer: no torch, no
+    transformers, none of the libraries only other tools need (matplotlib, orbax, optax)."""
+    code = ("import sys; from lpjax.generate import DEFAULT_MODEL; from lpjax.engine import Engine; "
+            "tok = Engine.load(DEFAULT_MODEL, '', 1, None).tokenizer; "
             "assert tok.decode(tok.encode('def f(x):')) == 'def f(x):'; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & "
             "{'torch', 'transformers', 'matplotlib', 'orbax', 'optax'}))")

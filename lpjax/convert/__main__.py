@@ -34,6 +34,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    cli.enable_compile_cache()
     from lpjax.convert import convert_model
     from lpjax.sources import open_source
     from lpjax.sources.hf import HFSource

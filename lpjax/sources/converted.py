@@ -18,7 +18,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from lpjax.config import read_hf_config
 from lpjax.errors import LPJaxError, first_line
@@ -49,6 +48,8 @@ def write_checkpoint(
     total: int | None = None,
 ) -> None:
     """Write `(layer or None for globals, canonical weights)` items as the converted format."""
+    import orbax.checkpoint as ocp  # here, not at import: open_source imports this module for every model
+
     checkpointer = ocp.StandardCheckpointer()
     (out / "params").mkdir(exist_ok=True)
     for n, (layer, arrays) in enumerate(weights):
@@ -82,6 +83,8 @@ class OrbaxSource(WeightSource):
         if missing:
             raise LPJaxError(f"{directory}: checkpoint item params/{missing[0]} is missing")
         self.description = f"lpjax checkpoint {directory}"
+        import orbax.checkpoint as ocp
+
         self._checkpointer = ocp.StandardCheckpointer()
 
     def read(self, keys, dtype):
