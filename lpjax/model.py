@@ -137,7 +137,10 @@ def _fresh_attention(q, k, v, pad, impl: str):
         mask = mask[None] & (real_key | pad_query)
     else:
         mask = jnp.broadcast_to(mask, (B, T, T))
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=impl)
+    mask = mask[:, None]
+    if impl == "cudnn":  # cuDNN's batching rule (the stages' vmap) reads the mask as one per query head
+        mask = jnp.broadcast_to(mask, (B, q.shape[2], T, T))
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
 
 
 def _cached_attention(q, k_cache, v_cache, pos: Positions):
