@@ -415,7 +415,7 @@ def test_scheduler_ends_requests_at_eos_at_max_tokens_and_on_cancel_and_bounds_i
     tok = engine.tokenizer
     prompt = tuple(tok.encode(PROMPTS[2]))
     greedy = greedy_tokens(engine, list(prompt), 16)
-    sched = Scheduler(Slots(engine.programs, engine.step, 2, CONTEXT), max_queue=1)
+    sched = Scheduler(Slots(engine.programs, 2, CONTEXT), max_queue=1)
     got: dict[str, list] = {}
     done = {}
 
