@@ -128,8 +128,9 @@ class Slots:
             raise ValueError(f"slots {np.flatnonzero(full).tolist()} are at the end of the cache ({self.max_len})")
         p = self.programs
         sampled = bool((self._temperature[self.busy] > 0).any())
-        ints = np.stack([self._tokens, self._index, self._count, self._seed.view(np.int32)])
-        args = (p.params, self.cache, p.put(ints), p.put(np.stack([self._temperature, self._top_p])))
+        rows = np.stack([self._tokens, self._index, self._count, *(a.view(np.int32) for a in (
+            self._seed, self._temperature, self._top_p))])  # one transfer: the float32 and uint32 rows as their bits
+        args = (p.params, self.cache, p.put(rows))
         fn = p.compile(("slot-decode", k, sampled, self.batch, self.max_len),
                        lambda: self._build_decode(k, sampled), *args)
         ids, self.cache = fn(*args)
@@ -171,21 +172,22 @@ class Slots:
         return jax.jit(insert, donate_argnums=0, out_shardings=shardings)
 
     def _build_decode(self, k: int, sampled: bool):
-        """`run(params, cache, ints [4, B]: tokens, index, count, seed bits; floats [2, B]: temperature, top_p)`
+        """`run(params, cache, rows [6, B] int32: tokens, index, count, and the bits of seed, temperature, top_p)`
         -> (ids [k, B], cache): a loop of k steps; the cache is donated, the ids go to pinned host memory on GPUs."""
         p, B, last = self.programs, self.batch, self.max_len - 1
         fwd = p.forward(DECODE, cached=True, one_position=False)
 
-        def run(params, cache: Cache, ints: jax.Array, floats: jax.Array):
-            tokens, index, count, pad = ints[0], ints[1], ints[2], jnp.zeros(B, jnp.int32)
-            seeds = jax.lax.bitcast_convert_type(ints[3], jnp.uint32)
+        def run(params, cache: Cache, rows: jax.Array):
+            tokens, index, count, pad = rows[0], rows[1], rows[2], jnp.zeros(B, jnp.int32)
+            seeds = jax.lax.bitcast_convert_type(rows[3], jnp.uint32)
+            temperature, top_p = (jax.lax.bitcast_convert_type(r, jnp.float32) for r in (rows[4], rows[5]))
 
             def step(j, carry):
                 cache, tokens, out = carry
                 at = jnp.minimum(index + j, last)  # a row past its end rewrites its last slot, never another's
                 logits, cache = fwd(params, tokens[:, None], Positions.step(pad, at), cache)
                 logits = logits[:, 0]
-                nxt = sample_rows(logits, seeds, count + j, floats[0], floats[1]) if sampled else greedy(logits)
+                nxt = sample_rows(logits, seeds, count + j, temperature, top_p) if sampled else greedy(logits)
                 return cache, nxt, out.at[j].set(nxt)
 
             cache, _, out = jax.lax.fori_loop(0, k, step, (cache, tokens, jnp.zeros((k, B), jnp.int32)))
