@@ -3,8 +3,8 @@
 Up to `--max-batch` requests decode together, each in a slot of one static KV cache of `--max-len` tokens. The
 engine runs `--steps-per-call` decode steps of every slot in one on-device program (a chunk); a new request is
 prefilled into a free slot between two chunks. When every slot is busy, up to `--max-queue` requests wait; more are
-refused with HTTP 429. The server prints one line when it is ready and stops cleanly on
-Ctrl-C or SIGTERM. It needs the `serve` extra (`pip install -e ".[serve]"`: FastAPI and uvicorn).
+refused with HTTP 429. The server prints one line when it is ready and stops cleanly on Ctrl-C or SIGTERM. It needs
+the `serve` extra (`pip install -e ".[serve]"`: FastAPI and uvicorn).
 """
 
 from __future__ import annotations
@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     cli.say(f"[{engine.describe()}]", file=sys.stderr)
     context = args.max_len or min(engine.config.max_seq_len, DEFAULT_CONTEXT)
     tok = engine.tokenizer
-    cli.say(f"compiling the prefill, insert and decode-step programs ({args.max_batch} slots x {context} tokens)",
-            file=sys.stderr)
+    cli.say(f"compiling the prefill, insert and decode programs ({args.max_batch} slots x {context} tokens, "
+            f"{args.steps_per_call} steps a call)", file=sys.stderr)
     try:
         slots = Slots(engine.programs, args.max_batch, context, pad_id=tok.pad_id)
         slots.warm_up(args.steps_per_call)

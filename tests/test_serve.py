@@ -498,5 +498,6 @@ def test_load_benchmark_reports_throughput_and_latency_percentiles(server, tmp_p
     assert result == json.loads(p.stdout.strip().splitlines()[-1])
     assert (result["requests_ok"], result["requests_failed"], result["output_tokens"]) == (6, 0, 48)
     assert result["prompt_tokens_mean"] == 10 and result["prompt_kind"] == "token ids"
+    assert result["server"]["steps_per_call"] == 8  # the server's default, read from /v1/models
     assert result["output_tokens_per_s"] > 0 and result["requests_per_s"] > 0
     assert 0 < result["ttft_ms_p50"] <= result["ttft_ms_p99"] and 0 < result["itl_ms_p50"] <= result["itl_ms_p99"]
