@@ -7,6 +7,7 @@ import dataclasses
 import threading
 
 import pytest
+from helpers import CORPUS
 
 from lpjax.runtime.slots import RowSampling, Slots
 from lpjax.serving.scheduler import Event, GenerationRequest, Scheduler
@@ -24,8 +25,6 @@ def engine(engines):
 
 @pytest.fixture(scope="module")
 def text_ids(engine):
-    from helpers import CORPUS
-
     return tuple(engine.tokenizer.encode(CORPUS))
 
 
