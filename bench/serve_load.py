@@ -12,8 +12,9 @@ random (seeded) from the vocabulary `/v1/models` reports (`vocab_size`); without
 Prints and, with `--out`, saves one JSON object: output tokens/s and requests/s over the wall time of the whole run;
 time to first token (TTFT: request sent to first text) and inter-token latency (ITL: gaps between streamed text
 events) at p50 / p99 in ms; time per output token (TPOT: a request's decode time over its tokens after the first);
-plus the settings and what the server says of itself. Only the standard library and httpx, on purpose: it runs
-from any machine that can reach the server.
+plus the settings and what the server says of itself in `/v1/models` (context, LP plan, mesh, and lpjax's
+`steps_per_call`: its text events then carry that many tokens each, so ITL is the gap between chunks, TPOT the time
+a token). Only the standard library and httpx, on purpose: it runs from any machine that can reach the server.
 """
 
 from __future__ import annotations
@@ -189,14 +190,15 @@ def main(argv: list[str] | None = None) -> int:
     outcomes, wall = asyncio.run(run_load(url, model, prompts[args.warmup:], args.concurrency, args.max_tokens))
     result = {
         "date": datetime.date.today().isoformat(), "url": url, "model": model,
-        "server": {k: info[k] for k in ("max_model_len", "lp", "mesh") if k in info},
+        "server": {k: info[k] for k in ("max_model_len", "lp", "mesh", "steps_per_call") if k in info},
         "concurrency": args.concurrency, "requests": args.requests, "prompt_len": args.prompt_len,
         "max_tokens": args.max_tokens, "prompt_kind": "token ids" if vocab else "words",
         **summarize(outcomes, wall),
     }
     print(f"{result['output_tokens_per_s']} output tokens/s, {result['requests_per_s']} requests/s | TTFT p50 "
           f"{result['ttft_ms_p50']} ms, p99 {result['ttft_ms_p99']} ms | ITL p50 {result['itl_ms_p50']} ms, p99 "
-          f"{result['itl_ms_p99']} ms | {result['requests_ok']} ok, {result['requests_failed']} failed")
+          f"{result['itl_ms_p99']} ms | {result['requests_ok']} ok, {result['requests_failed']} failed"
+          + (f" | {info['steps_per_call']} steps a call" if "steps_per_call" in info else ""))
     print(json.dumps(result))
     if args.out:
         with open(args.out, "w") as f:

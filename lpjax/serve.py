@@ -1,9 +1,10 @@
 """`python -m lpjax.serve`: an LP model behind an OpenAI-compatible HTTP API, with continuous batching.
 
-Up to `--max-batch` requests decode together, each in a slot of one static KV cache of `--max-len` tokens; a new
-request is prefilled into a free slot between two decode steps. When every slot is busy, up to `--max-queue`
-requests wait; more are refused with HTTP 429. The server prints one line when it is ready and stops cleanly on
-Ctrl-C or SIGTERM. It needs the `serve` extra (`pip install -e ".[serve]"`: FastAPI and uvicorn).
+Up to `--max-batch` requests decode together, each in a slot of one static KV cache of `--max-len` tokens. The
+engine runs `--steps-per-call` decode steps of every slot in one on-device program (a chunk); a new request is
+prefilled into a free slot between two chunks. When every slot is busy, up to `--max-queue` requests wait; more are
+refused with HTTP 429. The server prints one line when it is ready and stops cleanly on Ctrl-C or SIGTERM. It needs
+the `serve` extra (`pip install -e ".[serve]"`: FastAPI and uvicorn).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 
 from lpjax import cli
 from lpjax.errors import LPJaxError
+from lpjax.runtime.decode_loop import STEPS_PER_CHECK
 
 # Every slot holds a whole context of keys and values, so the model's own (128k tokens for Llama 3.1) is not the
 # default: 8 slots of it would take 128 GB for an 8B model.
@@ -26,6 +28,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m lpjax.serve", description=__doc__.splitlines()[0])
     cli.add_model_args(p)
     p.add_argument("--max-batch", type=int, default=8, help="decode slots: requests decoded together (default 8)")
+    p.add_argument("--steps-per-call", type=int, default=STEPS_PER_CHECK,
+                   help="decode steps of every slot per on-device call (default %(default)s): the host's cost of a "
+                        "call is paid once per chunk, so tokens arrive this many at a time and a new request waits "
+                        "at most one chunk to be admitted; 1 gives the lowest inter-token latency, at the cost of "
+                        "throughput")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a slot; more get HTTP 429 (default 64)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -37,6 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.max_batch < 1:
         raise LPJaxError(f"--max-batch {args.max_batch}: must be at least 1")
+    if args.steps_per_call < 1:
+        raise LPJaxError(f"--steps-per-call {args.steps_per_call}: must be at least 1")
     if args.max_queue < 0:
         raise LPJaxError(f"--max-queue {args.max_queue}: must be at least 0")
     if not 0 <= args.port <= 65535:
@@ -88,17 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     cli.say(f"[{engine.describe()}]", file=sys.stderr)
     context = args.max_len or min(engine.config.max_seq_len, DEFAULT_CONTEXT)
     tok = engine.tokenizer
-    cli.say(f"compiling the prefill, insert and decode-step programs ({args.max_batch} slots x {context} tokens)",
-            file=sys.stderr)
+    cli.say(f"compiling the prefill, insert and decode programs ({args.max_batch} slots x {context} tokens, "
+            f"{args.steps_per_call} steps a call)", file=sys.stderr)
     try:
-        slots = Slots(engine.programs, engine.step, args.max_batch, context, pad_id=tok.pad_id)
-        slots.warm_up()
+        slots = Slots(engine.programs, args.max_batch, context, pad_id=tok.pad_id)
+        slots.warm_up(args.steps_per_call)
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         raise LPJaxError(f"the KV cache of {args.max_batch} slots x {context} tokens does not fit in device memory: "
                          "lower --max-batch or --max-len") from None
-    scheduler = Scheduler(slots, args.max_queue)
+    scheduler = Scheduler(slots, args.max_queue, args.steps_per_call)
     served = ServedModel(args.model, tok, context, engine.config.vocab_size, engine.plan.spec(),
                          describe_mesh(engine.mesh))
     sock.listen(2048)
@@ -106,14 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
     ready = {"url": url, "model": args.model, "lp": engine.plan.spec(), "plan": engine.plan.describe(),
              "mesh": served.mesh, "max_batch": args.max_batch, "max_len": context, "max_queue": args.max_queue,
-             "dtype": engine.dtype_name}
+             "steps_per_call": args.steps_per_call, "dtype": engine.dtype_name}
     scheduler.start()
     server = Server(build_app(scheduler, served), scheduler)
     if args.json:
         cli.emit_json(ready)
     else:
         cli.say(f"serving {args.model} at {url} | LP plan {ready['plan']} | {ready['mesh']} | {args.max_batch} slots "
-                f"x {context} tokens, queue {args.max_queue} | {engine.dtype_name}")
+                f"x {context} tokens, {args.steps_per_call} steps a call, queue {args.max_queue} | {engine.dtype_name}")
     try:
         server.run(sockets=[sock])
     finally:

@@ -415,7 +415,7 @@ def test_scheduler_ends_requests_at_eos_at_max_tokens_and_on_cancel_and_bounds_i
     tok = engine.tokenizer
     prompt = tuple(tok.encode(PROMPTS[2]))
     greedy = greedy_tokens(engine, list(prompt), 16)
-    sched = Scheduler(Slots(engine.programs, engine.step, 2, CONTEXT), max_queue=1)
+    sched = Scheduler(Slots(engine.programs, 2, CONTEXT), max_queue=1)
     got: dict[str, list] = {}
     done = {}
 
@@ -498,5 +498,6 @@ def test_load_benchmark_reports_throughput_and_latency_percentiles(server, tmp_p
     assert result == json.loads(p.stdout.strip().splitlines()[-1])
     assert (result["requests_ok"], result["requests_failed"], result["output_tokens"]) == (6, 0, 48)
     assert result["prompt_tokens_mean"] == 10 and result["prompt_kind"] == "token ids"
+    assert result["server"]["steps_per_call"] == 8  # the server's default, read from /v1/models
     assert result["output_tokens_per_s"] > 0 and result["requests_per_s"] > 0
     assert 0 < result["ttft_ms_p50"] <= result["ttft_ms_p99"] and 0 < result["itl_ms_p50"] <= result["itl_ms_p99"]

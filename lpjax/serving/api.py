@@ -216,6 +216,7 @@ def build_app(scheduler: Scheduler, served: ServedModel) -> FastAPI:
         return {"object": "list", "data": [{
             "id": served.name, "object": "model", "created": created, "owned_by": "lpjax",
             "max_model_len": served.context, "vocab_size": served.vocab_size, "lp": served.lp, "mesh": served.mesh,
+            "steps_per_call": scheduler.steps_per_call,
         }]}
 
     @app.post("/v1/chat/completions")

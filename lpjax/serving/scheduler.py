@@ -1,10 +1,13 @@
-"""Continuous batching: one engine thread owns the decode slots and runs them; requests come and go between steps.
+"""Continuous batching: one engine thread owns the decode slots and runs them; requests come and go between chunks.
 
-Between two decode steps the thread frees the slots of finished and cancelled requests, prefills waiting requests
-into free slots, then steps every busy slot once and hands each request its new token. A request ends at one of its
-EOS tokens (finish "stop"), after `max_tokens` tokens or at the end of the cache (finish "length"), or when its
-reader cancels it (a stop string, a client gone). At most `batch` requests decode and `max_queue` wait; one more is
-refused (`QueueFull`), never queued without bound.
+Each iteration the thread frees the slots of finished and cancelled requests, prefills waiting requests into free
+slots, then runs one *chunk*: `steps_per_call` decode steps of every busy slot in one on-device program
+(`Slots.decode`), and hands each request its new tokens in order. A request ends at one of its EOS tokens (finish
+"stop"), after `max_tokens` tokens or at the end of the cache (finish "length"), or when its reader cancels it (a stop
+string, a client gone); the rest of its chunk is discarded. So a new request waits at most one chunk to be admitted,
+a cancelled one holds its slot until the chunk ends, and tokens arrive `steps_per_call` at a time: 1 gives the lowest
+inter-token latency, more pay the host's per-call cost once per chunk (throughput). At most `batch` requests decode
+and `max_queue` wait; one more is refused (`QueueFull`), never queued without bound.
 
 The thread talks to readers only through each request's `sink`, a callable it hands `Event`s to; the HTTP layer
 makes that a thread-safe put into an asyncio queue.
@@ -58,11 +61,14 @@ class Ticket:
 
 
 class Scheduler:
-    """Continuous batching over `slots` (see the module docstring). `start()` starts the engine thread,
-    `submit` / `cancel` are called from any thread, `stop()` ends every request and the thread."""
+    """Continuous batching over `slots`, `steps_per_call` decode steps a chunk (see the module docstring).
+    `start()` starts the engine thread, `submit` / `cancel` are called from any thread, `stop()` ends every request
+    and the thread."""
 
-    def __init__(self, slots: Slots, max_queue: int):
-        self.slots, self.max_queue = slots, max_queue
+    def __init__(self, slots: Slots, max_queue: int, steps_per_call: int = 1):
+        if steps_per_call < 1:
+            raise ValueError(f"steps_per_call {steps_per_call}: at least 1")
+        self.slots, self.max_queue, self.steps_per_call = slots, max_queue, steps_per_call
         self._cond = threading.Condition()
         self._waiting: collections.deque[Ticket] = collections.deque()
         self._cancelled: set[Ticket] = set()
@@ -72,7 +78,7 @@ class Scheduler:
         self._ids = itertools.count()
         self._active: dict[int, Ticket] = {}  # slot -> ticket; the engine thread's own
         self.failure: str | None = None  # why the engine thread stopped, if it failed
-        self.steps = 0  # decode steps run
+        self.steps = 0  # decode steps run (steps_per_call a chunk)
         self._thread = threading.Thread(target=self._run, name="lpjax-engine", daemon=True)
 
     # ---------------------------------------------------------------- any thread
@@ -96,13 +102,13 @@ class Scheduler:
 
     def cancel(self, ticket: Ticket) -> None:
         """End `ticket` now (its reader is done with it): a waiting one leaves the queue, a decoding one frees its
-        slot before the next step. Cancelling an ended request does nothing."""
+        slot before the next chunk. Cancelling an ended request does nothing."""
         with self._cond:
             if ticket in self._waiting:
                 self._waiting.remove(ticket)
                 self._accepted -= 1
                 ticket.ended = True
-            elif not ticket.ended:  # decoding, or being prefilled: the engine thread ends it before its next step
+            elif not ticket.ended:  # decoding, or being prefilled: the engine thread ends it before its next chunk
                 self._cancelled.add(ticket)
                 self._cond.notify()
 
@@ -110,7 +116,7 @@ class Scheduler:
         with self._cond:
             waiting = len(self._waiting)
             return {"decoding": self._accepted - waiting, "waiting": waiting, "slots": self.slots.batch,
-                    "max_queue": self.max_queue, "steps": self.steps}
+                    "max_queue": self.max_queue, "steps_per_call": self.steps_per_call, "steps": self.steps}
 
     def stop(self, reason: str = "the server is shutting down") -> None:
         """End every request with an error event `reason` and stop the engine thread."""
@@ -134,7 +140,7 @@ class Scheduler:
             self._end_all(self.failure)
 
     def _iteration(self) -> bool:
-        """Free, admit, step once. False when stopping."""
+        """Free, admit, run one chunk. False when stopping."""
         with self._cond:
             while not (self._stopping or self._waiting or self._cancelled or self._active):
                 self._cond.wait()
@@ -150,10 +156,10 @@ class Scheduler:
         for ticket, slot in zip(admitted, free):
             self._admit(ticket, slot)
         if self._active:
-            ids = self.slots.step()
-            self.steps += 1
+            ids = self.slots.decode(self.steps_per_call)
+            self.steps += self.steps_per_call
             for slot, ticket in list(self._active.items()):
-                self._deliver(ticket, int(ids[slot]))
+                self._deliver(ticket, ids[:, slot].tolist())
         return True
 
     def _admit(self, ticket: Ticket, slot: int) -> None:
@@ -162,20 +168,23 @@ class Scheduler:
         self.slots.insert(prefix, slot)
         ticket.slot = slot
         self._active[slot] = ticket
-        self._deliver(ticket, prefix.first)
+        self._deliver(ticket, [prefix.first])
 
-    def _deliver(self, ticket: Ticket, token: int) -> None:
-        """Hand `token` to its request and end the request if that was its last."""
+    def _deliver(self, ticket: Ticket, tokens: list[int]) -> None:
+        """Hand `tokens` to their request in order, up to its last (the rest are discarded), and end the request if
+        it came."""
         r = ticket.request
-        ticket.generated += 1
         room = self.slots.max_len - len(r.prompt)  # the cache holds prompt + new tokens - 1; keep to generate's rule
-        if token in r.eos:
-            finish = "stop"
-        elif ticket.generated >= min(r.max_tokens, room):
+        tokens = tokens[:min(r.max_tokens, room) - ticket.generated]
+        eos = next((i for i, t in enumerate(tokens) if t in r.eos), None)
+        if eos is not None:
+            tokens, finish = tokens[:eos + 1], "stop"
+        elif ticket.generated + len(tokens) >= min(r.max_tokens, room):
             finish = "length"
         else:
             finish = None
-        if not self._send(ticket, Event((token,), finish)) and finish is None:
+        ticket.generated += len(tokens)
+        if not self._send(ticket, Event(tuple(tokens), finish)) and finish is None:
             finish = "gone"
         if finish is not None:
             self._end(ticket, None)
