@@ -51,7 +51,7 @@ def check(model: str, tokens, lps: tuple[str, ...] | list[str] = ("",), world: i
     """For each plan: the full-sequence float32 logits [B, T, V] of `tokens` on `world` ranks and, with
     new_tokens, the greedy tokens of the cached path (prefill + decode steps; graph replays on CUDA) with the
     argmax of the full forward over the same sequence. `model`: a preset name or an HF checkpoint directory;
-    `quantization`: its products quantized (or, `fake`, their dequantized weights)."""
+    `quantization`: its products quantized."""
     name, config, directory = resolve_model(str(model))
     check_device(device, world)
     plans = tuple(LPPlan.parse(lp, config.n_layers) for lp in lps)

@@ -9,7 +9,8 @@
   `torch.ops.aten._weight_int4pack_mm` on CUDA (weights packed by `_convert_weight_to_int4pack` from [out, in / 2]
   uint8, bf16 activations and scales) and `_weight_int4pack_mm_for_cpu` on CPU (packed by
   `_convert_weight_to_int4pack_for_cpu` from the int32 values; activations in the compute dtype), so the CPU tests
-  run the same math. The kernel takes G of 32, 64, 128 or 256, inputs a multiple of G and outputs a multiple of 8.
+  run the same math. The kernels take G of 32, 64, 128 or 256, inputs a multiple of G and outputs a multiple of
+  16 (the CPU packing's; CUDA's tile is 8: one rule on both, so what the CPU tests accept runs on a GPU).
 
 Quantized: each layer's fused `wqkv`, `wo`, fused `w_gate_up` and `w_down`, and under int8 the LM head (as gpt-fast
 does); under int4 the LM head stays in the compute dtype. Embedding, norms, biases and the KV cache are never
@@ -30,18 +31,16 @@ from lpjax.errors import LPJaxError
 Tensor = torch.Tensor
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4pack kernels take
-INT4_OUT_MULTIPLE = 8  # the CUDA kernel's tile of output channels
+INT4_OUT_MULTIPLE = 16  # outputs: the CPU packing's multiple (CUDA's tile is 8), one rule on both devices
 PRODUCTS = ("wqkv", "wo", "w_gate_up", "w_down")  # the layer products that are quantized
 
 
 @dataclasses.dataclass(frozen=True)
 class Quantization:
-    """How a rank stores its products' weights. `fake`: the reference the quantized products are tested against --
-    the same quantized values, dequantized back to dense weights in the compute dtype and run by the dense products."""
+    """How a rank stores its products' weights."""
 
     mode: str  # "int8" or "int4"
     group_size: int = 128  # int4: inputs per group
-    fake: bool = False
 
     def __post_init__(self):
         if self.mode not in ("int8", "int4"):
@@ -123,7 +122,7 @@ def int4_problem(n: int, k: int, group_size: int) -> str | None:
     if k % group_size:
         return f"the group of {group_size} does not divide its {k} inputs"
     if n % INT4_OUT_MULTIPLE:
-        return f"its {n} outputs are not a multiple of {INT4_OUT_MULTIPLE} (the int4 kernel's tile)"
+        return f"its {n} outputs are not a multiple of {INT4_OUT_MULTIPLE} (the int4 kernels' tiles)"
     return None
 
 
@@ -149,18 +148,13 @@ def pack_int4(q: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Int4
 
 
 def quantize_weight(w: Tensor, q: Quantization, name: str = "weight") -> Weight:
-    """A dense [out, in] weight as `q` stores it (its dense dequantization when `q.fake`)."""
-    dtype = w.dtype
+    """A dense [out, in] weight as `q` stores it, its scales in the weight's dtype."""
     if q.mode == "int8":
-        values, scales = quantize_int8(w, dtype)
-        return dequantize_int8(values, scales).to(dtype) if q.fake else Int8Weight(values, scales)
+        return Int8Weight(*quantize_int8(w, w.dtype))
     problem = int4_problem(*w.shape, q.group_size)
     if problem:
         raise LPJaxError(f"--quantize int4: {name} [{w.shape[0]}, {w.shape[1]}]: {problem}")
-    values, scales, zeros = quantize_int4(w, q.group_size, dtype)
-    if q.fake:
-        return dequantize_int4(values, scales, zeros, q.group_size).to(dtype)
-    return pack_int4(values, scales, zeros, q.group_size)
+    return pack_int4(*quantize_int4(w, q.group_size, w.dtype), q.group_size)
 
 
 # ---------------------------------------------------------------------------------------------- the product
