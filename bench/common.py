@@ -13,6 +13,8 @@ runs one of them in a subprocess), and the single-process readings `bench.quick`
     --long-repeats R    timed runs of the long metrics (generate_4096)
     --dtype D           weights and compute, of `lpjax.weights.DTYPES` (default: bfloat16 on GPUs, float32 on CPUs)
     --json-out FILE     records appended as JSON lines
+    --quantize int8|int4  weight-only quantized products (the runners that have them); --group-size G: int4's
+                        inputs per group (default 128)
 
 Nothing here imports torch or initialises JAX's devices: the JAX and PyTorch runners both import it.
 """
@@ -35,6 +37,8 @@ from lpjax.weights import DTYPES
 EXIT_BAD_INPUT = 2
 UNITS = {metric: unit for metric, (unit, _) in METRICS.items()}
 DEFAULT_METRICS = ("prefill_1024", "prefill_4096", "decode", "single_token", "peak_memory")
+QUANTIZE_MODES = ("int8", "int4")
+DEFAULT_GROUP_SIZE = 128
 
 
 # ---------------------------------------------------------------------------------------------- the error contract
@@ -71,6 +75,24 @@ def add_runner_args(p: argparse.ArgumentParser, devices_help: str) -> None:
     p.add_argument("--long-repeats", type=int, default=1, help="timed runs of generate_4096")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: bfloat16 on GPUs, float32 on CPUs")
     p.add_argument("--json-out", default=None, help="append one JSON line per metric to this file")
+
+
+def add_quantize_args(p: argparse.ArgumentParser, scheme: str) -> None:
+    """`--quantize` and `--group-size`, as every runner that quantizes names them; `scheme` says what this one does
+    (which products, the LM head)."""
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
+                   help=f"weight-only quantized products (default: none): {scheme}")
+    p.add_argument("--group-size", type=int, default=None, metavar="G",
+                   help=f"--quantize int4: inputs per group, each with its scale (default {DEFAULT_GROUP_SIZE})")
+
+
+def quantize_group(args: argparse.Namespace) -> int:
+    """The group size of `--quantize int4` (the default when not given), or the one-line reason the flags clash."""
+    if args.group_size is not None and args.quantize != "int4":
+        raise LPJaxError(f"--group-size {args.group_size}: only --quantize int4 has groups")
+    if args.group_size is not None and args.group_size < 1:
+        raise LPJaxError(f"--group-size {args.group_size}: must be positive")
+    return DEFAULT_GROUP_SIZE if args.group_size is None else args.group_size
 
 
 def check_repeats(args: argparse.Namespace) -> None:

@@ -2,6 +2,9 @@
 
     {"impl", "model", "gpus", "lp_delta", "lp", "batch", "metric", "value", "unit", "samples", ...context}
 
+A quantized run's records also say "quantize" ("int8" or "int4") and, for int4, "group_size"; a record without them
+(or with null) measured weights in the compute dtype.
+
 The harness (`bench.run`) adds the context every record shares (machine, date, commit); each implementation's
 runner adds its own versions. Files are JSON lines, so runners append and a crash loses nothing already measured.
 """
@@ -25,7 +28,8 @@ METRICS = {
 # torch.compile modes of the torch-compile baseline: those without inductor's own CUDA graphs, since the runner
 # captures the compiled decode step in its CUDA graph itself
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
-KEY = ("impl", "model", "gpus", "lp_delta", "batch", "metric")
+# what identifies a record (quantize and group_size are absent from older records)
+KEY = ("impl", "model", "gpus", "lp_delta", "batch", "metric", "quantize", "group_size")
 PROMPT_LEN = 128
 DECODE_TOKENS = 128
 SINGLE_TOKEN_AT = 256  # single_token: the cache slot of the timed step (after a prompt of this many tokens)
@@ -56,6 +60,7 @@ def read(path: Path) -> list[dict]:
 
 
 def merge(old: list[dict], new: list[dict]) -> list[dict]:
-    """`old` with every record that `new` measures again replaced (same impl, model, gpus, Δ, batch, metric)."""
-    fresh = {tuple(r[k] for k in KEY) for r in new}
-    return [r for r in old if tuple(r[k] for k in KEY) not in fresh] + new
+    """`old` with every record that `new` measures again replaced (same impl, model, gpus, Δ, batch, metric and
+    quantization)."""
+    fresh = {tuple(r.get(k) for k in KEY) for r in new}
+    return [r for r in old if tuple(r.get(k) for k in KEY) not in fresh] + new

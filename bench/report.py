@@ -6,6 +6,11 @@ Decode table: one row per (GPUs, Δ, batch), one column per implementation, then
 baseline of the same row and the LP speed-up (Δ=0 time over Δ time, same implementation and GPU count). Versus
 table: lpjax against the fastest baseline for every timed metric, "slower" in bold where it is behind. Full table:
 every metric. Plot: decode ms/token by GPU count and Δ, a bar per implementation and Δ.
+
+Quantized records (`quantize`: int8 or int4) get a "quantize" column in the tables (rows of each quantization
+together; lpjax is compared with the PyTorch baselines of the same quantization, and each LP speed-up is over the
+same quantization's Δ=0) and a suffix on the implementation's name in the full table and the plot
+(`torch-compile int8`; `int4 g64` for a group size other than 128).
 """
 
 from __future__ import annotations
@@ -20,6 +25,21 @@ from bench.records import METRICS, read
 ORDER = ("lpjax", "torch-compile", "torch-tp", "hf-static-compile", "hf-eager")
 TORCH = ("torch-compile", "torch-tp", "hf-static-compile", "hf-eager")
 LP_SPEEDUP = ("lpjax", "torch-compile", "torch-tp")  # implementations whose LP speed-up gets a column
+DEFAULT_GROUP_SIZE = 128
+
+
+def quantize_label(r: dict) -> str:
+    """How a record's (or a job's) weights were stored: "" (the compute dtype), "int8", "int4", or "int4 g64" for a
+    group size other than the default."""
+    q = r.get("quantize")
+    if not q:
+        return ""
+    group = r.get("group_size")
+    return f"{q} g{group}" if q == "int4" and group and group != DEFAULT_GROUP_SIZE else q
+
+
+def _qorder(q: str) -> tuple:
+    return (0 if not q else 1 if q == "int8" else 2, q)
 
 
 def _impls(recs: list[dict]) -> list[str]:
@@ -28,8 +48,17 @@ def _impls(recs: list[dict]) -> list[str]:
 
 
 def _index(recs: list[dict]) -> dict:
-    """(model, impl, gpus, Δ, batch, metric) -> value."""
-    return {(r["model"], r["impl"], r["gpus"], r["lp_delta"], r["batch"], r["metric"]): r["value"] for r in recs}
+    """(model, impl, quantize label, gpus, Δ, batch, metric) -> value."""
+    return {(r["model"], r["impl"], quantize_label(r), r["gpus"], r["lp_delta"], r["batch"], r["metric"]): r["value"]
+            for r in recs}
+
+
+def _rows(recs: list[dict], model: str, metric: str | None = None) -> tuple[list[tuple], bool]:
+    """The (GPUs, Δ, batch, quantize label) rows of a model's table (of one metric's records when given), each
+    quantization's together, and whether any is quantized (then the tables show the column)."""
+    rows = {(r["gpus"], r["lp_delta"], r["batch"], quantize_label(r)) for r in recs
+            if r["model"] == model and (metric is None or r["metric"] == metric)}
+    return sorted(rows, key=lambda k: (k[2], _qorder(k[3]), k[0], k[1])), any(k[3] for k in rows)
 
 
 def _fmt(v: float | None, digits: int = 2) -> str:
@@ -45,14 +74,14 @@ def compare(ours: float | None, best: float | None) -> str:
 
 def decode_table(recs: list[dict], model: str) -> str:
     idx, impls = _index(recs), _impls([r for r in recs if r["model"] == model])
-    rows = sorted({(r["gpus"], r["lp_delta"], r["batch"]) for r in recs if r["model"] == model
-                   and r["metric"] == "decode"}, key=lambda k: (k[2], k[0], k[1]))
+    rows, quantized = _rows(recs, model, "decode")
     speedup_impls = [i for i in LP_SPEEDUP if i in impls]
-    head = ["GPUs", "Δ", "batch", *impls, "lpjax vs best PyTorch", *(f"LP speed-up {i}" for i in speedup_impls)]
+    head = ["GPUs", "Δ", "batch", *(["quantize"] if quantized else []), *impls, "lpjax vs best PyTorch",
+            *(f"LP speed-up {i}" for i in speedup_impls)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for gpus, delta, batch in rows:
-        def get(impl, d=delta, g=gpus, b=batch):
-            return idx.get((model, impl, g, d, b, "decode"))
+    for gpus, delta, batch, q in rows:
+        def get(impl, d=delta, g=gpus, b=batch, q=q):
+            return idx.get((model, impl, q, g, d, b, "decode"))
 
         # transformers baselines run on one GPU only: they are the best PyTorch of the 1-GPU rows alone
         torch_best = min((v for i in TORCH if (v := get(i)) is not None), default=None)
@@ -62,41 +91,47 @@ def decode_table(recs: list[dict], model: str) -> str:
         for impl in speedup_impls:
             base, lp = get(impl, 0), get(impl)
             speedups.append(f"{base / lp:.2f}x" if delta and base and lp else "")
-        cells = [str(gpus), str(delta), str(batch), *(_fmt(get(i)) for i in impls), vs, *speedups]
+        cells = [str(gpus), str(delta), str(batch), *([q or "none"] if quantized else []),
+                 *(_fmt(get(i)) for i in impls), vs, *speedups]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def versus_table(recs: list[dict], model: str) -> str:
-    """lpjax against the fastest PyTorch baseline of the same GPUs, Δ and batch, for every timed metric."""
+    """lpjax against the fastest PyTorch baseline of the same GPUs, Δ, batch and quantization, for every timed
+    metric."""
     idx = _index(recs)
     metrics = [m for m in METRICS if m != "peak_memory" and any(r["metric"] == m and r["model"] == model
                                                                for r in recs)]
-    rows = sorted({(r["gpus"], r["lp_delta"], r["batch"]) for r in recs if r["model"] == model},
-                  key=lambda k: (k[2], k[0], k[1]))
-    head = ["GPUs", "Δ", "batch", *(f"{m}: lpjax vs best PyTorch" for m in metrics)]
+    rows, quantized = _rows(recs, model)
+    head = ["GPUs", "Δ", "batch", *(["quantize"] if quantized else []),
+            *(f"{m}: lpjax vs best PyTorch" for m in metrics)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for gpus, delta, batch in rows:
+    for gpus, delta, batch, q in rows:
         cells = []
         for m in metrics:
-            best = min(((v, i) for i in TORCH if (v := idx.get((model, i, gpus, delta, batch, m))) is not None),
+            best = min(((v, i) for i in TORCH if (v := idx.get((model, i, q, gpus, delta, batch, m))) is not None),
                        default=(None, ""))
-            verdict = compare(idx.get((model, "lpjax", gpus, delta, batch, m)), best[0])
+            verdict = compare(idx.get((model, "lpjax", q, gpus, delta, batch, m)), best[0])
             cells.append(f"{verdict} ({best[1]})" if verdict else "")
-        lines.append("| " + " | ".join([str(gpus), str(delta), str(batch), *cells]) + " |")
+        lines.append("| " + " | ".join([str(gpus), str(delta), str(batch), *([q or "none"] if quantized else []),
+                                        *cells]) + " |")
     return "\n".join(lines)
 
 
 def full_table(recs: list[dict], model: str) -> str:
     idx = _index(recs)
     metrics = [m for m in METRICS if any(r["metric"] == m and r["model"] == model for r in recs)]
-    rows = sorted({(r["impl"], r["gpus"], r["lp_delta"], r["batch"]) for r in recs if r["model"] == model},
-                  key=lambda k: (ORDER.index(k[0]) if k[0] in ORDER else 99, k[3], k[1], k[2]))
+    rows = sorted({(r["impl"], quantize_label(r), r["gpus"], r["lp_delta"], r["batch"]) for r in recs
+                   if r["model"] == model},
+                  key=lambda k: (ORDER.index(k[0]) if k[0] in ORDER else 99, _qorder(k[1]), k[3], k[2], k[4]))
     head = ["impl", "GPUs", "Δ", "batch", *(f"{m} ({METRICS[m][0]})" for m in metrics)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for impl, gpus, delta, batch in rows:
-        cells = [_fmt(idx.get((model, impl, gpus, delta, batch, m)), 3 if m == "single_token" else 2) for m in metrics]
-        lines.append("| " + " | ".join([impl, str(gpus), str(delta), str(batch), *cells]) + " |")
+    for impl, q, gpus, delta, batch in rows:
+        cells = [_fmt(idx.get((model, impl, q, gpus, delta, batch, m)), 3 if m == "single_token" else 2)
+                 for m in metrics]
+        name = f"{impl} {q}" if q else impl
+        lines.append("| " + " | ".join([name, str(gpus), str(delta), str(batch), *cells]) + " |")
     return "\n".join(lines)
 
 
@@ -123,8 +158,9 @@ def markdown_tables(recs: list[dict]) -> str:
 
 
 def plot_decode(recs: list[dict], model: str, batch: int, path: Path) -> bool:
-    """Grouped bars: x = GPU count, a bar per (implementation, Δ) measured there (colour = implementation, hatched =
-    LP). Variant runs (impl "lpjax+...") are diagnostics and stay out. False when there is nothing to plot."""
+    """Grouped bars: x = GPU count, a bar per (implementation, Δ) measured there (colour = implementation with its
+    quantization, hatched = LP). Variant runs (impl "lpjax+...") are diagnostics and stay out. False when there is
+    nothing to plot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,9 +171,15 @@ def plot_decode(recs: list[dict], model: str, batch: int, path: Path) -> bool:
     if not sel:
         return False
     gpus = sorted({r["gpus"] for r in sel})
-    impls = _impls(sel)
+
+    def name(r: dict) -> str:
+        q = quantize_label(r)
+        return f"{r['impl']} {q}" if q else r["impl"]
+
+    order = {impl: i for i, impl in enumerate(_impls(sel))}
+    impls = sorted({name(r) for r in sel}, key=lambda n: (_qorder(n.partition(" ")[2]), order[n.partition(" ")[0]]))
     colors = {impl: f"C{k}" for k, impl in enumerate(impls)}
-    idx = {(r["impl"], r["lp_delta"], r["gpus"]): r["value"] for r in sel}
+    idx = {(name(r), r["lp_delta"], r["gpus"]): r["value"] for r in sel}
     fig, ax = plt.subplots(figsize=(3 + 2.2 * len(gpus), 4.2))
     labelled = set()
     for i, g in enumerate(gpus):

@@ -3,6 +3,11 @@
     python -m bench.run --models llama2-7b,llama3.2-3b --devices 1,2,4 --delta 0,8,14 --batch 1,8 \
         --impls lpjax,torch-compile,torch-tp,hf-eager,hf-static-compile --machine h200
 
+`--quantize none,int8,int4` runs every configuration once per quantization: the runners that quantize (`lpjax`,
+`torch-compile`, `torch-tp`) get `--quantize` (and `--group-size` for int4); the transformers baselines run only
+unquantized weights and are skipped, with a line saying so, for the others. Records say `quantize` (and
+`group_size`).
+
 Each configuration runs in its own subprocess (`bench.lpjax_bench`, `bench.torch_tp` for `torch-tp` and
 `torch-compile`, `bench.hf_baselines`), so JAX and PyTorch never share a GPU's memory and each reports its own peak;
 every runner takes the same flags (`bench.common`). The records (see `bench.records`) are merged into
@@ -25,8 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import records
-from bench.common import exit_code, parse_ints, parse_metrics, parse_names
+from bench.common import DEFAULT_GROUP_SIZE, QUANTIZE_MODES, exit_code, parse_ints, parse_metrics, parse_names
 from bench.records import COMPILE_MODES
+from bench.report import quantize_label
 from lpjax.config import PRESETS
 from lpjax.errors import LPJaxError
 from lpjax.plan import default_plan, parse_deltas
@@ -42,6 +48,7 @@ IMPLS = {  # name -> (module, what it is)
     "hf-static-compile": ("bench.hf_baselines", "transformers generate with a static cache and torch.compile"),
 }
 SINGLE_GPU = ("hf-eager", "hf-static-compile")  # transformers baselines run on one GPU only
+QUANTIZED = ("lpjax", "torch-tp", "torch-compile")  # the runners with --quantize / --group-size
 RESULTS = Path(__file__).parent / "results"
 VARIANT_METRICS = ("decode", "single_token")
 
@@ -55,6 +62,18 @@ class Job:
     batch: int
     metrics: tuple[str, ...]
     variant: str = ""  # lpjax run under extra XLA flags: records say impl "lpjax+<variant>"
+    quantize: str | None = None  # "int8" / "int4": weight-only quantized products
+    group_size: int = DEFAULT_GROUP_SIZE  # int4's inputs per group
+
+    def quantization(self) -> dict:
+        """The record fields of this job's weights (null for the compute dtype)."""
+        return {"quantize": self.quantize, "group_size": self.group_size if self.quantize == "int4" else None}
+
+    def quantize_flags(self) -> list[str]:
+        if not self.quantize:
+            return []
+        return ["--quantize", self.quantize] + (["--group-size", str(self.group_size)] if self.quantize == "int4"
+                                                else [])
 
     def command(self, json_out: Path, repeats: int, long_repeats: int, device: str, compile_mode: str) -> list[str]:
         """The runner's command line: the flags every runner shares (`bench.common.add_runner_args`), then its own."""
@@ -63,14 +82,16 @@ class Job:
                "--metrics", ",".join(self.metrics), "--repeats", str(repeats), "--long-repeats", str(long_repeats),
                "--json-out", str(json_out)]
         if self.impl == "lpjax":
-            return cmd + ["--impl-name", f"lpjax+{self.variant}" if self.variant else "lpjax"]
+            return cmd + ["--impl-name", f"lpjax+{self.variant}" if self.variant else "lpjax"] + self.quantize_flags()
         if self.impl in SINGLE_GPU:
             return cmd + ["--impl", self.impl, "--device", device]
-        cmd += ["--device", device, "--impl-name", self.impl]
+        cmd += ["--device", device, "--impl-name", self.impl] + self.quantize_flags()
         return cmd + (["--compile", compile_mode] if self.impl == "torch-compile" else [])
 
     def describe(self) -> str:
         name = self.impl + (f"+{self.variant}" if self.variant else "")
+        label = quantize_label(self.quantization())
+        name += f" {label}" if label else ""
         deltas = ",".join(map(str, self.deltas))
         return f"{name} {self.model} gpus={self.gpus} Δ={deltas} batch={self.batch} [{','.join(self.metrics)}]"
 
@@ -87,9 +108,15 @@ def model_deltas(models: list[str], default: list[int], overrides: list[str]) ->
 
 
 def plan_jobs(models, gpus, deltas: dict[str, list[int]], batches, impls, metrics, long_metrics, long_impls,
-              long_models, long_batch) -> list[Job]:
+              long_models, long_batch, quantizes=(None,), group_size: int = DEFAULT_GROUP_SIZE) -> list[Job]:
     """The configurations to run: Δ values a model cannot take are dropped; lpjax runs all Δ of a configuration in
-    one process (one warm compile cache), the PyTorch runners one Δ per process. Slow metrics run only where asked."""
+    one process (one warm compile cache), the PyTorch runners one Δ per process. Slow metrics run only where asked.
+    Each quantization (None: the compute dtype) repeats the lot, without the runners that cannot quantize."""
+    for quantize in quantizes:
+        for impl in impls:
+            if quantize and impl not in QUANTIZED:
+                print(f"[run] skipping {impl} {quantize}: the transformers baselines run unquantized weights only",
+                      file=sys.stderr)
     jobs = []
     for model in models:
         if model not in PRESETS:
@@ -102,15 +129,28 @@ def plan_jobs(models, gpus, deltas: dict[str, list[int]], batches, impls, metric
                 valid.append(d)
             except LPJaxError as e:
                 print(f"[run] {model}: skipping Δ={d} ({e})", file=sys.stderr)
-        for impl in impls:
-            for n in ([1] if impl in SINGLE_GPU else gpus):
-                for batch in batches:
-                    wanted = list(metrics)
-                    if impl in long_impls and model in long_models and batch == long_batch:
-                        wanted += long_metrics
-                    groups = [tuple(valid)] if impl == "lpjax" else [(d,) for d in valid]
-                    jobs += [Job(impl, model, n, g, batch, tuple(wanted)) for g in groups]
+        for quantize in quantizes:
+            for impl in (i for i in impls if not quantize or i in QUANTIZED):
+                for n in ([1] if impl in SINGLE_GPU else gpus):
+                    for batch in batches:
+                        wanted = list(metrics)
+                        if impl in long_impls and model in long_models and batch == long_batch:
+                            wanted += long_metrics
+                        groups = [tuple(valid)] if impl == "lpjax" else [(d,) for d in valid]
+                        jobs += [Job(impl, model, n, g, batch, tuple(wanted), quantize=quantize,
+                                     group_size=group_size) for g in groups]
     return jobs
+
+
+def parse_quantize(text: str) -> list[str | None]:
+    """`--quantize none,int8,int4` -> [None, "int8", "int4"]."""
+    names = parse_names(text)
+    choices = ("none", *QUANTIZE_MODES)
+    unknown = [n for n in names if n not in choices]
+    if unknown or not names:
+        raise LPJaxError(f"--quantize {text}: unknown {', '.join(unknown) or 'empty'} "
+                         f"(choose from {', '.join(choices)})")
+    return [None if n == "none" else n for n in dict.fromkeys(names)]
 
 
 def git_commit() -> str:
@@ -163,7 +203,7 @@ def run_job(job: Job, args, context: dict) -> tuple[list[dict], str | None]:
     elapsed = time.perf_counter() - t
     print(f"[run] {job.describe()}: {len(got)} records in {elapsed:.0f} s" + (f"; FAILED: {error}" if error else ""),
           file=sys.stderr, flush=True)
-    return [dict(r, **context) for r in got], error
+    return [dict(r, **context, **job.quantization()) for r in got], error
 
 
 def parse_args(argv):
@@ -181,6 +221,11 @@ def parse_args(argv):
     p.add_argument("--long-impls", default="lpjax,torch-tp,torch-compile")
     p.add_argument("--torch-compile-mode", default="default", choices=COMPILE_MODES,
                    help="torch.compile mode of the torch-compile baseline")
+    p.add_argument("--quantize", default="none", metavar="none,int8,int4",
+                   help="weight quantizations to run, each a whole pass over the other axes (the transformers "
+                        "baselines only unquantized)")
+    p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, metavar="G",
+                   help="int4's inputs per group, passed to every runner")
     p.add_argument("--long-models", default="llama2-7b")
     p.add_argument("--long-batch", type=int, default=1)
     p.add_argument("--lpjax-variant", action="append", default=[], metavar="NAME=FLAGS",
@@ -212,10 +257,12 @@ def harness(argv=None) -> int:
     metrics = parse_metrics(args.metrics, allow_empty=True)
     long_metrics = parse_metrics(args.long_metrics, "--long-metrics", allow_empty=True)
     models = parse_names(args.models)
+    if args.group_size < 1:
+        raise LPJaxError(f"--group-size {args.group_size}: must be positive")
     deltas = model_deltas(models, parse_deltas(args.delta), args.delta_for)
     jobs = plan_jobs(models, parse_ints(args.devices, "--devices", 1), deltas, parse_ints(args.batch, "--batch", 1),
                      impls, metrics, long_metrics, parse_names(args.long_impls), parse_names(args.long_models),
-                     args.long_batch)
+                     args.long_batch, parse_quantize(args.quantize), args.group_size)
     args.variants = parse_variants(args.lpjax_variant)
     jobs = with_variants(jobs, args.variants)
     if args.variants_only:

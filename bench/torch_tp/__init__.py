@@ -1,8 +1,8 @@
 """PyTorch tensor-parallel Llama with Layer Parallelism: the hand-written baseline lpjax is measured against.
 
     python -m bench.torch_tp --model llama2-7b --devices 2 --delta 14 --batch 1 \
-        [--compile default] [--metrics decode,prefill_1024,...] [--repeats 5] [--json-out FILE] \
-        [--device cpu] [--check]
+        [--compile default] [--quantize int8|int4 [--group-size 128]] [--metrics decode,prefill_1024,...] \
+        [--repeats 5] [--json-out FILE] [--device cpu] [--check]
 
 The paper's own method, written plainly: one process per GPU (spawned with torch.multiprocessing),
 torch.distributed + NCCL, random weights at the preset's real shapes initialised as lpjax's weight schema says
@@ -16,6 +16,11 @@ prefill (per prompt length) and the whole greedy decode step go through `torch.c
 shapes); the all-reduces and the logits' all-gather become functional collectives so they trace and compile inside
 the graph; the compiled step is then captured in the same CUDA graph and replayed.
 
+`--quantize int8|int4` is gpt-fast's weight-only quantization of the layer products (`quantize`): int8 per output
+channel, the LM head too; int4 in groups of `--group-size` inputs through torch's int4pack kernel, the LM head kept
+in the compute dtype. Embedding, norms and KV cache stay in the compute dtype, the plans are unchanged, and each rank
+quantizes its own shard. Compiled, it runs with inductor's coordinate-descent tuning, as gpt-fast compiles it.
+
 The model is lpjax's, in PyTorch: its layout rules (`lpjax.sharding.Layout`, docs/design.md section 3), weight
 schema, RoPE frequencies (HF's rotate-half layout, `llama3` and `linear` scaling) and cache multiple.
 - A sequential layer is Megatron tensor-parallel over all N ranks: heads and MLP columns split N ways, one
@@ -26,12 +31,12 @@ schema, RoPE frequencies (HF's rotate-half layout, `llama3` and `linear` scaling
 - Embedding replicated (a lookup of B rows needs no collective); LM head split over the (padded) vocabulary, logits
   all-gathered. Tied embeddings take the LM head's rows from the embedding.
 
-Modules: `model` (a rank's shard and where its weights come from), `decoder` (prefill, the decode step, the CUDA
-graph, `torch.compile`), `launch` (the ranks), `measure` (the timed metrics), `check` (correctness), `context` (what
-`bench.hf_baselines` shares), `cli`. `--device cpu` (gloo, float32, eager decode instead of a graph) exists for tests;
-`check` / `full_logits` return the full-sequence logits and the cached greedy tokens for correctness tests, and
-`--check` runs that comparison on the chosen device. `--no-cuda-graph` decodes eagerly on CUDA (a fallback if capture
-fails somewhere; records say cuda_graph: false).
+Modules: `model` (a rank's shard and where its weights come from), `quantize` (the int8 / int4 weights and their
+product), `decoder` (prefill, the decode step, the CUDA graph, `torch.compile`), `launch` (the ranks), `measure`
+(the timed metrics), `check` (correctness), `context` (what `bench.hf_baselines` shares), `cli`. `--device cpu`
+(gloo, float32, eager decode instead of a graph) exists for tests; `check` / `full_logits` return the full-sequence
+logits and the cached greedy tokens for correctness tests, and `--check` runs that comparison on the chosen device.
+`--no-cuda-graph` decodes eagerly on CUDA (a fallback if capture fails somewhere; records say cuda_graph: false).
 """
 
 from bench.common import UNITS

@@ -14,7 +14,8 @@ from bench.common import resolve_model
 from bench.torch_tp.context import check_device, default_dtype, prompt_tokens
 from bench.torch_tp.decoder import Decoder, generate, run_prefill
 from bench.torch_tp.launch import Job, build, launch
-from bench.torch_tp.model import check_layout
+from bench.torch_tp.model import check_layout, check_quantization
+from bench.torch_tp.quantize import Quantization
 from lpjax.config import round_up
 from lpjax.engine import CACHE_MULTIPLE
 from lpjax.plan import LPPlan
@@ -46,20 +47,22 @@ def _check_rank(rank: int, job: Job) -> None:
 
 def check(model: str, tokens, lps: tuple[str, ...] | list[str] = ("",), world: int = 1, new_tokens: int = 0,
           device: str = "cpu", dtype: str | None = None, seed: int = 0, cuda_graph: bool = True,
-          compile_mode: str | None = None) -> list[dict]:
+          compile_mode: str | None = None, quantization: Quantization | None = None) -> list[dict]:
     """For each plan: the full-sequence float32 logits [B, T, V] of `tokens` on `world` ranks and, with
     new_tokens, the greedy tokens of the cached path (prefill + decode steps; graph replays on CUDA) with the
-    argmax of the full forward over the same sequence. `model`: a preset name or an HF checkpoint directory."""
+    argmax of the full forward over the same sequence. `model`: a preset name or an HF checkpoint directory;
+    `quantization`: its products quantized."""
     name, config, directory = resolve_model(str(model))
     check_device(device, world)
     plans = tuple(LPPlan.parse(lp, config.n_layers) for lp in lps)
     for plan in plans:
         check_layout(config, plan, world)
+        check_quantization(config, plan, world, quantization)
     rows = tuple(tuple(int(t) for t in row) for row in (tokens.tolist() if hasattr(tokens, "tolist") else tokens))
     with tempfile.TemporaryDirectory(prefix="torch-tp-check-") as tmp:
         job = Job(name, config, str(directory) if directory else None, world, device, default_dtype(device, dtype),
                   plans, seed, tokens=rows, new_tokens=new_tokens, result_path=os.path.join(tmp, "result.pt"),
-                  cuda_graph=cuda_graph, compile_mode=compile_mode)
+                  cuda_graph=cuda_graph, compile_mode=compile_mode, quantization=quantization)
         launch(job, _check_rank)
         return torch.load(job.result_path)
 
@@ -70,7 +73,7 @@ def full_logits(model: str, tokens, lp: str = "", world: int = 1, device: str = 
     return check(model, tokens, (lp,), world, 0, device, dtype)[0]["logits"]
 
 
-def check_cli(name: str, args: argparse.Namespace, plans: list[LPPlan]) -> int:
+def check_cli(name: str, args: argparse.Namespace, plans: list[LPPlan], quantization: Quantization | None) -> int:
     """`--check`: greedy tokens of the cached path against the full forward over the same sequence, one JSON line a
     plan. In float32 they must agree exactly; in bf16 random weights leave near-ties, so a token may differ, but the
     full forward must rate it within 5% of its logit range of the best (a broken cache or graph picks tokens rated
@@ -78,7 +81,7 @@ def check_cli(name: str, args: argparse.Namespace, plans: list[LPPlan]) -> int:
     config = resolve_model(args.model)[1]
     tokens = prompt_tokens(32, 2, config).tolist()
     results = check(args.model, tokens, [p.spec() for p in plans], args.devices, 16, args.device, args.dtype,
-                    args.seed, not args.no_cuda_graph, args.compile)
+                    args.seed, not args.no_cuda_graph, args.compile, quantization)
     exact = default_dtype(args.device, args.dtype) == "float32"
     ok = True
     for plan, r in zip(plans, results):
@@ -88,5 +91,6 @@ def check_cli(name: str, args: argparse.Namespace, plans: list[LPPlan]) -> int:
         ok &= good
         print(json.dumps({"check": "cached greedy decode vs full-forward argmax", "impl": args.impl_name, "model": name,
                           "gpus": args.devices, "lp": plan.spec(), "lp_delta": plan.delta, "device": args.device,
+                          "quantize": quantization.mode if quantization else None,
                           "agreement": round(agree, 4), "max_gap": round(gap, 4), "ok": good}), flush=True)
     return 0 if ok else 1

@@ -5,7 +5,8 @@ the decode loop is graph replays only.
 Prefill runs SDPA (causal) over the prompt and writes the keys/values into cache slots 0..T-1. Decode attends over
 the whole static cache with the slots after the position masked, as lpjax's engine does. `--compile MODE` puts
 prefill and the whole greedy step through `torch.compile` (inductor, fullgraph, static shapes; `program`); the
-compiled step is captured in the same CUDA graph.
+compiled step is captured in the same CUDA graph. Every weight product goes through `quantize.linear`, dense or
+quantized.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
 from bench.torch_tp.model import LayerShard, RankModel, StageShard
+from bench.torch_tp.quantize import linear
 from lpjax.errors import LPJaxError, first_line
 
 Tensor = torch.Tensor
@@ -52,16 +54,16 @@ def _attention_delta(m: RankModel, lay: LayerShard, x: Tensor, cos: Tensor, sin:
     """A_l(n1_l(x)) for this rank's heads of layer l: a partial sum, before the all-reduce and the output bias."""
     B, T, _ = x.shape
     hd = m.config.head_dim
-    qkv = F.linear(rms_norm(x, lay.attn_norm, m.config.norm_eps), lay.wqkv, lay.bqkv)
+    qkv = linear(rms_norm(x, lay.attn_norm, m.config.norm_eps), lay.wqkv, lay.bqkv)
     qk_width = (lay.heads + lay.kv_heads) * hd
     qk = apply_rope(qkv[..., :qk_width].view(B, T, lay.heads + lay.kv_heads, hd), cos, sin)  # q and k at once
     v = qkv[..., qk_width:].view(B, T, lay.kv_heads, hd)
-    return F.linear(attend(lay, qk[:, :, : lay.heads], qk[:, :, lay.heads:], v), lay.wo)
+    return linear(attend(lay, qk[:, :, : lay.heads], qk[:, :, lay.heads:], v), lay.wo)
 
 
 def _mlp_delta(m: RankModel, lay: LayerShard, h: Tensor) -> Tensor:
-    gate, up = F.linear(rms_norm(h, lay.mlp_norm, m.config.norm_eps), lay.w_gate_up, lay.b_gate_up).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, lay.w_down)
+    gate, up = linear(rms_norm(h, lay.mlp_norm, m.config.norm_eps), lay.w_gate_up, lay.b_gate_up).chunk(2, dim=-1)
+    return linear(F.silu(gate) * up, lay.w_down)
 
 
 def _stage(m: RankModel, s: StageShard, x: Tensor, cos: Tensor, sin: Tensor, attend: Attend) -> Tensor:
@@ -79,7 +81,7 @@ def _stage(m: RankModel, s: StageShard, x: Tensor, cos: Tensor, sin: Tensor, att
 
 def _logits(m: RankModel, x: Tensor) -> Tensor:
     """float32 logits [..., vocab]: this rank's vocabulary rows, all-gathered."""
-    local = F.linear(rms_norm(x, m.norm, m.config.norm_eps), m.lm_head).float()
+    local = linear(rms_norm(x, m.norm, m.config.norm_eps), m.lm_head).float()
     if m.world > 1:
         if m.compile_mode:  # traceable; gathers along a new leading dim of ranks
             gathered = funcol.all_gather_tensor(local.contiguous(), 0, dist.group.WORLD).view(m.world, *local.shape)
@@ -155,22 +157,34 @@ def decode_step(m: RankModel, cache: Cache, token: Tensor, pos: Tensor, key_pos:
 _PROGRAMS: dict = {}
 
 
-def program(fn: Callable, mode: str | None) -> Callable:
+def coordinate_descent(m: RankModel) -> bool:
+    """Whether m's compiled programs run with inductor's coordinate-descent tuning: with quantized weights, as gpt-fast
+    compiles them. Inductor then turns a one-row product into one reduction kernel that reads the int8 weight and
+    converts it on the fly; without it the convert is a kernel of its own that writes the whole weight in the compute
+    dtype for cuBLAS to read again. (max-autotune-no-cudagraphs has it on anyway.)"""
+    return bool(m.compile_mode) and (m.quantization is not None or m.compile_mode == "max-autotune-no-cudagraphs")
+
+
+def program(fn: Callable, mode: str | None, tuned: bool = False) -> Callable:
     """`fn` as a rank runs it: eager (mode None), or compiled by `torch.compile` with inductor as one whole graph
-    (fullgraph) with static shapes (one compile per shape: every prompt length gets its own kernels). Compiled once
-    per (fn, mode). (max-autotune-no-cudagraphs with gpt-fast's coordinate-descent tuning had not compiled a 7B
-    model after 5 minutes on an H200 machine's 16 cores, so the harness's default mode is "default".)"""
+    (fullgraph) with static shapes (one compile per shape: every prompt length gets its own kernels), `tuned`: with
+    coordinate-descent tuning. Compiled once per (fn, mode[, tuning]). (max-autotune-no-cudagraphs with gpt-fast's
+    coordinate-descent tuning had not compiled a 7B model after 5 minutes on an H200 machine's 16 cores, so the
+    harness's default mode is "default".)"""
     if not mode:
         return fn
-    if (fn, mode) not in _PROGRAMS:
-        _PROGRAMS[fn, mode] = torch.compile(fn, fullgraph=True, dynamic=False,
-                                            mode=None if mode == "default" else mode)
-    return _PROGRAMS[fn, mode]
+    key = (fn, mode, "coordinate_descent_tuning") if tuned else (fn, mode)
+    if key not in _PROGRAMS:
+        how = {"mode": None if mode == "default" else mode}
+        if tuned and mode == "default":  # torch.compile takes a mode or inductor options, not both
+            how = {"options": {"coordinate_descent_tuning": True}}
+        _PROGRAMS[key] = torch.compile(fn, fullgraph=True, dynamic=False, **how)
+    return _PROGRAMS[key]
 
 
 def run_prefill(m: RankModel, tokens: Tensor, cache: Cache | None = None, last_only: bool = True) -> Tensor:
     """`prefill` eager or compiled, as the rank model says."""
-    return program(prefill, m.compile_mode)(m, tokens, cache, last_only)
+    return program(prefill, m.compile_mode, coordinate_descent(m))(m, tokens, cache, last_only)
 
 
 def greedy_step(m: RankModel, cache: Cache, token: Tensor, pos: Tensor, count: Tensor, out: Tensor,
@@ -207,8 +221,8 @@ class Decoder:
 
     def _step(self) -> None:
         # the captured step's logits tensor is the graph's static output: every replay rewrites it in place
-        self.logits = program(greedy_step, self.m.compile_mode)(self.m, self.cache, self.token, self.pos, self.count,
-                                                                self.out, self.key_pos)
+        step = program(greedy_step, self.m.compile_mode, coordinate_descent(self.m))
+        self.logits = step(self.m, self.cache, self.token, self.pos, self.count, self.out, self.key_pos)
 
     def _capture(self) -> None:
         """The documented recipe: warm up on a side stream (cuBLAS workspaces, NCCL, allocator; compiled code

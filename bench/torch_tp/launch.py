@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 from bench.common import DEFAULT_METRICS
 from bench.torch_tp.context import sync, torch_dtype
 from bench.torch_tp.model import HFState, RankModel, build_rank_model
+from bench.torch_tp.quantize import Quantization
 from lpjax.config import ModelConfig
 from lpjax.errors import LPJaxError
 from lpjax.plan import LPPlan
@@ -45,6 +46,7 @@ class Job:
     cuda_graph: bool = True
     impl: str = IMPL
     compile_mode: str | None = None  # torch.compile mode of prefill and the decode step (None: eager)
+    quantization: Quantization | None = None  # None: weights in the compute dtype
     tokens: tuple[tuple[int, ...], ...] = ()  # check: the prompt rows
     new_tokens: int = 0  # check: greedy tokens to generate through the cached path
     result_path: str | None = None  # check: where rank 0 saves its result
@@ -118,4 +120,4 @@ def build(job: Job, rank: int, plan: LPPlan) -> RankModel:
     state = HFState(Path(job.directory)) if job.directory else None
     device = job.device if job.device == "cpu" else torch.device("cuda", rank)
     return build_rank_model(job.config, plan, rank, job.world, device, torch_dtype(job.dtype), state, job.seed,
-                            job.compile_mode)
+                            job.compile_mode, job.quantization)

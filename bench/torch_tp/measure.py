@@ -27,7 +27,7 @@ import torch.distributed as dist
 from bench.common import emit, host_peak_gib, log
 from bench.records import DECODE_TOKENS, GENERATE_TOKENS, PROMPT_LEN, SINGLE_TOKEN_AT
 from bench.torch_tp.context import free, make_record, prompt_tokens, sync
-from bench.torch_tp.decoder import Decoder, alloc_cache, generate, run_prefill
+from bench.torch_tp.decoder import Decoder, alloc_cache, coordinate_descent, generate, run_prefill
 from bench.torch_tp.launch import Job, build
 from bench.torch_tp.model import RankModel
 from lpjax.config import round_up
@@ -131,8 +131,10 @@ def _bench_config(rank: int, job: Job, m: RankModel, clock: _Clock, batch: int) 
     metrics = set(job.metrics)
     say = log if rank == 0 else (lambda *a: None)
     extra = {"dtype": job.dtype, "cuda_graph": job.device == "cuda" and job.cuda_graph, "compile": job.compile_mode,
+             "coordinate_descent_tuning": coordinate_descent(m),
              "embedding": "replicated embedding, vocabulary-parallel LM head",
-             "rope": job.config.rope_scaling.kind if job.config.rope_scaling else "default"}
+             "rope": job.config.rope_scaling.kind if job.config.rope_scaling else "default",
+             **(job.quantization.record() if job.quantization else {"quantize": None, "group_size": None})}
 
     def emit_metric(metric: str, samples: list[float]) -> None:
         rec = make_record(job.impl, job.model, job.world, m.plan, batch, metric, samples, job.device, **extra)
@@ -171,7 +173,8 @@ def bench_rank(rank: int, job: Job) -> None:
         m = build(job, rank, plan)
         sync(job.device)
         if rank == 0:
-            log(f"[torch-tp] {job.model}: {job.world} {job.device} rank(s), LP {plan.describe()}, {job.dtype}, "
+            weights = job.dtype + (f", {job.quantization.describe()}" if job.quantization else "")
+            log(f"[torch-tp] {job.model}: {job.world} {job.device} rank(s), LP {plan.describe()}, {weights}, "
                 f"weights ready in {time.perf_counter() - t0:.1f} s")
         clock = _Clock(m, job.device)
         for i, batch in enumerate(job.batches):

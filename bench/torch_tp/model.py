@@ -5,7 +5,8 @@ sequential layer is split N ways, each layer of an LP pair N/2 ways on its half;
 replicated (each rank keeps the KV head its query heads read); the LM head is split over the padded vocabulary, the
 embedding replicated. Weights are named, shaped and initialised by lpjax's weight schema (`lpjax/schema.py`), in
 torch's Linear layout ([out, in], as HF stores them): `wqkv` rows are [q heads | k heads | v heads], `w_gate_up`
-rows [gate | up].
+rows [gate | up]. `--quantize` stores the layer products (and under int8 the LM head) as `bench.torch_tp.quantize`
+says, each rank its own shard, layer by layer as it is built.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
+from bench.torch_tp.quantize import PRODUCTS, Quantization, Weight, int4_problem, quantize_weight
 from lpjax.config import ModelConfig, read_hf_config
 from lpjax.errors import LPJaxError
 from lpjax.model import rope_inv_freq
@@ -58,6 +60,31 @@ def kv_head_range(n_kv: int, split: int, index: int) -> range:
         return range(index * per, (index + 1) * per)
     head = index // (split // n_kv)
     return range(head, head + 1)
+
+
+def shard_shapes(config: ModelConfig, split: int) -> dict[str, tuple[int, int]]:
+    """[out, in] of each layer product (`quantize.PRODUCTS`) on one share of a layer split `split` ways."""
+    c, hd = config, config.head_dim
+    heads, ffn = c.n_heads // split, c.ffn_dim // split
+    kv = len(kv_head_range(c.n_kv_heads, split, 0))
+    return {"wqkv": ((heads + 2 * kv) * hd, c.dim), "wo": (c.dim, heads * hd),
+            "w_gate_up": (2 * ffn, c.dim), "w_down": (c.dim, ffn)}
+
+
+def check_quantization(config: ModelConfig, plan: LPPlan, world: int, q: Quantization | None) -> None:
+    """The one-line reason a layer's shard cannot be stored as `q` asks on `world` ranks under `plan`, before any
+    rank starts (int8 takes any shape; int4's groups must divide each shard's inputs)."""
+    if q is None or q.mode != "int4":
+        return
+    splits = sorted({split for stage in plan.stages for rank in range(world)
+                     for _, split, _ in layer_slots(stage, rank, world)})
+    for split in splits:
+        for name, (n, k) in shard_shapes(config, split).items():
+            problem = int4_problem(n, k, q.group_size)
+            if problem:
+                where = "a whole layer's" if split == 1 else f"a layer split {split} ways, each share's"
+                raise LPJaxError(f"--quantize int4 --group-size {q.group_size}: {where} {name} is [{n}, {k}] "
+                                 f"(outputs, inputs): {problem}")
 
 
 # ---------------------------------------------------------------------------------------------- weights
@@ -135,13 +162,13 @@ class LayerShard:
     heads: int
     kv_heads: int
     attn_norm: Tensor
-    wqkv: Tensor
+    wqkv: Weight
     bqkv: Tensor | None
-    wo: Tensor
+    wo: Weight
     mlp_norm: Tensor
-    w_gate_up: Tensor
+    w_gate_up: Weight
     b_gate_up: Tensor | None
-    w_down: Tensor
+    w_down: Weight
 
 
 @dataclasses.dataclass
@@ -162,11 +189,12 @@ class RankModel:
     world: int
     dtype: torch.dtype
     embed: Tensor  # [vocab, dim], replicated
-    lm_head: Tensor  # [padded vocab / world, dim]: this rank's rows
+    lm_head: Weight  # [padded vocab / world, dim]: this rank's rows
     norm: Tensor
     stages: list[StageShard]
     inv_freq: Tensor  # float32 [head_dim / 2]
     compile_mode: str | None = None  # None: eager; else the torch.compile mode of prefill and the decode step
+    quantization: Quantization | None = None  # None: every weight in the compute dtype
 
     @property
     def device(self) -> torch.device:
@@ -207,20 +235,30 @@ def _layer_shard(c: ModelConfig, src: _Source, layer: int, split: int, index: in
     )
 
 
+def _quantize_layer(shard: LayerShard, q: Quantization | None) -> LayerShard:
+    if q is None:
+        return shard
+    return dataclasses.replace(shard, **{name: quantize_weight(getattr(shard, name), q, name) for name in PRODUCTS})
+
+
 def _output_bias(src: _Source, stage: Stage, name: str) -> Tensor:
     parts = [src.get(name, i) for i in stage.layers]
     return parts[0] if len(parts) == 1 else parts[0] + parts[1]
 
 
 def build_rank_model(config: ModelConfig, plan: LPPlan, rank: int, world: int, device, dtype: torch.dtype,
-                     state: Mapping | None = None, seed: int = 0, compile_mode: str | None = None) -> RankModel:
-    """This rank's shard of the model: slices of `state` (HF names) or, without one, random weights."""
+                     state: Mapping | None = None, seed: int = 0, compile_mode: str | None = None,
+                     quantization: Quantization | None = None) -> RankModel:
+    """This rank's shard of the model: slices of `state` (HF names) or, without one, random weights; with
+    `quantization`, each layer quantized as soon as it is built (one layer at a time in the compute dtype)."""
     c, device = config, torch.device(device)
     layout = check_layout(c, plan, world)
+    check_quantization(c, plan, world, quantization)
     src = _Source(c, state, device, dtype, seed, rank)
     stages = []
     for stage in plan.stages:
-        layers = [_layer_shard(c, src, layer, split, index) for layer, split, index in layer_slots(stage, rank, world)]
+        layers = [_quantize_layer(_layer_shard(c, src, layer, split, index), quantization)
+                  for layer, split, index in layer_slots(stage, rank, world)]
         stages.append(StageShard(
             layers,
             _output_bias(src, stage, "bo") if c.attention_bias else None,
@@ -233,5 +271,8 @@ def build_rank_model(config: ModelConfig, plan: LPPlan, rank: int, world: int, d
     head = embed[lo:hi] if c.tied_embeddings else src.get("lm_head", rows=slice(lo, hi))
     if hi - lo < per:  # the padded tail of the vocabulary: zero rows, their logits are dropped
         head = torch.cat([head, head.new_zeros(per - (hi - lo), c.dim)])
+    if quantization is not None and quantization.lm_head:
+        head = quantize_weight(head, quantization, "lm_head")
     inv_freq = torch.from_numpy(rope_inv_freq(c)).to(device)
-    return RankModel(c, plan, rank, world, dtype, embed, head, src.get("norm"), stages, inv_freq, compile_mode)
+    return RankModel(c, plan, rank, world, dtype, embed, head, src.get("norm"), stages, inv_freq, compile_mode,
+                     quantization)
