@@ -1,4 +1,4 @@
-"""One decode step called from the host: a server's or a streaming chat's unit of work.
+"""One decode step called from the host: a streaming chat's unit of work (and what single-token latency measures).
 
 The step runs as a chain of programs of `span` stages each (`LlamaLM(span=(a, b))`). One program of a whole
 Llama-2-7B step is one CUDA graph of ~490 kernels: on H200 that call returned only 1.5-2 ms after it began, the
@@ -69,24 +69,18 @@ class HostStep:
         host, not [B, V] float32 logits (128 KB a row for a 32k vocabulary: ~0.46 ms on H200, bench/NOTES.md)."""
         return self.run("next", greedy, cache, tokens, index, pad)
 
-    def run(self, name: str, post: Callable, cache: Cache, tokens, index, pad,
-            post_args: tuple = ()) -> tuple[np.ndarray, Cache]:
-        """One step: `tokens` [B] fed at cache slot `index`, then `post(logits [B, V], *post_args)` on device;
-        returns its result on the host and the new cache (donated). `index` is one slot for every row, or [B]: each
-        row at its own (a server's decode slots, `runtime.slots`). The ids go up as one array [tokens (B), pad (B),
-        index (1 or B)]; `post_args` (host arrays, e.g. per-row sampling settings) go to the last program only."""
+    def run(self, name: str, post: Callable, cache: Cache, tokens, index: int, pad) -> tuple[np.ndarray, Cache]:
+        """One step: `tokens` [B] fed at cache slot `index`, then `post(logits [B, V])` on device; returns its
+        result on the host and the new cache (donated). The ids go up as one array [tokens (B), pad (B), index]."""
         p = self.programs
         tokens = np.asarray(tokens, np.int32)
         B = len(tokens)
-        index = np.asarray(index, np.int32)
-        per_row = index.ndim == 1
-        ids = p.put(np.concatenate([tokens, np.asarray(pad, np.int32), index.reshape(-1)]).astype(np.int32))
-        args = tuple(p.put(a) for a in post_args)
-        key = (name, B, cache_shape(cache), self.span, self.pinned, per_row)
-        chain = self._chain(key, post, B, per_row, cache, args)
+        ids = p.put(np.concatenate([tokens, np.asarray(pad, np.int32), [index]]).astype(np.int32))
+        key = (name, B, cache_shape(cache), self.span, self.pinned)
+        chain = self._chain(key, post, B, cache)
         # the warm-up writes the same cache slot the real run then writes again
-        cache = p.first_run(key, cache, lambda c: self._run_chain(chain, B, c, ids, args)[1])
-        out, cache = self._run_chain(chain, B, cache, ids, args)
+        cache = p.first_run(key, cache, lambda c: self._run_chain(chain, B, c, ids)[1])
+        out, cache = self._run_chain(chain, B, cache, ids)
         return p.get(out), cache
 
     def _take_stream(self, batch: int) -> jax.Array:
@@ -96,17 +90,17 @@ class HostStep:
         return stream if stream is not None else self.programs.put(
             np.zeros((stream_rows(batch, 1), 1, self.programs.config.dim), self.programs.dtype))
 
-    def _chain(self, key: tuple, post: Callable, batch: int, per_row: bool, cache: Cache, post_args: tuple) -> list:
+    def _chain(self, key: tuple, post: Callable, batch: int, cache: Cache) -> list:
         """The programs of a step, compiled once per key. Program i runs `span` stages;
-        `prog(params, stream, ids, cache)` returns (the stream, and its stages' new cache); the last,
-        `prog(params, stream, ids, cache, *post_args)`, returns `post(logits, *post_args)` instead of the stream."""
+        `prog(params, stream, ids, cache)` returns (the stream, and its stages' new cache); the last returns
+        `post(logits)` instead of the stream."""
         if key in self._chains:
             return self._chains[key]
         p, B = self.programs, batch
         stages = p.layout.stages
         stage_names = {s.name for s in stages}
         shared = [k for k in p.params if k not in stage_names]  # embedding, final norm, LM head
-        stream, ids = self._take_stream(B), p.put(np.zeros(3 * B if per_row else 2 * B + 1, np.int32))
+        stream, ids = self._take_stream(B), p.put(np.zeros(2 * B + 1, np.int32))
         chain = []
         for start in range(0, len(stages), self.span):
             stop = min(start + self.span, len(stages))
@@ -116,15 +110,14 @@ class HostStep:
             cache_specs = {k: p.cache_specs[k] for k in names}
             model = p.local_model(span=(start, stop))
 
-            def body(params, stream, ids, cache, *post_args, model=model, first=first, last=last):
-                pos = Positions.step(ids[B:2 * B], ids[2 * B:] if per_row else ids[2 * B])
+            def body(params, stream, ids, cache, model=model, first=first, last=last):
+                pos = Positions.step(ids[B:2 * B], ids[2 * B])
                 out, cache = model.apply({"params": params}, ids[:B, None] if first else stream, pos, cache, DECODE)
-                return (post(out[:, 0], *post_args) if last else out), cache
+                return (post(out[:, 0]) if last else out), cache
 
             def build(body=body, params=params, cache_specs=cache_specs, last=last):
-                extra = (P(),) * len(post_args) if last else ()
                 fn = jax.shard_map(body, mesh=p.mesh, in_specs=({k: p.param_specs[k] for k in params}, P(), P(),
-                                                                 cache_specs, *extra),
+                                                                 cache_specs),
                                    out_specs=(P(), cache_specs), check_vma=False)
                 pinned = last and self.pinned
                 out = NamedSharding(p.mesh, P(), memory_kind="pinned_host") if pinned else None
@@ -132,18 +125,17 @@ class HostStep:
                                out_shardings=(out, named(p.mesh, cache_specs)) if pinned else None)
 
             sub_cache = {k: cache[k] for k in names}
-            extra = post_args if last else ()
-            chain.append((names, params, p.compile(key + (start,), build, params, stream, ids, sub_cache, *extra)))
+            chain.append((names, params, p.compile(key + (start,), build, params, stream, ids, sub_cache)))
         self._streams[B] = stream
         self._chains[key] = chain
         return chain
 
-    def _run_chain(self, chain: list, B: int, cache: Cache, ids: jax.Array, post_args: tuple):
+    def _run_chain(self, chain: list, B: int, cache: Cache, ids: jax.Array):
         """One step of `B` rows through `chain`: (the last program's result, the new cache)."""
         cache, stream = dict(cache), self._take_stream(B)
         for i, (names, params, program) in enumerate(chain):
             last = i == len(chain) - 1
-            out, new = program(params, stream, ids, {k: cache[k] for k in names}, *(post_args if last else ()))
+            out, new = program(params, stream, ids, {k: cache[k] for k in names})
             cache.update(new)
             if not last:
                 stream = out
