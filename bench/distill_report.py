@@ -22,6 +22,7 @@ RUNS = (("lm", False, "LM loss", "tab:blue", "-"), ("lm", True, "LM loss, contro
         ("distill", False, "distillation", "tab:red", "-"),
         ("distill", True, "distillation, control (no LP)", "tab:red", "--"))
 NAME = re.compile(r"^ft-d(\d+)-(lm|distill)(-control)?\.json$")
+VARIANT = re.compile(r"^ft-d(\d+)-(lm|distill)-(.+?)(-control)?\.json$")  # other settings: ft-d8-distill-lr3e-4.json
 
 
 def last_json(path: Path) -> dict:
@@ -31,16 +32,34 @@ def last_json(path: Path) -> dict:
     return json.loads(lines[-1])
 
 
-def load(results: Path) -> dict[int, dict[tuple[str, bool], dict]]:
-    """{Δ: {(loss, control): run summary}}."""
+def load(results: Path) -> tuple[dict[int, dict[tuple[str, bool], dict]], dict[int, dict[str, dict]]]:
+    """({Δ: {(loss, control): run summary}}, {Δ: {variant name: run summary}}): the study's runs, and runs of the
+    same Δ and loss with other settings (named ft-d{Δ}-{loss}-{what}[-control].json)."""
     out: dict[int, dict] = {}
+    variants: dict[int, dict] = {}
     for path in sorted(results.glob("ft-d*.json")):
-        m = NAME.match(path.name)
-        if m:
+        if m := NAME.match(path.name):
             out.setdefault(int(m.group(1)), {})[(m.group(2), bool(m.group(3)))] = last_json(path)
+        elif m := VARIANT.match(path.name):
+            variants.setdefault(int(m.group(1)), {})[path.stem.removeprefix(f"ft-d{m.group(1)}-")] = last_json(path)
     if not out:
         raise SystemExit(f"error: {results}: no ft-d*.json fine-tune results")
-    return dict(sorted(out.items()))
+    return dict(sorted(out.items())), dict(sorted(variants.items()))
+
+
+def best_control(runs: dict, variants: dict, loss: str) -> dict | None:
+    """The control of `loss` with the lowest val perplexity after training, among the study's and the variants'
+    (the strictest reference: a share measured against it is the smallest)."""
+    controls = [r for (kind, control), r in runs.items() if control and kind == loss]
+    controls += [r for r in variants.values() if r["control"] and r["loss"] == loss]
+    return min(controls, key=lambda r: r["val_ppl_after"], default=None)
+
+
+def share(run: dict, control: dict) -> float | None:
+    """1 - (LP after - control after) / (LP before - sequential): LP's perplexity loss won back beyond what the
+    control gained; None when LP cost nothing to begin with."""
+    gap_before = run["val_ppl_before"] - run["val_ppl_sequential"]
+    return 1 - (run["val_ppl_after"] - control["val_ppl_after"]) / gap_before if gap_before > 0 else None
 
 
 def curve(r: dict) -> tuple[list[int], list[float], list[float]]:
@@ -55,13 +74,26 @@ def recovered(runs: dict) -> dict[str, float | None]:
     out = {}
     for loss in ("lm", "distill"):
         lp, control = runs.get((loss, False)), runs.get((loss, True))
-        if lp is None or control is None:
-            out[loss] = None
-            continue
-        gap_before = lp["val_ppl_before"] - lp["val_ppl_sequential"]
-        # no share when LP cost nothing to begin with
-        out[loss] = 1 - (lp["val_ppl_after"] - control["val_ppl_after"]) / gap_before if gap_before > 0 else None
+        out[loss] = None if lp is None or control is None else share(lp, control)
     return out
+
+
+def tokens_a_step(r: dict) -> int:
+    return r["tokens_seen"] // max(r["steps"], 1)
+
+
+def variants_table(data: dict, variants: dict) -> str:
+    """The runs with other settings, each measured against the strictest control of its Δ and loss."""
+    lines = ["| Δ | run | loss | tokens a step | steps | val ppl before | val ppl after | accuracy after "
+             "| LP loss recovered vs the best control |", "|---|---|---|---|---|---|---|---|---|"]
+    for delta, runs in variants.items():
+        for name, r in runs.items():
+            control = best_control(data.get(delta, {}), runs, r["loss"])
+            rec = share(r, control) if control is not None and not r["control"] else None
+            lines.append(f"| {delta} | {name} | {r['loss']}{' (control)' if r['control'] else ''} | "
+                         f"{tokens_a_step(r):,} | {r['steps']} | {r['val_ppl_before']:.3f} | {r['val_ppl_after']:.3f} "
+                         f"| {r['val_accuracy_after']:.4f} | {'' if rec is None else f'{100 * rec:.0f}%'} |")
+    return "\n".join(lines)
 
 
 def table(data: dict) -> str:
@@ -83,7 +115,7 @@ def table(data: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(data: dict, path: Path) -> None:
+def plot(data: dict, variants: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,7 +124,7 @@ def plot(data: dict, path: Path) -> None:
     fig, axes = plt.subplots(2, len(data), figsize=(5.2 * len(data), 7.2), squeeze=False)
     for col, (delta, runs) in enumerate(data.items()):
         first = next(iter(runs.values()))
-        batch = f"{first['tokens_seen'] // max(first['steps'], 1):,} tokens a step"
+        batch = f"{tokens_a_step(first):,} tokens a step"
         for loss, control, label, color, ls in RUNS:
             r = runs.get((loss, control))
             if r is None:
@@ -100,6 +132,12 @@ def plot(data: dict, path: Path) -> None:
             steps, ppl, acc = curve(r)
             axes[0][col].plot(steps, ppl, color=color, ls=ls, marker="o", ms=2, label=label)
             axes[1][col].plot(steps, acc, color=color, ls=ls, marker="o", ms=2, label=label)
+        others = [(n, r) for n, r in variants.get(delta, {}).items() if not r["control"]]
+        for (name, r), color in zip(others, ("tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:olive")):
+            steps, ppl, acc = curve(r)
+            label = f"{name} ({tokens_a_step(r):,} tokens a step)"
+            axes[0][col].plot(steps, ppl, color=color, lw=1, marker=".", ms=2, label=label)
+            axes[1][col].plot(steps, acc, color=color, lw=1, marker=".", ms=2, label=label)
         for row, key, what in ((0, "val_ppl_sequential", "val perplexity (lower is better)"),
                                (1, "val_accuracy_sequential", "val next-token accuracy (higher is better)")):
             ax = axes[row][col]
@@ -124,9 +162,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     out = args.out or args.results
     out.mkdir(parents=True, exist_ok=True)
-    data = load(args.results)
-    plot(data, out / "distill.png")
-    md = table(data)
+    data, variants = load(args.results)
+    plot(data, variants, out / "distill.png")
+    md = table(data) + (f"\n\nOther settings:\n\n{variants_table(data, variants)}" if variants else "")
     (out / "distill.md").write_text(md + "\n")
     print(md)
     print(f"wrote {out / 'distill.png'} and {out / 'distill.md'}", file=sys.stderr)

@@ -216,3 +216,25 @@ def test_corpus_command_refuses_bad_input_and_never_overwrites_unasked(tmp_path)
     with pytest.raises(LPJaxError, match="the sidecar would be the text file itself"):
         corpus_cli.main([*base, "--out", str(tmp_path / "c.json")])
     assert mine.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+
+
+def test_distill_report_measures_each_run_against_its_control_and_variants_against_the_best_control(tmp_path):
+    from bench import distill_report
+
+    def run(name, before, after, control=False, loss="distill", steps=10, tokens=640):
+        r = {"val_ppl_before": before, "val_ppl_after": after, "val_ppl_sequential": 10.0, "control": control,
+             "val_accuracy_before": 0.4, "val_accuracy_after": 0.45, "val_accuracy_sequential": 0.5, "loss": loss,
+             "lp": "2:6", "steps": steps, "tokens_seen": tokens, "evals": [[steps, 2.5, 0.45]]}
+        (tmp_path / f"{name}.json").write_text("progress\n" + json.dumps(r) + "\n")
+
+    run("ft-d4-distill", 14.0, 12.0)
+    run("ft-d4-distill-control", 10.0, 10.5, control=True)
+    run("ft-d4-distill-lr1e-3", 14.0, 11.0)
+    run("ft-d4-distill-lr1e-3-control", 10.0, 10.2, control=True)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert distill_report.main([str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "distill.md").read_text()
+    assert (tmp_path / "out" / "distill.png").stat().st_size > 0
+    # its own control: 1 - (12.0 - 10.5) / (14 - 10) = 62.5%; the variant against the best control (10.2): 80%
+    assert "| 4 | distillation | 2:6 | 10 | 14.000 | 12.000 | 0.4000 | 0.4500 | 62% |" in md
+    assert "| 4 | distill-lr1e-3 | distill | 64 | 10 | 14.000 | 11.000 | 0.4500 | 80% |" in md
