@@ -1,4 +1,5 @@
-"""Weight-only quantization: int8 and int4 matrices with scales (and offsets), and the product that reads them.
+"""Weight-only quantization: int8 and int4 matrices with scales (and offsets), and the product that reads them
+(docs/design.md section 7).
 
 A `QuantizedWeight` stands in for a matrix w [K, *out] of the attention and MLP products (and an untied LM head),
 K being its input, the axis a product contracts (always the first: lpjax/schema.py lays every matrix out so):

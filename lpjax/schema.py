@@ -6,8 +6,8 @@ its Hugging Face name and layout, its GGUF (llama.cpp) name, how it is initialis
 derived from these two tables: shapes (`layer_shapes`, `global_shapes`, and the model's parameters:
 `TreeParam.shape`), shardings (`sharding.ShardingRules`), the HF name map (`sources/hf.py`,
 `sources/hf.py:write_hf`), the GGUF name map (`sources/gguf.py`), initialisation (`Weight.init`, a function of the
-config: random weights, training, the model's own `init` and the PyTorch baselines draw from it) and the weight-decay
-mask (`decayed_paths`). Adding a weight is one
+config: random weights, training, the model's own `init` and the PyTorch baselines draw from it), the weight-decay
+mask (`decayed_paths`) and which matrices `--quantize` quantizes (`Weight.quantized`). Adding a weight is one
 row here (and a `TreeParam` row, unless an existing leaf fuses it), plus its use in the model's math (`model.py`
 takes a leaf by path: `_param(module, "attn/wqkv")`) and in the fusion (`weights.assemble_stage`).
 

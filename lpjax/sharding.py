@@ -7,6 +7,8 @@ One mesh with axes ("pair", "tp") of shape (2, N/2), or (1, 1) on one device.
 - KV heads fewer than a stage's split are repeated at load time until each device owns one (exact: the repeated
   heads are copies).
 - Embedding and LM head split over the vocabulary (padded to a multiple of N; padded logits are dropped).
+- A quantized matrix's scales (and offsets) split like its values; a per-channel scale, one row for the whole
+  input, is replicated along a split input (docs/design.md section 7).
 
 `Layout` says how big each piece is and checks that the model divides; `ShardingRules` names the logical axes of
 every array once and maps them to mesh axes per stage kind.
