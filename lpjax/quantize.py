@@ -6,9 +6,9 @@ K being its input, the axis a product contracts (always the first: lpjax/schema.
 
     w[k, o] ~ values[k, o] * scale[k // group, o] (+ offset[k // group, o])
 
-- `values`: int8 or int4, w's shape. jnp.int4 is stored packed, two to a byte, and XLA reads it natively. On CPUs
-  the model holds int4 values in int8 (`int4_storage`): the CPU runtime keeps int4 one to a byte anyway, and
-  jax 0.10's CPU runtime refuses int4 arrays as arguments of ahead-of-time compiled programs (a layout mismatch).
+- `values`: int8 or int4, w's shape. jnp.int4 is stored packed, two to a byte, and XLA reads it natively. Where the
+  runtime does not pass int4 arrays to ahead-of-time compiled programs (jax 0.10's CPU runtime, which keeps int4
+  one to a byte anyway: a layout mismatch), the model holds int4 values in int8 (`int4_storage`).
 - `scale`, `offset`: [K / group, *out] in the compute dtype; one row per group of `group` consecutive inputs. int8 per
   output channel has one group ([1, *out]): its scale then multiplies the product's output columns, after the dot.
   `offset` (None when absent) is the per-group minimum of an affine scheme (int4 here; GGUF's Q4_1).
@@ -23,6 +23,7 @@ chosen so that the 16 levels span the group: |err| <= scale/2), and `gguf`: a GG
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -137,10 +138,18 @@ def is_quantized(x) -> bool:
     return isinstance(x, QuantizedWeight)
 
 
+@functools.cache
 def int4_storage(platform: str):
-    """The dtype a model on `platform` holds int4 values in: int4 (packed) on accelerators, int8 on CPUs (see the
-    module docstring; the values, and so every product, are the same)."""
-    return jnp.int8 if platform == "cpu" else jnp.int4
+    """The dtype a model on `platform` holds int4 values in: int4 where an int4 array made by one compiled program
+    can be handed to another compiled ahead of time (as the engine's programs are), else int8 (the values, and so
+    every product, are the same). Asked once per platform, with a 2x2 array."""
+    device = jax.local_devices(backend=platform)[0]
+    try:
+        x = jax.jit(lambda: jnp.zeros((2, 2), jnp.int4), out_shardings=jax.sharding.SingleDeviceSharding(device))()
+        jax.block_until_ready(jax.jit(lambda a: a.astype(jnp.int32).sum()).lower(x).compile()(x))
+    except ValueError:  # "Computation was compiled for input layouts that disagree with the layouts of arguments"
+        return jnp.int8
+    return jnp.int4
 
 
 # ---------------------------------------------------------------------------------------------------- the math

@@ -52,7 +52,7 @@ def quantized(mha):
 def test_every_weight_is_within_half_a_scale_of_its_dequantized_value(spec, dtype):
     w = jax.random.normal(jax.random.key(0), (64, 3, 8)) * jnp.linspace(0.01, 2, 24).reshape(3, 8)
     w = w.at[:, 0, 0].set(0.0)  # an all-zero output channel
-    q = quantize(w, spec, dtype)
+    q = jax.jit(quantize, static_argnums=(1, 2))(w, spec, dtype)
     groups = 64 // (spec.group_size or 64)
     assert q.values.shape == w.shape and q.scale.shape == (groups, 3, 8) and q.scale.dtype == dtype
     assert q.values.dtype == {"int8": jnp.int8, "int4": jnp.int4}[spec.kind]
@@ -69,7 +69,7 @@ def test_every_weight_is_within_half_a_scale_of_its_dequantized_value(spec, dtyp
 def test_the_quantized_product_is_the_product_of_the_dequantized_matrix(spec):
     w = jax.random.normal(jax.random.key(1), (64, 2, 16))
     x = jax.random.normal(jax.random.key(2), (3, 5, 64))
-    q = quantize(w, spec)
+    q = jax.jit(quantize, static_argnums=1)(w, spec)
     got = jax.jit(product)(x, q)
     assert got.shape == (3, 5, 2, 16)
     np.testing.assert_allclose(got, jnp.einsum("btk,kno->btno", x, dequantize(q, jnp.float32)), rtol=1e-5, atol=1e-5)
