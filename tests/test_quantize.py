@@ -170,6 +170,20 @@ def test_a_quantized_convert_loads_back_quantized_with_the_same_logits(mha, quan
     assert_clean_error(rc, err, "is already quantized as int4 in groups of 32 inputs; load it without --quantize")
 
 
+def test_the_tools_print_a_warning_in_one_line(capsys):
+    import warnings
+
+    from lpjax import cli
+
+    def main(argv):
+        warnings.warn("a Q6_K matrix is dequantised", LPJaxWarning, stacklevel=2)
+        return 0
+
+    with pytest.raises(SystemExit) as e:
+        cli.run(main, [])
+    assert e.value.code == 0 and capsys.readouterr().err == "warning: a Q6_K matrix is dequantised\n"
+
+
 @pytest.mark.parametrize("flags,words", [
     (["--quantize", "int4", "--group-size", 48], "groups of 48 inputs do not divide the hidden size"),
     (["--quantize", "int4", "--group-size", 32, "--devices", 4], "split 4 ways on 4 devices, 16 a device"),
