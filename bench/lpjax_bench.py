@@ -1,11 +1,14 @@
 """lpjax's benchmark runner: one model on N devices, for several LP Δ and batch sizes (run by `bench.run`).
 
     python -m bench.lpjax_bench --model llama2-7b --devices 2 --delta 0,14 --batch 1 --json-out FILE
+    python -m bench.lpjax_bench --model llama2-7b --devices 1 --delta 0,14 --quantize int8 --json-out FILE
 
-Random weights at the preset's real shapes (bf16 on GPU, float32 on CPU unless --dtype says otherwise). Every metric
-is timed after a warm-up of the same compiled program; compile time is never inside a figure (the engine measures it
-apart). One process per (model, devices, batch) keeps JAX and PyTorch off each other's memory and gives each
-configuration its own peak.
+Random weights at the preset's real shapes (bf16 on GPU, float32 on CPU unless --dtype says otherwise); with
+`--quantize int8|int4 [--group-size G]` the matrices are quantized as they load (records named `lpjax-int8`,
+`lpjax-int4`, or `lpjax-int4-g64` for a group size other than the default, unless --impl-name says otherwise).
+Every metric is timed after a warm-up of the same compiled program; compile time is never inside a figure (the
+engine measures it apart). One process per (model, devices, batch) keeps JAX and PyTorch off each other's memory
+and gives each configuration its own peak.
 """
 
 from __future__ import annotations
@@ -21,11 +24,12 @@ import numpy as np
 from bench import common
 from bench.common import log, model_prompt
 from bench.records import DECODE_TOKENS, PROMPT_LEN, SINGLE_TOKEN_AT, make
-from lpjax.cli import enable_compile_cache
+from lpjax.cli import add_quantize_args, enable_compile_cache, quantize_spec
 from lpjax.config import PRESETS
 from lpjax.engine import Engine
 from lpjax.errors import LPJaxError
 from lpjax.plan import LPPlan
+from lpjax.quantize import QuantSpec
 
 IMPL = "lpjax"
 SINGLE_TOKEN_CALLS = 20
@@ -106,14 +110,26 @@ def versions(engine: Engine) -> dict:
     d = engine.mesh.devices.flat[0]
     return dict(versions={"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__},
                 device_name=getattr(d, "device_kind", d.platform), dtype=engine.dtype_name,
-                attention=engine.attention)
+                attention=engine.attention, quantize=None if engine.quantize is None else str(engine.quantize),
+                weight_gb=round(engine.weight_bytes / 1e9, 3))
+
+
+def impl_name(quantize: QuantSpec | None) -> str:
+    """The records' name of lpjax under `quantize`: `lpjax`, `lpjax-int8`, `lpjax-int4` (default group) or
+    `lpjax-int4-g64`."""
+    if quantize is None:
+        return IMPL
+    default = QuantSpec.parse(quantize.kind).group_size
+    return f"{IMPL}-{quantize.kind}" + ("" if quantize.group_size == default else f"-g{quantize.group_size}")
 
 
 def run(model: str, devices: int, plans: list[LPPlan], batches: list[int], metrics: list[str], repeats: int,
-        long_repeats: int, json_out: str | None, dtype: str | None = None, impl: str = IMPL) -> None:
+        long_repeats: int, json_out: str | None, dtype: str | None = None, impl: str | None = None,
+        quantize: QuantSpec | None = None) -> None:
     """Every plan on `devices` devices, each at every batch size; records emitted per plan."""
+    impl = impl or impl_name(quantize)
     for plan in plans:
-        engine = Engine.load(f"random:{model}", plan.spec(), devices, dtype)
+        engine = Engine.load(f"random:{model}", plan.spec(), devices, dtype, quantize=quantize)
         log(f"[lpjax] {engine.describe()}")
         for batch in batches:
             figures = measure(engine, batch, metrics, repeats, long_repeats)
@@ -127,8 +143,14 @@ def run(model: str, devices: int, plans: list[LPPlan], batches: list[int], metri
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_runner_args(p, "devices to use (the first N)")
-    p.add_argument("--impl-name", default=IMPL, help="name in the records (variants: e.g. lpjax+flags)")
+    p.add_argument("--impl-name", default=None,
+                   help="name in the records (default lpjax, or lpjax-int8 ... under --quantize; variants: e.g. "
+                        "lpjax+flags)")
+    add_quantize_args(p)
     args = p.parse_args(argv)
+    quantize = quantize_spec(args)
+    if quantize is not None and quantize.kind == "gguf":
+        raise LPJaxError("--quantize gguf: the benchmark runs random weights; use int8 or int4")
     name = args.model.removeprefix("random:")
     if name not in PRESETS:
         raise LPJaxError(f"--model {args.model}: not a preset ({', '.join(PRESETS)})")
@@ -141,7 +163,7 @@ def main(argv=None) -> int:
         raise LPJaxError(f"--devices {args.devices}: only {len(jax.devices())} devices visible")
     enable_compile_cache()
     run(name, args.devices, plans, batches, metrics, args.repeats, args.long_repeats, args.json_out, args.dtype,
-        args.impl_name)
+        args.impl_name, quantize)
     return 0
 
 

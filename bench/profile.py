@@ -1,6 +1,6 @@
 """Where decode time goes: trace one on-device decode loop with the JAX profiler and summarise the GPU kernels.
 
-    python -m bench.profile --model llama2-7b --lp 16:30 --devices 2 [--tokens 128] [--summary FILE]
+    python -m bench.profile --model llama2-7b --lp 16:30 --devices 2 [--tokens 128] [--summary FILE] [--quantize int8]
 
 Prints, per device: wall time per token, kernel time per token (the rest is gaps between kernels), kernels per
 token, the kernels that take the most time, and the decode step's budget per stage (kernels and microseconds by
@@ -23,6 +23,7 @@ import jax
 
 from bench import common
 from bench.records import PROMPT_LEN
+from lpjax.cli import add_quantize_args, quantize_spec
 from lpjax.engine import Engine
 from lpjax.weights import DTYPES
 
@@ -103,8 +104,10 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=128, help="decode steps traced")
     p.add_argument("--top", type=int, default=25, help="kernels listed, the slowest first")
     p.add_argument("--summary", default=None, help="write the summary JSON here (the trace stays in a temp dir)")
+    add_quantize_args(p)
     args = p.parse_args(argv)
-    engine = Engine.load(common.engine_model(args.model), args.lp, args.devices, args.dtype)
+    engine = Engine.load(common.engine_model(args.model), args.lp, args.devices, args.dtype,
+                         quantize=quantize_spec(args))
     prompt = common.model_prompt(PROMPT_LEN, engine.config)
     engine.generate([prompt], args.tokens + 1, eos=())  # compile and warm up
     out = tempfile.mkdtemp(prefix="lpjax-trace-")
@@ -115,6 +118,7 @@ def main(argv=None) -> int:
     jax.profiler.stop_trace()
     trace = glob.glob(f"{out}/**/*.xplane.pb", recursive=True)[0]
     report = {"model": args.model, "lp": engine.plan.spec(), "devices": engine.layout.n_devices,
+              "quantize": None if engine.quantize is None else str(engine.quantize),
               "decode_ms_per_token": res.decode_ms_per_step, "wall_s": wall, "jax": jax.__version__,
               "devices_report": {k: summarise(v, args.tokens, args.top) | {"budget_per_stage": budget(
                   v, args.tokens, len(engine.layout.stages))} for k, v in kernel_events(trace).items()}}

@@ -2,11 +2,11 @@
 
 import importlib
 
-__all__ = ["Engine", "GenerationResult", "LPJaxError", "LPPlan", "Sampling"]
+__all__ = ["Engine", "GenerationResult", "LPJaxError", "LPPlan", "QuantSpec", "Sampling"]
 __version__ = "0.1.0"
 
 _HOMES = {"Engine": "lpjax.engine", "GenerationResult": "lpjax.engine", "LPJaxError": "lpjax.errors",
-          "LPPlan": "lpjax.plan", "Sampling": "lpjax.sampling"}
+          "LPPlan": "lpjax.plan", "QuantSpec": "lpjax.quantize", "Sampling": "lpjax.sampling"}
 
 
 def __getattr__(name: str):

@@ -8,9 +8,11 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 
-from lpjax.errors import LPJaxError, first_line
+from lpjax.errors import LPJaxError, LPJaxWarning, first_line
+from lpjax.quantize import KINDS, QuantSpec
 from lpjax.weights import DTYPES
 
 EXIT_BAD_INPUT = 2
@@ -31,6 +33,7 @@ def add_model_args(p: argparse.ArgumentParser, model_required: bool = True) -> N
                    help="compute/weight dtype (default: the checkpoint's)")
     p.add_argument("--devices", type=int, default=None, help="number of devices to use (default: all visible)")
     p.add_argument("--max-len", type=int, default=None, help="context length limit (default: the model's)")
+    add_quantize_args(p)
     p.add_argument("--json", action="store_true", help="end stdout with one JSON line of results")
     g = p.add_argument_group("multi-host (one process per host; see README)")
     g.add_argument("--coordinator", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
@@ -44,6 +47,22 @@ def add_model_args(p: argparse.ArgumentParser, model_required: bool = True) -> N
     g.add_argument("--processes", choices=("auto", "one", "per-device"), default="auto",
                    help="on one host: one process for all devices, or one per device started by the tool itself "
                         "(lpjax/launch.py); auto: one, for now")
+
+
+def add_quantize_args(p: argparse.ArgumentParser) -> None:
+    """`--quantize` and `--group-size`, as every tool that loads a model takes them (`quantize_spec` reads them)."""
+    p.add_argument("--quantize", choices=KINDS, default=None,
+                   help="hold the attention and MLP matrices (and an untied LM head) as int8 (per output channel) or "
+                        "int4 (in groups of --group-size inputs); gguf: keep a GGUF file's own Q8_0/Q4_0/Q4_1 blocks "
+                        "(default: as the checkpoint stores them)")
+    p.add_argument("--group-size", type=int, default=None, metavar="G",
+                   help=f"inputs per scale of --quantize int4 (default {QuantSpec.parse('int4').group_size}) or "
+                        "int8 (default: one scale per output channel)")
+
+
+def quantize_spec(args: argparse.Namespace) -> QuantSpec | None:
+    """The `QuantSpec` of a tool's `--quantize`/`--group-size` (None: none asked for), or one line on why not."""
+    return QuantSpec.parse(args.quantize, args.group_size)
 
 
 def _env_int(name: str) -> int | None:
@@ -152,7 +171,15 @@ def load_bar() -> Callable[[int, int], None]:
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
-    """Run a CLI's main with the error contract."""
+    """Run a CLI's main with the error contract (and lpjax's warnings as `warning: ...` lines)."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not issubclass(category, LPJaxWarning):
+            return shown(message, category, filename, lineno, file, line)
+        say(f"warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = show
     try:
         code = main(argv)
     except LPJaxError as e:
@@ -161,6 +188,8 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        warnings.showwarning = shown
     sys.exit(code or 0)
 
 

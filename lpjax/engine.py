@@ -21,6 +21,7 @@ from lpjax.compile import resolve_attention
 from lpjax.config import round_up
 from lpjax.errors import LPJaxError
 from lpjax.plan import LPPlan
+from lpjax.quantize import QuantSpec
 from lpjax.runtime import decode_loop
 from lpjax.runtime.decode_loop import DecodeState
 from lpjax.runtime.host_step import HostStep
@@ -28,7 +29,7 @@ from lpjax.runtime.programs import Programs, prefill_bucket
 from lpjax.sampling import Sampling
 from lpjax.sharding import Layout, describe_mesh, make_mesh
 from lpjax.sources import open_source, plan_for
-from lpjax.weights import DTYPES, WeightSource, load_params, source_dtype
+from lpjax.weights import DTYPES, WeightSource, load_params, resolve_quantize, source_dtype
 
 CACHE_MULTIPLE = 128
 
@@ -53,17 +54,19 @@ class GenerationResult:
 
 
 class Engine:
-    """A model with an LP plan, loaded onto a mesh."""
+    """A model with an LP plan, loaded onto a mesh; its matrices quantized as `quantize` says (None: plain)."""
 
     def __init__(self, source: WeightSource, plan: LPPlan, mesh: Mesh, dtype: str, params: dict | None = None,
-                 attention: str = "auto", progress: Callable[[int, int], None] | None = None):
+                 attention: str = "auto", progress: Callable[[int, int], None] | None = None,
+                 quantize: QuantSpec | None = None):
         self.source, self.config, self.plan, self.mesh = source, source.config, plan, mesh
         self.dtype_name = dtype
         self.dtype = DTYPES[dtype]
+        self.quantize = quantize
         self.layout = Layout.build(self.config, plan, mesh)
         self.attention = resolve_attention(attention, mesh.devices.flat[0].platform, dtype)
         if params is None:  # `progress(stages loaded, stages)` reports the load
-            params = load_params(source, self.layout, mesh, self.dtype, progress)
+            params = load_params(source, self.layout, mesh, self.dtype, progress, quantize)
         self.programs = Programs(self.layout, mesh, params, self.dtype, self.attention)
         self.step = HostStep(self.programs)
         self._tokenizer = None
@@ -77,10 +80,19 @@ class Engine:
         """Seconds spent compiling and on first runs, kept out of every timing."""
         return self.programs.compile_s
 
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the loaded weights, every array once (int4 at half a byte): what the devices hold in all."""
+        return self.programs.weight_bytes()
+
     @classmethod
     def load(cls, model: str, lp: str | None = None, devices: int | None = None, dtype: str | None = None,
-             seed: int = 0, attention: str = "auto", progress: Callable[[int, int], None] | None = None) -> Engine:
-        source = open_source(model, seed)
+             seed: int = 0, attention: str = "auto", progress: Callable[[int, int], None] | None = None,
+             quantize: QuantSpec | None = None) -> Engine:
+        """`quantize`: hold the attention and MLP matrices (and an untied LM head) as int8/int4, or a GGUF file's
+        own quantized blocks (`QuantSpec.parse("gguf")`); None: as the checkpoint stores them."""
+        source = open_source(model, seed, quantize)
+        quantize = resolve_quantize(source, quantize)
         mesh = make_mesh(devices)
         if dtype is None:  # the checkpoint's; random weights: bfloat16, but float32 on CPUs (no fast bf16 there)
             dtype = source_dtype(source)
@@ -89,12 +101,12 @@ class Engine:
         if dtype not in DTYPES:
             raise LPJaxError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
         plan = LPPlan.parse(plan_for(source, lp), source.config.n_layers)  # lp=None: the plan it was tuned for
-        return cls(source, plan, mesh, dtype, attention=attention, progress=progress)
+        return cls(source, plan, mesh, dtype, attention=attention, progress=progress, quantize=quantize)
 
     def with_plan(self, lp: str | LPPlan) -> Engine:
         """The same weights under another plan (re-read from the source; checkpoints are plan-independent)."""
         plan = lp if isinstance(lp, LPPlan) else LPPlan.parse(lp, self.config.n_layers)
-        return Engine(self.source, plan, self.mesh, self.dtype_name, attention=self.attention)
+        return Engine(self.source, plan, self.mesh, self.dtype_name, attention=self.attention, quantize=self.quantize)
 
     @property
     def tokenizer(self):
@@ -105,8 +117,10 @@ class Engine:
         return self._tokenizer
 
     def describe(self) -> str:
+        held = "" if self.quantize is None else (f", matrices {self.quantize.describe()} "
+                                                 f"({self.weight_bytes / 1e6:.1f} MB of weights)")
         return (f"{self.source.description}; {self.config.n_layers} layers, {self.config.n_params / 1e9:.3g}B params, "
-                f"{self.dtype_name}; LP plan {self.plan.describe()}; {describe_mesh(self.mesh)}")
+                f"{self.dtype_name}{held}; LP plan {self.plan.describe()}; {describe_mesh(self.mesh)}")
 
     # ---------------------------------------------------------------- full forward (eval, tests)
 

@@ -9,6 +9,11 @@ class LPJaxError(Exception):
     """Bad input, explained in one line."""
 
 
+class LPJaxWarning(UserWarning):
+    """Input lpjax runs, but not quite as asked (a GGUF matrix type it cannot keep quantized): one line, and the
+    command-line tools print it as `warning: ...`."""
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message, or its class name when it has none: what an `LPJaxError` quotes of
     a library's error (multi-line tracebacks and hints from JAX, Orbax or transformers stay out of the one line)."""

@@ -33,13 +33,14 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    quantize = cli.quantize_spec(args)
     if (code := launch.start(args, "lpjax.eval", argv)) is not None:
         return code  # this process launched per-device workers, which ran the tool
     from lpjax.engine import Engine
 
     contents = [cli.read_text_file(f) for f in args.text]
     engine = Engine.load(args.model, args.lp, args.devices, args.dtype,
-                         progress=cli.load_bar() if cli.is_main_process() else None)
+                         progress=cli.load_bar() if cli.is_main_process() else None, quantize=quantize)
     window, stride = resolve_window(args.window, args.stride, args.max_len, engine.config.max_seq_len)
     if args.batch_size < 1:
         raise LPJaxError(f"--batch-size {args.batch_size}: must be at least 1")
@@ -59,6 +60,7 @@ def main(argv=None) -> int:
             "windows": res["windows"], "window": window, "stride": stride, "lp": engine.plan.spec(),
             "delta": engine.plan.delta,
             "devices": engine.layout.n_devices, "dtype": engine.dtype_name, "model": engine.source.description,
+            "quantize": None if engine.quantize is None else str(engine.quantize), "weight_bytes": engine.weight_bytes,
             "files": [dict(r, file=f) for f, r in zip(args.text, res["per_text"])],
         })
     return 0

@@ -91,6 +91,7 @@ def run_once(engine, args, prompts: list[str], history: list[dict[str, str]] | N
         "lp": engine.plan.spec(), "delta": engine.plan.delta, "depth": engine.plan.depth,
         "devices": engine.layout.n_devices, "mesh": {"pair": engine.layout.pair_size, "tp": engine.layout.tp_size},
         "model": engine.source.description, "dtype": engine.dtype_name, "sampling": sampling.describe(),
+        "quantize": None if engine.quantize is None else str(engine.quantize), "weight_bytes": engine.weight_bytes,
     }
     from lpjax.sharding import describe_mesh
 
@@ -98,7 +99,8 @@ def run_once(engine, args, prompts: list[str], history: list[dict[str, str]] | N
         f"[prompt {res.prompt_tokens} tokens x{res.batch} | prefill {summary['prefill_ms']:.1f} ms | decode "
         f"{res.decode_steps} steps, {res.decode_tokens_per_s:.1f} tokens/s ({res.decode_ms_per_step:.2f} ms/token) | "
         f"compile {res.compile_s:.1f} s]\n[LP plan {engine.plan.describe()} | {describe_mesh(engine.mesh)} | "
-        f"{engine.dtype_name} | {sampling.describe()}]",
+        f"{engine.dtype_name}{'' if engine.quantize is None else ', ' + str(engine.quantize) + ' weights'} | "
+        f"{sampling.describe()}]",
         file=sys.stderr if args.json or args.chat else sys.stdout,
     )
     return summary
@@ -129,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         raise LPJaxError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
     if args.chat and not args.prompt and args.processes == "auto":
         args.processes = "one"  # a conversation on stdin is read by one process
+    quantize = cli.quantize_spec(args)  # bad flags fail before anything starts
     if (code := launch.start(args, "lpjax.generate", argv)) is not None:
         return code  # this process launched per-device workers, which ran the tool
     if args.chat and not args.prompt and cli.process_count() > 1:  # only one process can read the user's stdin
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         args.model = DEFAULT_MODEL
     prompts = args.prompt or [DEFAULT_PROMPT]
     engine = Engine.load(args.model, "" if default else args.lp, args.devices, args.dtype, seed=args.seed,
-                         progress=cli.load_bar() if cli.is_main_process() and not default else None)
+                         progress=cli.load_bar() if cli.is_main_process() and not default else None, quantize=quantize)
     cli.say(f"[{engine.describe()}]", file=sys.stderr)
     if args.chat and not args.prompt:
         engine.tokenizer.chat_ids([{"role": "user", "content": "hi"}])  # no chat template: say so before reading

@@ -30,6 +30,7 @@ from flax import struct
 
 from lpjax.cache import StageCache
 from lpjax.config import ModelConfig
+from lpjax.quantize import product
 from lpjax.schema import BY_PATH, Sizes, TreeParam
 from lpjax.sharding import ALL, Layout, StageLayout
 
@@ -177,8 +178,9 @@ def _write_cache(cache: StageCache, k: jax.Array, v: jax.Array, index) -> StageC
 MIN_MATMUL_ROWS = 8
 
 
-def project(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [..., K] @ w [K, ...]: the weight products of every layer.
+def project(x: jax.Array, w) -> jax.Array:
+    """x [..., K] @ w [K, ...]: the weight products of every layer (w plain or a `quantize.QuantizedWeight`, whose
+    dequantization `quantize.product` writes into the product's operand).
 
     Decode multiplies one row per sequence. XLA:GPU rewrites a [1, K] x [K, N] product with a small weight
     ([2048, 4096], a 2-GPU shard of Llama-2-7B's output projection) into multiply + reduce kernels that ran at
@@ -191,7 +193,7 @@ def project(x: jax.Array, w: jax.Array) -> jax.Array:
     x2 = x.reshape(rows, K)
     if rows < MIN_MATMUL_ROWS:
         x2 = jnp.pad(x2, ((0, MIN_MATMUL_ROWS - rows), (0, 0)))
-    return (x2 @ w2)[:rows].reshape(*lead, *w.shape[1:])
+    return product(x2, w2)[:rows].reshape(*lead, *w.shape[1:])
 
 
 def normed_project(x: jax.Array, norm: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -430,7 +432,7 @@ class LlamaLM(nn.Module):
         if c.tied_embeddings:
             logits = embed.attend(x)
         else:
-            logits = x @ _param(self, "lm_head")
+            logits = product(x, _param(self, "lm_head"))
         logits = logits.astype(jnp.float32)
         if self.per_device and n > 1:
             logits = jax.lax.all_gather(logits, ALL, axis=logits.ndim - 1, tiled=True)

@@ -6,8 +6,8 @@ its Hugging Face name and layout, its GGUF (llama.cpp) name, how it is initialis
 derived from these two tables: shapes (`layer_shapes`, `global_shapes`, and the model's parameters:
 `TreeParam.shape`), shardings (`sharding.ShardingRules`), the HF name map (`sources/hf.py`,
 `sources/hf.py:write_hf`), the GGUF name map (`sources/gguf.py`), initialisation (`Weight.init`, a function of the
-config: random weights, training, the model's own `init` and the PyTorch baselines draw from it) and the weight-decay
-mask (`decayed_paths`). Adding a weight is one
+config: random weights, training, the model's own `init` and the PyTorch baselines draw from it), the weight-decay
+mask (`decayed_paths`) and which matrices `--quantize` quantizes (`Weight.quantized`). Adding a weight is one
 row here (and a `TreeParam` row, unless an existing leaf fuses it), plus its use in the model's math (`model.py`
 takes a leaf by path: `_param(module, "attn/wqkv")`) and in the fusion (`weights.assemble_stage`).
 
@@ -87,6 +87,7 @@ class Weight:
     init: Callable[[ModelConfig], Init]  # ones | zeros | normal | residual
     decayed: bool = False  # AdamW weight decay (matrices only)
     present: Callable[[ModelConfig], bool] = _always
+    quantized: bool = False  # a matrix `--quantize` quantizes (lpjax/quantize.py; its input axis is the first)
 
     def key(self, layer: int | None = None) -> str:
         return self.name if layer is None else f"{self.name}@{layer}"
@@ -123,10 +124,10 @@ class Weight:
         return np.ascontiguousarray(out)
 
 
-def _w(name, per_layer, shape, axes, names, layout, init, decayed=False, present=_always) -> Weight:
+def _w(name, per_layer, shape, axes, names, layout, init, decayed=False, present=_always, quantized=False) -> Weight:
     """One row; `names` is (HF name, GGUF name)."""
     hf_name, gguf_name = names
-    return Weight(name, per_layer, shape, axes, hf_name, gguf_name, layout, init, decayed, present)
+    return Weight(name, per_layer, shape, axes, hf_name, gguf_name, layout, init, decayed, present, quantized)
 
 
 _L, _B = "model.layers.{i}.", "blk.{i}."  # HF and GGUF (llama.cpp) prefixes of a layer's names
@@ -135,17 +136,17 @@ WEIGHTS: tuple[Weight, ...] = (
        ("model.embed_tokens.weight", "token_embd.weight"), "id", normal, decayed=True),
     _w("norm", False, lambda c: (c.dim,), (None,), ("model.norm.weight", "output_norm.weight"), "id", ones),
     _w("lm_head", False, lambda c: (c.dim, c.vocab_size), (None, "vocab"), ("lm_head.weight", "output.weight"), "T",
-       normal, decayed=True, present=_untied),
+       normal, decayed=True, present=_untied, quantized=True),
     _w("attn_norm", True, lambda c: (c.dim,), (None,), (_L + "input_layernorm.weight", _B + "attn_norm.weight"),
        "id", ones),
     _w("wq", True, lambda c: (c.dim, c.n_heads, c.head_dim), (None, "heads", None),
-       (_L + "self_attn.q_proj.weight", _B + "attn_q.weight"), "in_heads", normal, decayed=True),
+       (_L + "self_attn.q_proj.weight", _B + "attn_q.weight"), "in_heads", normal, decayed=True, quantized=True),
     _w("wk", True, lambda c: (c.dim, c.n_kv_heads, c.head_dim), (None, "kv_heads", None),
-       (_L + "self_attn.k_proj.weight", _B + "attn_k.weight"), "in_heads", normal, decayed=True),
+       (_L + "self_attn.k_proj.weight", _B + "attn_k.weight"), "in_heads", normal, decayed=True, quantized=True),
     _w("wv", True, lambda c: (c.dim, c.n_kv_heads, c.head_dim), (None, "kv_heads", None),
-       (_L + "self_attn.v_proj.weight", _B + "attn_v.weight"), "in_heads", normal, decayed=True),
+       (_L + "self_attn.v_proj.weight", _B + "attn_v.weight"), "in_heads", normal, decayed=True, quantized=True),
     _w("wo", True, lambda c: (c.n_heads * c.head_dim, c.dim), ("heads", None),
-       (_L + "self_attn.o_proj.weight", _B + "attn_output.weight"), "T", residual, decayed=True),
+       (_L + "self_attn.o_proj.weight", _B + "attn_output.weight"), "T", residual, decayed=True, quantized=True),
     _w("bq", True, lambda c: (c.n_heads, c.head_dim), ("heads", None),
        (_L + "self_attn.q_proj.bias", _B + "attn_q.bias"), "heads", zeros, present=_attention_bias),
     _w("bk", True, lambda c: (c.n_kv_heads, c.head_dim), ("kv_heads", None),
@@ -157,11 +158,11 @@ WEIGHTS: tuple[Weight, ...] = (
     _w("mlp_norm", True, lambda c: (c.dim,), (None,),
        (_L + "post_attention_layernorm.weight", _B + "ffn_norm.weight"), "id", ones),
     _w("w_gate", True, lambda c: (c.dim, c.ffn_dim), (None, "mlp"),
-       (_L + "mlp.gate_proj.weight", _B + "ffn_gate.weight"), "T", normal, decayed=True),
+       (_L + "mlp.gate_proj.weight", _B + "ffn_gate.weight"), "T", normal, decayed=True, quantized=True),
     _w("w_up", True, lambda c: (c.dim, c.ffn_dim), (None, "mlp"), (_L + "mlp.up_proj.weight", _B + "ffn_up.weight"),
-       "T", normal, decayed=True),
+       "T", normal, decayed=True, quantized=True),
     _w("w_down", True, lambda c: (c.ffn_dim, c.dim), ("mlp", None),
-       (_L + "mlp.down_proj.weight", _B + "ffn_down.weight"), "T", residual, decayed=True),
+       (_L + "mlp.down_proj.weight", _B + "ffn_down.weight"), "T", residual, decayed=True, quantized=True),
     _w("b_gate", True, lambda c: (c.ffn_dim,), ("mlp",), (_L + "mlp.gate_proj.bias", _B + "ffn_gate.bias"), "id",
        zeros, present=_mlp_bias),
     _w("b_up", True, lambda c: (c.ffn_dim,), ("mlp",), (_L + "mlp.up_proj.bias", _B + "ffn_up.bias"), "id", zeros,
@@ -197,6 +198,10 @@ class TreeParam:
     @property
     def decayed(self) -> bool:
         return any(BY_NAME[n].decayed for n in self.made_of)
+
+    @property
+    def quantized(self) -> bool:
+        return all(BY_NAME[n].quantized for n in self.made_of)
 
     @property
     def init(self) -> Callable[[ModelConfig], Init]:

@@ -76,6 +76,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quantize = cli.quantize_spec(args)
     try:
         from lpjax.serving.api import ServedModel, build_app
         from lpjax.serving.server import Server
@@ -93,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     from lpjax.sharding import describe_mesh
 
     sock = bind(args.host, args.port)
-    engine = Engine.load(args.model, args.lp, args.devices, args.dtype, seed=args.seed, progress=cli.load_bar())
+    engine = Engine.load(args.model, args.lp, args.devices, args.dtype, seed=args.seed, progress=cli.load_bar(),
+                         quantize=quantize)
     cli.say(f"[{engine.describe()}]", file=sys.stderr)
     context = args.max_len or min(engine.config.max_seq_len, DEFAULT_CONTEXT)
     tok = engine.tokenizer
@@ -115,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
     ready = {"url": url, "model": args.model, "lp": engine.plan.spec(), "plan": engine.plan.describe(),
              "mesh": served.mesh, "max_batch": args.max_batch, "max_len": context, "max_queue": args.max_queue,
-             "steps_per_call": args.steps_per_call, "dtype": engine.dtype_name}
+             "steps_per_call": args.steps_per_call, "dtype": engine.dtype_name,
+             "quantize": None if engine.quantize is None else str(engine.quantize)}
     scheduler.start()
     server = Server(build_app(scheduler, served), scheduler)
     if args.json:

@@ -7,6 +7,8 @@ One mesh with axes ("pair", "tp") of shape (2, N/2), or (1, 1) on one device.
 - KV heads fewer than a stage's split are repeated at load time until each device owns one (exact: the repeated
   heads are copies).
 - Embedding and LM head split over the vocabulary (padded to a multiple of N; padded logits are dropped).
+- A quantized matrix's scales (and offsets) split like its values; a per-channel scale, one row for the whole
+  input, is replicated along a split input (docs/design.md section 7).
 
 `Layout` says how big each piece is and checks that the model divides; `ShardingRules` names the logical axes of
 every array once and maps them to mesh axes per stage kind.
@@ -25,6 +27,7 @@ from lpjax.cache import StageCache
 from lpjax.config import ModelConfig, round_up
 from lpjax.errors import LPJaxError
 from lpjax.plan import LPPlan, Stage
+from lpjax.quantize import QuantizedWeight, part_specs
 from lpjax.schema import GLOBAL_PARAMS, STAGE_PARAMS, WEIGHTS
 
 MESH_AXES = ("pair", "tp")
@@ -154,15 +157,19 @@ class ShardingRules:
         return P(*(rules.get(a) if a is not None else None for a in logical))
 
     def param_specs(self, params: dict, layout: Layout) -> dict:
-        """PartitionSpecs for a model parameter tree (same structure as `params`)."""
+        """PartitionSpecs for a model parameter tree (same structure as `params`; arrays or abstract shapes). A
+        quantized matrix gets one per part: its scales (and offsets) split like its values, except along the input
+        when they have one row for all of it (per-channel scales), `quantize.part_spec`."""
         stage_axes, global_axes = dict(self.stage_params), dict(self.global_params)
         by_name = {s.name: s for s in layout.stages}
 
-        def spec(path: str) -> P:
+        def spec(path: str, leaf) -> P:
             top, _, rest = path.partition("/")
             if top in by_name:
-                return self._spec(stage_axes[rest], by_name[top])
-            return self._spec(global_axes[path], None)
+                out = self._spec(stage_axes[rest], by_name[top])
+            else:
+                out = self._spec(global_axes[path], None)
+            return part_specs(out, leaf) if isinstance(leaf, QuantizedWeight) else out
 
         return _map_named(params, spec)
 
@@ -182,10 +189,10 @@ RULES = ShardingRules()
 
 
 def _map_named(tree: dict, fn) -> dict:
-    """Map `fn("a/b")` over the leaves of a nested dict, by their slash-joined path."""
+    """Map `fn("a/b", leaf)` over the leaves of a nested dict, by their slash-joined path."""
 
     def go(t, prefix):
-        return {k: go(v, f"{prefix}{k}/") if isinstance(v, dict) else fn(f"{prefix}{k}") for k, v in t.items()}
+        return {k: go(v, f"{prefix}{k}/") if isinstance(v, dict) else fn(f"{prefix}{k}", v) for k, v in t.items()}
 
     return go(tree, "")
 

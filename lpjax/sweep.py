@@ -82,6 +82,7 @@ def main(argv=None) -> int:
                                ("--max-tokens", args.max_tokens, 0)):
         if value < least:
             raise LPJaxError(f"{flag} {value}: must be at least {least}")
+    quantize = cli.quantize_spec(args)
     if (code := launch.start(args, "lpjax.sweep", argv)) is not None:
         return code  # this process launched per-device workers, which ran the tool
     from lpjax.engine import Engine
@@ -91,7 +92,8 @@ def main(argv=None) -> int:
     deltas = parse_deltas(args.delta) if args.delta is not None else list(range(0, n_layers - 1, 2))
     plans = sweep_plans(n_layers, deltas, args.position, args.position_step, args.lp)
     main_process = cli.is_main_process()
-    base = Engine.load(args.model, "", args.devices, args.dtype, progress=cli.load_bar() if main_process else None)
+    base = Engine.load(args.model, "", args.devices, args.dtype, progress=cli.load_bar() if main_process else None,
+                       quantize=quantize)
     window, stride = resolve_window(args.window, args.stride, args.max_len, base.config.max_seq_len)
     texts = encode_texts(base.tokenizer, args.text, contents, args.max_tokens)
     prompt = texts[0][: args.prompt_tokens]
@@ -107,6 +109,7 @@ def main(argv=None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
     header = {
         "model": base.source.description, "n_layers": n_layers, "dtype": base.dtype_name,
+        "quantize": None if base.quantize is None else str(base.quantize),
         "devices": base.layout.n_devices, "platform": base.mesh.devices.flat[0].platform,
         "mesh": {"pair": base.layout.pair_size, "tp": base.layout.tp_size}, "window": window, "stride": stride,
         "texts": list(args.text), "timing": dict(dataclasses.asdict(timing), statistic="median", warmup_runs=1,

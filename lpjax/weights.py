@@ -7,7 +7,13 @@ and optional biases. Keys are `name` for globals and `name@i` for layer i.
 A `WeightSource` (lpjax/sources/) hands out one layer at a time, already placed on the devices that need it;
 `load_params` then stacks each stage under `jit` with the stage's output sharding, so pairs are restacked on device
 and no model is ever whole in host memory or on one device. `disassemble_*` invert the assembly exactly (training
-and export write through them).
+and export write through them; plain weights only).
+
+Under `--quantize` (a `quantize.QuantSpec`) the matrices the schema marks `quantized` are quantized as each stage
+is assembled, on its devices (`as_held`), so only one stage is ever held unquantized; a source whose checkpoint
+stores them quantized (`WeightSource.quantized`: a converted quantized checkpoint, a GGUF file read with
+`--quantize gguf`) hands them over as `quantize.QuantizedWeight`s already. Fusing and stacking treat every part of a
+quantized matrix alike.
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lpjax.config import ModelConfig
-from lpjax.schema import global_shapes, layer_shapes
-from lpjax.sharding import RULES, Layout, StageLayout
+from lpjax.errors import LPJaxError
+from lpjax.quantize import QuantizedWeight, QuantSpec, dequantize, int4_storage, quantize
+from lpjax.schema import BY_NAME, STAGE_PARAMS, global_shapes, layer_shapes
+from lpjax.sharding import RULES, Layout, StageLayout, named
 
 # The dtypes weights can be loaded, computed and saved in, by the name every `--dtype` flag takes (its choices).
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
@@ -38,6 +46,7 @@ class WeightSource:
     description: str
     directory: Path | None = None  # where config and tokenizer live (None: random weights)
     dtype: np.dtype | None = None  # what the checkpoint stores (None: random weights)
+    quantized: QuantSpec | None = None  # how it stores its matrices, when it hands them over quantized
 
     def read(self, keys: dict[str, NamedSharding], dtype) -> dict[str, jax.Array]:
         raise NotImplementedError
@@ -51,24 +60,61 @@ def _layer_shardings(s: StageLayout, mesh: Mesh, config: ModelConfig) -> dict[st
     return {name: NamedSharding(mesh, RULES.layer_spec(name, s)) for name in layer_shapes(config)}
 
 
-def _fuse_qkv(w: dict[str, jax.Array], repeat: int, bias: bool = False) -> jax.Array:
+def as_held(weights: dict, spec: QuantSpec | None, dtype, int4=jnp.int4) -> dict:
+    """Canonical weights (one layer's, or the globals) as the model holds them: under an int8/int4 `spec` the
+    matrices the schema marks `quantized` quantized, scales in `dtype`; quantized ones a source handed over kept
+    (their scales in `dtype`), or without a spec dequantized to `dtype`; everything else as it is. int4 values are
+    held as `int4` (`quantize.int4_storage`)."""
+    out = {}
+    for name, w in weights.items():
+        if spec is not None and spec.kind != "gguf" and BY_NAME[name].quantized and not isinstance(w, QuantizedWeight):
+            w = quantize(w, spec, dtype)
+        if isinstance(w, QuantizedWeight):
+            if spec is None:
+                w = dequantize(w, dtype)
+            else:
+                values = w.values.astype(int4) if w.values.dtype == jnp.int4 else w.values
+                w = w.replace(values=values, scale=w.scale.astype(dtype),
+                              offset=None if w.offset is None else w.offset.astype(dtype))
+        out[name] = w
+    return out
+
+
+def _uniform(layers: list[dict]) -> list[dict]:
+    """The layers with the weights of each fused and stacked model-tree leaf either all quantized alike or all plain:
+    a GGUF file may mix types (Q4_0 beside Q6_K), and then the leaf's quantized members are dequantized too."""
+    layers = [dict(w) for w in layers]
+    for p in STAGE_PARAMS:
+        members = [(w, n) for w in layers for n in p.made_of if n in w]
+        schemes = {w[n].scheme() if isinstance(w[n], QuantizedWeight) else None for w, n in members}
+        if len(schemes) > 1:
+            for w, n in members:
+                if isinstance(w[n], QuantizedWeight):
+                    w[n] = dequantize(w[n], w[n].scale.dtype)
+    return layers
+
+
+def _fuse_qkv(w: dict[str, jax.Array], repeat: int, bias: bool = False):
     """[D, H, hd] q and [D, K, hd] k/v (or their [.., hd] biases) -> [D, K*r, G/r + 2, hd]: per (repeated) KV head,
-    its query heads, its key, its value."""
-    q, k, v = (w["bq"], w["bk"], w["bv"]) if bias else (w["wq"], w["wk"], w["wv"])
-    lead = q.shape[:-2]
-    k, v = jnp.repeat(k, repeat, axis=-2), jnp.repeat(v, repeat, axis=-2)
-    kv = k.shape[-2]
-    q = q.reshape(*lead, kv, q.shape[-2] // kv, q.shape[-1])
-    return jnp.concatenate([q, k[..., None, :], v[..., None, :]], axis=-2)
+    its query heads, its key, its value. Quantized, each part alike (the fusion only moves output columns)."""
+    def fuse(q, k, v):
+        lead = q.shape[:-2]
+        k, v = jnp.repeat(k, repeat, axis=-2), jnp.repeat(v, repeat, axis=-2)
+        kv = k.shape[-2]
+        q = q.reshape(*lead, kv, q.shape[-2] // kv, q.shape[-1])
+        return jnp.concatenate([q, k[..., None, :], v[..., None, :]], axis=-2)
+
+    return jax.tree.map(fuse, *((w["bq"], w["bk"], w["bv"]) if bias else (w["wq"], w["wk"], w["wv"])))
 
 
 def assemble_stage(s: StageLayout, config: ModelConfig, layers: list[dict[str, jax.Array]]) -> dict:
     """The stage's model-tree parameters from its layers' canonical weights: fused, KV heads repeated, stacked."""
-    stack = lambda f: jnp.stack([f(w) for w in layers])  # noqa: E731
+    layers = _uniform(layers)
+    stack = lambda f: jax.tree.map(lambda *xs: jnp.stack(xs), *[f(w) for w in layers])  # noqa: E731
+    gate_up = lambda w: jax.tree.map(lambda g, u: jnp.stack([g, u], 1), w["w_gate"], w["w_up"])  # noqa: E731
     attn = {"norm": stack(lambda w: w["attn_norm"]), "wqkv": stack(lambda w: _fuse_qkv(w, s.kv_repeat)),
             "wo": stack(lambda w: w["wo"])}
-    mlp = {"norm": stack(lambda w: w["mlp_norm"]), "w_gate_up": stack(lambda w: jnp.stack([w["w_gate"], w["w_up"]], 1)),
-           "w_down": stack(lambda w: w["w_down"])}
+    mlp = {"norm": stack(lambda w: w["mlp_norm"]), "w_gate_up": stack(gate_up), "w_down": stack(lambda w: w["w_down"])}
     tree = {"attn": attn, "mlp": mlp}
     if config.attention_bias:
         attn["bqkv"] = stack(lambda w: _fuse_qkv(w, s.kv_repeat, bias=True))
@@ -82,8 +128,8 @@ def assemble_stage(s: StageLayout, config: ModelConfig, layers: list[dict[str, j
 def assemble_globals(layout: Layout, g: dict[str, jax.Array]) -> dict:
     pad = layout.vocab_padded - layout.config.vocab_size
     tree = {"embed": {"embedding": jnp.pad(g["embedding"], ((0, pad), (0, 0)))}, "norm": {"scale": g["norm"]}}
-    if "lm_head" in g:
-        tree["lm_head"] = jnp.pad(g["lm_head"], ((0, 0), (0, pad)))
+    if "lm_head" in g:  # quantized: every part padded alike (padded columns dequantize to 0)
+        tree["lm_head"] = jax.tree.map(lambda x: jnp.pad(x, ((0, 0), (0, pad))), g["lm_head"])
     return tree
 
 
@@ -135,30 +181,74 @@ def _global_shardings(layout: Layout, mesh: Mesh) -> dict[str, NamedSharding]:
     return out
 
 
-def abstract_params(layout: Layout, dtype) -> dict:
-    """Shapes and dtypes of the model tree for `layout` (global sizes)."""
+def abstract_params(layout: Layout, dtype, quantize: QuantSpec | None = None) -> dict:
+    """Shapes and dtypes of the model tree for `layout` (global sizes), from plain weights quantized as `quantize`
+    says."""
     c = layout.config
     layer = {k: jax.ShapeDtypeStruct(v, dtype) for k, v in layer_shapes(c).items()}
     g = {k: jax.ShapeDtypeStruct(v, dtype) for k, v in global_shapes(c).items()}
-    tree = jax.eval_shape(lambda g: assemble_globals(layout, g), g)
+    tree = jax.eval_shape(lambda g: assemble_globals(layout, as_held(g, quantize, dtype)), g)
     for s in layout.stages:
-        tree[s.name] = jax.eval_shape(lambda ls, s=s: assemble_stage(s, c, ls), [layer] * s.stack)
+        tree[s.name] = jax.eval_shape(lambda ls, s=s: assemble_stage(s, c, [as_held(w, quantize, dtype) for w in ls]),
+                                      [layer] * s.stack)
     return tree
 
 
-def param_shardings(layout: Layout, mesh: Mesh, dtype) -> dict:
-    specs = RULES.param_specs(abstract_params(layout, dtype), layout)
+def param_shardings(layout: Layout, mesh: Mesh, dtype, quantize: QuantSpec | None = None) -> dict:
+    specs = RULES.param_specs(abstract_params(layout, dtype, quantize), layout)
     return jax.tree.map(lambda sp: NamedSharding(mesh, sp), specs, is_leaf=lambda x: isinstance(x, P))
 
 
+def resolve_quantize(source: WeightSource, requested: QuantSpec | None) -> QuantSpec | None:
+    """How a model from `source` is held: as `--quantize` asks, else as its checkpoint stores it; or one line on why
+    a checkpoint that is already quantized cannot be held as asked."""
+    stored = source.quantized
+    if requested is None or requested == stored:
+        return stored
+    if requested.kind == "gguf":
+        raise LPJaxError(f"--quantize gguf keeps a GGUF file's own quantized types, and {source.description} is "
+                         "not a GGUF file")
+    if stored is not None:
+        raise LPJaxError(f"{requested.flags()}: {source.description} is already quantized as {stored.describe()}; "
+                         f"load it without --quantize (or with {stored.flags()})")
+    return requested
+
+
+def check_groups(layout: Layout, spec: QuantSpec | None) -> None:
+    """Groups of `spec.group_size` inputs must tile every quantized matrix's input, on each device: the input of wo
+    and w_down is split with the heads and MLP columns, and a group may not straddle two devices."""
+    if spec is None or spec.group_size is None:
+        return
+    c, g = layout.config, spec.group_size
+    inputs = [("the hidden size (the input of q/k/v and gate/up" + ("" if c.tied_embeddings else ", and the LM head")
+               + ")", c.dim, 1)]
+    for s in layout.stages:
+        inputs += [("the attention output (wo's input)", c.n_heads * c.head_dim, s.split),
+                   ("the MLP width (w_down's input)", c.ffn_dim, s.split)]
+    for what, width, split in dict.fromkeys(inputs):
+        if (width // split) % g:
+            where = f" split {split} ways on {layout.n_devices} devices, {width // split} a device" if split > 1 else ""
+            raise LPJaxError(f"{spec.flags()}: groups of {g} inputs do not divide {what}, {width}{where}")
+
+
+def _placed(fn, example, layout: Layout, mesh: Mesh, name: str | None = None):
+    """`fn` jitted with its outputs sharded as the rules say for the tree it makes of `example` (a stage's tree
+    under `name`, or the globals)."""
+    shapes = jax.eval_shape(fn, example)
+    specs = RULES.param_specs({name: shapes} if name else shapes, layout)
+    return jax.jit(fn, out_shardings=named(mesh, specs[name] if name else specs))
+
+
 def load_params(source: WeightSource, layout: Layout, mesh: Mesh, dtype,
-                progress: Callable[[int, int], None] | None = None) -> dict:
-    """Read `source` stage by stage into the model tree of `layout`, sharded over `mesh`."""
+                progress: Callable[[int, int], None] | None = None, quantize: QuantSpec | None = None) -> dict:
+    """Read `source` stage by stage into the model tree of `layout`, sharded over `mesh`, its matrices held as
+    `quantize` says (None: plain, in `dtype`). Each stage is quantized as it is assembled: the peak is the quantized
+    model and one plain stage."""
     c = layout.config
-    targets = param_shardings(layout, mesh, dtype)
+    check_groups(layout, quantize)
+    int4 = int4_storage(mesh.devices.flat[0].platform)
     g = source.read(_global_shardings(layout, mesh), dtype)
-    g_targets = {k: targets[k] for k in ("embed", "norm", "lm_head") if k in targets}
-    params = jax.jit(lambda g: assemble_globals(layout, g), out_shardings=g_targets)(g)
+    params = _placed(lambda g: assemble_globals(layout, as_held(g, quantize, dtype, int4)), g, layout, mesh)(g)
     del g
     assemblers: dict = {}
     for n, s in enumerate(layout.stages):
@@ -167,14 +257,16 @@ def load_params(source: WeightSource, layout: Layout, mesh: Mesh, dtype,
         for i in s.stage.layers:
             got = source.read({f"{k}@{i}": sh for k, sh in shardings.items()}, dtype)
             layers.append({k.partition("@")[0]: v for k, v in got.items()})
-        kind = (s.stack, s.kv_repeat)
+        kind = (s.stack, s.kv_repeat, str(jax.tree.map(lambda x: (x.shape, x.dtype), layers)))
         if kind not in assemblers:
-            assemblers[kind] = jax.jit(lambda ls, s=s: assemble_stage(s, c, ls), out_shardings=targets[s.name])
+            build = lambda ls, s=s: assemble_stage(s, c, [as_held(w, quantize, dtype, int4) for w in ls])  # noqa: E731
+            assemblers[kind] = _placed(build, layers, layout, mesh, s.name)
         params[s.name] = assemblers[kind](layers)
         del layers
         if progress:
             progress(n + 1, len(layout.stages))
     return params
+
 
 
 def source_dtype(source: WeightSource) -> str:

@@ -51,10 +51,11 @@ def encode_tensor(w: np.ndarray, qtype, rng: np.random.Generator):
 
 
 def write_gguf(hf_dir: Path, path: Path, qtype_name: str = "F32", arch: str = "llama", drop: str | None = None,
-               replace: dict[str, np.ndarray] | None = None, seed: int = 0) -> Path:
+               replace: dict[str, np.ndarray] | None = None, seed: int = 0,
+               types: dict[str, str] | None = None) -> Path:
     """Write the tiny HF checkpoint in `hf_dir` as a GGUF file: metadata, byte-level BPE tokenizer, chat template,
-    tensors under GGUF names with q/k rows permuted, matrices in `qtype_name`. `drop` leaves one GGUF tensor out;
-    `replace` writes given arrays (any dtype) under GGUF names instead."""
+    tensors under GGUF names with q/k rows permuted, matrices in `qtype_name` (or, by GGUF name, in `types`). `drop`
+    leaves one GGUF tensor out; `replace` writes given arrays (any dtype) under GGUF names instead."""
     import gguf
     from safetensors.numpy import load_file
 
@@ -101,7 +102,7 @@ def write_gguf(hf_dir: Path, path: Path, qtype_name: str = "F32", arch: str = "l
             t = permute(t, heads)
         elif "k_proj" in hf_name:
             t = permute(t, kv)
-        data, raw = encode_tensor(t, qtype, rng)
+        data, raw = encode_tensor(t, gguf.GGMLQuantizationType[types[name]] if name in (types or {}) else qtype, rng)
         w.add_tensor(name, data, raw_dtype=raw)
     w.write_header_to_file()
     w.write_kv_data_to_file()

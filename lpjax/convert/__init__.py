@@ -11,6 +11,7 @@ from pathlib import Path
 from lpjax.config import ModelConfig
 from lpjax.errors import LPJaxError
 from lpjax.export import export
+from lpjax.quantize import QuantSpec
 from lpjax.sources.hf import HFSource
 
 
@@ -24,9 +25,11 @@ def convert(hf_dir: Path, out: Path, dtype: str | None = None, overwrite: bool =
 
 
 def convert_model(source, out: Path, dtype: str | None = None, overwrite: bool = False, fmt: str = "lpjax",
-                  progress: Callable[[int, int], None] | None = None) -> tuple[ModelConfig, str | None]:
-    """Any opened source (`lpjax.sources.open_source`) to `out`; returns its config and a note for the user."""
-    note = export(source, Path(out), fmt, dtype, overwrite, progress)
+                  progress: Callable[[int, int], None] | None = None,
+                  quantize: QuantSpec | None = None) -> tuple[ModelConfig, str | None]:
+    """Any opened source (`lpjax.sources.open_source`) to `out`, its matrices quantized as `quantize` says; returns
+    its config and a note for the user."""
+    note = export(source, Path(out), fmt, dtype, overwrite, progress, quantize)
     return source.config, note
 
 

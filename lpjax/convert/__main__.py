@@ -1,9 +1,11 @@
-"""`python -m lpjax.convert (--model SRC | --hf DIR) --out DIR [--format lpjax|hf] [--dtype D] [--overwrite]`.
+"""`python -m lpjax.convert (--model SRC | --hf DIR) --out DIR [--format lpjax|hf] [--dtype D] [--quantize Q
+[--group-size G]] [--overwrite]`.
 
 `--format lpjax` (the default) writes lpjax's converted format (an Orbax checkpoint per layer); `--format hf` writes
 a Hugging Face Llama directory (safetensors, config.json, tokenizer files) that transformers loads. SRC is anything
 lpjax loads: an HF directory, an lpjax directory (a trained or fine-tuned model), a GGUF file (dequantised; float32
-unless --dtype says otherwise) or smollm2, or random:NAME.
+unless --dtype says otherwise) or smollm2, or random:NAME. `--quantize` writes an lpjax checkpoint with quantized
+matrices (int8, int4, or a GGUF file's own blocks), which every tool then loads quantized.
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ def parse_args(argv):
     p.add_argument("--format", choices=FORMATS, default="lpjax", help="lpjax (default) or hf")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                    help="stored dtype (default: as in the source)")
+    cli.add_quantize_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier lpjax checkpoint or export at --out")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    quantize = cli.quantize_spec(args)
     cli.enable_compile_cache()
     from lpjax.convert import convert_model
     from lpjax.sources import open_source
@@ -43,9 +47,9 @@ def main(argv=None) -> int:
         raise LPJaxError("give the model to convert: --model SRC (or --hf DIR)")
     if args.hf is not None and not args.hf.is_dir():
         raise LPJaxError(f"--hf {args.hf}: no such directory")
-    source = HFSource(args.hf) if args.hf is not None else open_source(args.model)
+    source = HFSource(args.hf) if args.hf is not None else open_source(args.model, quantize=quantize)
     bar = cli.progress_bar(f"writing {source.config.n_layers} layers")
-    config, note = convert_model(source, args.out, args.dtype, args.overwrite, args.format, bar)
+    config, note = convert_model(source, args.out, args.dtype, args.overwrite, args.format, bar, quantize)
     what = "a Hugging Face Llama directory" if args.format == "hf" else "an lpjax checkpoint"
     print(f"wrote {args.out} ({what}): {config.n_layers} layers, {config.n_params / 1e6:.1f}M parameters; "
           f"load it with --model {args.out}")

@@ -57,6 +57,7 @@ def main(argv=None) -> int:
             raise LPJaxError(f"{flag} {value}: must be at least {least}")
     if args.lp:
         raise LPJaxError("--lp: the search finds the plan itself; give --delta instead")
+    quantize = cli.quantize_spec(args)
     if (code := launch.start(args, "lpjax.plan", argv)) is not None:
         return code  # this process launched per-device workers, which ran the tool
     from lpjax.engine import Engine
@@ -65,7 +66,8 @@ def main(argv=None) -> int:
     space = SearchSpace(open_source(args.model).config.n_layers, args.exclude_first, args.exclude_last)
     space.check(delta)  # before any weight is read
     main_process = cli.is_main_process()
-    engine = Engine.load(args.model, "", args.devices, args.dtype, progress=cli.load_bar() if main_process else None)
+    engine = Engine.load(args.model, "", args.devices, args.dtype, progress=cli.load_bar() if main_process else None,
+                         quantize=quantize)
     texts = encode_texts(engine.tokenizer, args.text, contents, args.max_tokens)
     window, stride = resolve_window(args.window, args.stride, args.max_len, engine.config.max_seq_len)
     if window > max(map(len, texts)):  # same scores, less padding: no text fills the window

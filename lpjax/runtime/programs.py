@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 from lpjax.cache import Cache, StageCache
 from lpjax.compile import CompileCache
 from lpjax.model import LlamaLM, Mode, Positions
+from lpjax.quantize import nbytes
 from lpjax.sharding import RULES, Layout, named
 
 MIN_BUCKET = 16
@@ -54,11 +55,12 @@ class Programs:
 
     def stage_weight_bytes(self) -> list[int]:
         """Bytes of weights each stage reads on one device (its share of the stage's parameters)."""
-        out = []
-        for s in self.layout.stages:
-            leaves = jax.tree.leaves(self.params[s.name])
-            out.append(sum(x.addressable_shards[0].data.nbytes for x in leaves))
-        return out
+        return [nbytes([x.addressable_shards[0].data for x in jax.tree.leaves(self.params[s.name])])
+                for s in self.layout.stages]
+
+    def weight_bytes(self) -> int:
+        """Bytes of all the weights, each array once whatever its sharding (int4 at half a byte)."""
+        return nbytes(self.params)
 
     def local_model(self, span: tuple[int, int] | None = None) -> LlamaLM:
         """The per-device model (run inside `shard_map`), of stages `span` only when given."""

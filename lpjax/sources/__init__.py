@@ -4,7 +4,8 @@ canonical weights (lpjax/schema.py) already placed with the shardings asked for,
 - `hf.HFSource`: a Hugging Face directory (memory-mapped safetensors, no torch).
 - `converted.OrbaxSource`: lpjax's converted format (one Orbax checkpoint per layer).
 - `random_weights.RandomSource`: `random:NAME`, random weights at a preset's shape.
-- `gguf.GGUFSource`: a GGUF file (llama.cpp's format, dequantised on reading), or a named one (`smollm2`).
+- `gguf.GGUFSource`: a GGUF file (llama.cpp's format, dequantised on reading, or with `--quantize gguf` its Q8_0,
+  Q4_0 and Q4_1 matrices kept as they are), or a named one (`smollm2`).
 
 A new format plugs in one of two ways. If its tensors can be named as HF names them (as `gguf.GGUFSource` does),
 subclass `hf.HFNamedSource`, set `config`, `hf_config`, `description`, `directory` and call
@@ -19,11 +20,13 @@ from pathlib import Path
 from lpjax.config import recorded_plan
 from lpjax.errors import LPJaxError
 from lpjax.plan import LPPlan
+from lpjax.quantize import QuantSpec
 from lpjax.weights import WeightSource
 
 
-def open_source(model: str, seed: int = 0) -> WeightSource:
-    """`random:NAME`, a GGUF file or named GGUF model, a converted lpjax directory, or an HF directory."""
+def open_source(model: str, seed: int = 0, quantize: QuantSpec | None = None) -> WeightSource:
+    """`random:NAME`, a GGUF file or named GGUF model, a converted lpjax directory, or an HF directory. A GGUF file
+    hands over its own quantized matrices where they map when `quantize` is `--quantize gguf`."""
     if model.startswith("random:"):
         from lpjax.sources.random_weights import RandomSource
 
@@ -31,7 +34,7 @@ def open_source(model: str, seed: int = 0) -> WeightSource:
     from lpjax.sources.gguf import GGUFSource, gguf_path
 
     if (gguf_file := gguf_path(model)) is not None:
-        return GGUFSource(gguf_file)
+        return GGUFSource(gguf_file, native=quantize is not None and quantize.kind == "gguf")
     path = Path(model)
     if not path.exists():
         hint = " (lpjax reads local directories only; download the checkpoint first)" if (

@@ -1,6 +1,6 @@
 """The converted lpjax format: canonical per-layer weights in Orbax, with config and tokenizer beside them.
 
-    DIR/lpjax.json          format marker, dtype, layer count, provenance
+    DIR/lpjax.json          format marker, dtype, layer count, provenance, and how matrices are quantized (if they are)
     DIR/config.json         the HF config (so every tool reads one config format)
     DIR/params/globals      Orbax checkpoint: embedding, norm, lm_head
     DIR/params/layer_0000   Orbax checkpoint: one layer's canonical weights (one per layer)
@@ -8,6 +8,10 @@
 
 One checkpoint per layer keeps both writing and reading to one layer of host memory at a time, and lets a reader
 restore each layer straight into the shardings its LP plan needs (plain per-layer weights: no plan is baked in).
+
+A quantized checkpoint (`convert --quantize`) stores each quantized matrix as {values, scale[, offset]} (int8 or
+int4 values, scales in the checkpoint's dtype) and records its `QuantSpec` in lpjax.json; it is read back quantized,
+each part restored into the sharding its values imply (`quantize.part_sharding`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import numpy as np
 
 from lpjax.config import read_hf_config
 from lpjax.errors import LPJaxError, first_line
+from lpjax.quantize import QuantizedWeight, QuantSpec, part_sharding
 from lpjax.schema import global_shapes, layer_shapes
 from lpjax.tokenizer import copy_tokenizer
 from lpjax.weights import DTYPES, WeightSource
@@ -46,14 +51,17 @@ def write_checkpoint(
     tokenizer_dir: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
     total: int | None = None,
+    quantize: QuantSpec | None = None,
 ) -> None:
-    """Write `(layer or None for globals, canonical weights)` items as the converted format."""
+    """Write `(layer or None for globals, canonical weights)` items as the converted format; quantized matrices
+    (`QuantizedWeight`s, as `quantize` made them) as their parts."""
     import orbax.checkpoint as ocp  # here, not at import: open_source imports this module for every model
 
     checkpointer = ocp.StandardCheckpointer()
     (out / "params").mkdir(exist_ok=True)
     for n, (layer, arrays) in enumerate(weights):
-        checkpointer.save((out / "params" / _item(layer)).absolute(), arrays)
+        stored = {k: _parts(v) if isinstance(v, QuantizedWeight) else v for k, v in arrays.items()}
+        checkpointer.save((out / "params" / _item(layer)).absolute(), stored)
         checkpointer.wait_until_finished()
         if progress and total:
             progress(n + 1, total)
@@ -61,7 +69,16 @@ def write_checkpoint(
     if tokenizer_dir is not None:
         copy_tokenizer(tokenizer_dir, out)
     meta = {"format": FORMAT, "dtype": dtype, "n_layers": hf_config.get("num_hidden_layers"), "source": provenance}
+    if quantize is not None:
+        meta["quantize"] = str(quantize)
     (out / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+PARTS = ("values", "scale", "offset")
+
+
+def _parts(qw: QuantizedWeight) -> dict:
+    return {name: part for name, part in zip(PARTS, qw.parts)}
 
 
 class OrbaxSource(WeightSource):
@@ -78,6 +95,10 @@ class OrbaxSource(WeightSource):
         self.meta = meta  # provenance; a fine-tune records the plan it was trained for under "training"
         self.config, self.hf_config = read_hf_config(directory)
         self.dtype = np.dtype(DTYPES.get(meta.get("dtype"), np.float32))
+        try:
+            self.quantized = QuantSpec.from_string(meta["quantize"]) if meta.get("quantize") else None
+        except (LPJaxError, ValueError):
+            raise LPJaxError(f"{directory / MARKER}: unknown quantization {meta['quantize']!r}") from None
         missing = [_item(i) for i in [None, *range(self.config.n_layers)]
                    if not (directory / "params" / _item(i)).is_dir()]
         if missing:
@@ -95,11 +116,31 @@ class OrbaxSource(WeightSource):
             by_item.setdefault(_item(int(layer) if layer else None), {})[name] = (key, shape, sharding)
         out = {}
         for item, wanted in by_item.items():
-            abstract = {n: jax.ShapeDtypeStruct(shape, dtype, sharding=sh) for n, (_, shape, sh) in wanted.items()}
+            path = (self.directory / "params" / item).absolute()
+            stored = self._stored(path) if self.quantized is not None else {}
+            abstract = {n: self._abstract(stored.get(n), shape, sh, dtype) for n, (_, shape, sh) in wanted.items()}
             try:
-                restored = self._checkpointer.restore((self.directory / "params" / item).absolute(), abstract)
+                restored = self._checkpointer.restore(path, abstract)
             except (ValueError, KeyError, FileNotFoundError) as e:
                 raise LPJaxError(f"{self.directory}: params/{item} does not match config.json "
                                  f"({first_line(e)})") from None
-            out.update({wanted[n][0]: v for n, v in restored.items()})
+            out.update({wanted[n][0]: QuantizedWeight(**v) if isinstance(v, dict) else v for n, v in restored.items()})
         return out
+
+    def _stored(self, path: Path) -> dict:
+        """What a quantized checkpoint's item holds: {name: {part: (shape, dtype)}} for its quantized matrices."""
+        try:
+            tree = self._checkpointer.metadata(path).item_metadata.tree
+        except (ValueError, KeyError, FileNotFoundError, AttributeError) as e:
+            raise LPJaxError(f"{self.directory}: {path.name} is unreadable ({first_line(e)})") from None
+        return {n: {p: (tuple(m.shape), m.dtype) for p, m in parts.items()}
+                for n, parts in tree.items() if isinstance(parts, dict)}
+
+    @staticmethod
+    def _abstract(parts: dict | None, shape, sharding, dtype):
+        """What to restore one weight as: at `shape` in `dtype`, or a quantized matrix's parts (values as stored,
+        scales in `dtype`), each in the sharding of its part."""
+        if parts is None:
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+        return {p: jax.ShapeDtypeStruct(s, dt if p == "values" else dtype, sharding=part_sharding(sharding, shape, s))
+                for p, (s, dt) in parts.items()}

@@ -5,7 +5,10 @@ tensors, many of them block-quantised. Here the file becomes what an HF director
 
 - an HF `config.json` dict built from the metadata, validated by `config.from_hf` like any HF config;
 - tensors under HF names (`GGUF_NAMES`), dequantised to float32 one tensor at a time when a layer is read (the
-  reader memory-maps the file), with llama.cpp's q/k row permutation undone;
+  reader memory-maps the file), with llama.cpp's q/k row permutation undone; read with `native=True`
+  (`--quantize gguf`), the matrices the schema quantizes keep their Q8_0, Q4_0 and Q4_1 blocks as
+  `quantize.QuantizedWeight`s (int8 / int4 values with their block scales, and Q4_1's mins, in groups of 32 inputs),
+  never passing through a float copy; a matrix of any other type is dequantised, and reported in one warning;
 - a companion directory holding `config.json` and the tokenizer files transformers builds from the file's
   metadata (chat template included), cached per file, so the tokenizer code reads it like an HF directory's.
 
@@ -22,14 +25,17 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from lpjax.config import from_hf
-from lpjax.errors import LPJaxError, first_line
+from lpjax.errors import LPJaxError, LPJaxWarning, first_line
+from lpjax.quantize import GGUF_BLOCK, QuantizedWeight, QuantSpec
 from lpjax.schema import WEIGHTS
 from lpjax.sources.hf import HFNamedSource
 
@@ -39,6 +45,10 @@ MAGIC = b"GGUF"
 GGUF_NAMES: dict[str, str] = {w.hf_name: w.gguf_name for w in WEIGHTS}
 # llama.cpp's converter permutes the rows of q and k (weights and biases) per head; these are undone on reading.
 PERMUTED = {"q_proj": "num_attention_heads", "k_proj": "num_key_value_heads"}
+# HF name templates of the matrices lpjax can hold quantized, and the GGUF block types they keep with --quantize gguf
+QUANTIZED = frozenset(w.hf_name for w in WEIGHTS if w.quantized)
+NATIVE_TYPES = ("Q8_0", "Q4_0", "Q4_1")
+QUANT_INT4 = np.dtype(ml_dtypes.int4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,13 +191,16 @@ def unpermute(rows: np.ndarray, heads: int) -> np.ndarray:
     return rows.reshape(heads, shape[0] // heads // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
+def hf_template(hf_name: str) -> str:
+    """`model.layers.3.mlp.up_proj.weight` -> `model.layers.{i}.mlp.up_proj.weight` (globals stay as they are)."""
+    parts = hf_name.split(".")
+    return ".".join(parts[:2] + ["{i}"] + parts[3:]) if hf_name.startswith("model.layers.") else hf_name
+
+
 def gguf_name(hf_name: str) -> str:
     """The GGUF tensor name of an HF tensor name."""
     parts = hf_name.split(".")
-    if hf_name.startswith("model.layers."):
-        template = ".".join(parts[:2] + ["{i}"] + parts[3:])
-        return GGUF_NAMES[template].format(i=parts[2])
-    return GGUF_NAMES[hf_name]
+    return GGUF_NAMES[hf_template(hf_name)].format(i=parts[2] if hf_name.startswith("model.layers.") else "")
 
 
 def dequantize(tensor) -> np.ndarray:
@@ -196,6 +209,27 @@ def dequantize(tensor) -> np.ndarray:
 
     return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32).reshape(
         tuple(int(n) for n in reversed(tensor.shape)))
+
+
+def native_parts(tensor) -> tuple[np.ndarray, ...]:
+    """A Q8_0, Q4_0 or Q4_1 tensor of the reader in HF's [out, in] layout as it is stored, without dequantising:
+    (values [out, in] int8 or int4, scale [out, in/32] float32) and for Q4_1 the offset [out, in/32]. Q4_0/Q4_1 store
+    levels 0..15 (w = d * (q - 8), w = d * q + m); as int4 -8..7 the scale stays d and Q4_1's offset is m + 8d."""
+    import gguf
+
+    kind = tensor.tensor_type.name
+    out, inputs = (int(n) for n in reversed(tensor.shape))
+    size = gguf.GGML_QUANT_SIZES[tensor.tensor_type][1]
+    blocks = np.asarray(tensor.data).reshape(out, inputs // GGUF_BLOCK, size)
+    d = blocks[..., 0:2].view(np.float16)[..., 0].astype(np.float32)  # [out, blocks]
+    if kind == "Q8_0":
+        return blocks[..., 2:].view(np.int8).reshape(out, inputs), d
+    nibbles = blocks[..., 4 if kind == "Q4_1" else 2:]  # byte j: element j (low nibble) and j + 16 (high)
+    q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).astype(np.int8) - np.int8(8)
+    values = q.reshape(out, inputs).astype(QUANT_INT4)
+    if kind == "Q4_0":
+        return values, d
+    return values, d, blocks[..., 2:4].view(np.float16)[..., 0].astype(np.float32) + 8 * d
 
 
 class GGUFFile:
@@ -219,6 +253,7 @@ class GGUFFile:
         self.tensors = {reverse[name]: t for name, t in by_name.items()}
         types = sorted({t.tensor_type.name for t in self.reader.tensors})
         self.types = {name: sum(t.tensor_type.name == name for t in self.reader.tensors) for name in types}
+        self._native: tuple[str | None, tuple] = (None, ())
 
     @staticmethod
     def _hf_names(n_layers: int) -> Iterator[str]:
@@ -239,23 +274,33 @@ class GGUFFile:
             w = unpermute(w, self.hf_config[PERMUTED[proj]])
         return w
 
+    def native(self, hf_name: str) -> tuple[np.ndarray, ...]:
+        """`native_parts` of the Q8_0/Q4_0/Q4_1 tensor `hf_name`, q/k rows back in HF order. The last tensor's parts
+        are kept, since its parts are read one after the other."""
+        if self._native[0] != hf_name:
+            parts = native_parts(self.tensors[hf_name])
+            proj = hf_name.split(".")[-2]
+            if proj in PERMUTED:
+                parts = tuple(unpermute(p, self.hf_config[PERMUTED[proj]]) for p in parts)
+            self._native = (hf_name, parts)
+        return self._native[1]
+
 
 class LazyTensor:
     """One HF-named tensor of the file, dequantised only when indexed, so a layer's tensors exist only while it is
     read. `T` and `reshape` stay lazy: `schema.Weight.from_hf` turns it into a canonical view as it does a
     memory-mapped safetensors array."""
 
-    dtype = np.dtype(np.float32)  # what dequantisation gives
-
-    def __init__(self, load: Callable[[], np.ndarray], shape: tuple[int, ...]):
+    def __init__(self, load: Callable[[], np.ndarray], shape: tuple[int, ...], dtype=np.float32):
         self._load, self.shape = load, tuple(shape)
+        self.dtype = np.dtype(dtype)  # what loading gives: float32 when dequantised
 
     @property
     def T(self) -> LazyTensor:  # noqa: N802 (numpy's name)
-        return LazyTensor(lambda: self._load().T, self.shape[::-1])
+        return LazyTensor(lambda: self._load().T, self.shape[::-1], self.dtype)
 
     def reshape(self, shape: tuple[int, ...]) -> LazyTensor:
-        return LazyTensor(lambda: self._load().reshape(shape), shape)
+        return LazyTensor(lambda: self._load().reshape(shape), shape, self.dtype)
 
     def __getitem__(self, idx) -> np.ndarray:
         return self._load()[idx]
@@ -311,14 +356,39 @@ def save_tokenizer(path: Path, out: Path) -> None:
 
 
 class GGUFSource(HFNamedSource):
-    """A GGUF file as a weight source: its tensors under HF names, checked and placed by `HFNamedSource`."""
+    """A GGUF file as a weight source: its tensors under HF names, checked and placed by `HFNamedSource`. `native`
+    (`--quantize gguf`): its Q8_0/Q4_0/Q4_1 matrices are handed over as they are stored (`quantized`)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, native: bool = False):
         self.file = GGUFFile(path)
         self.hf_config = self.file.hf_config
         self.config = from_hf(self.hf_config)
-        self.index({name: LazyTensor(functools.partial(self.file.tensor, name), self.file.shape(name))
-                    for name in self.file.tensors}, str(path), name_of=gguf_name)
+        tensors, unmapped = {}, {}
+        for name, t in self.file.tensors.items():
+            if native and hf_template(name) in QUANTIZED:
+                if t.tensor_type.name in NATIVE_TYPES:
+                    tensors[name] = self._native_view(name)
+                    continue
+                unmapped.setdefault(t.tensor_type.name, []).append(gguf_name(name))
+            tensors[name] = LazyTensor(functools.partial(self.file.tensor, name), self.file.shape(name))
+        self.index(tensors, str(path), name_of=gguf_name)
+        self.quantized = QuantSpec.parse("gguf") if native else None
+        if unmapped:
+            kinds = ", ".join(f"{len(names)} {kind} ({names[0]}{', ...' if len(names) > 1 else ''})"
+                              for kind, names in sorted(unmapped.items()))
+            warnings.warn(f"--quantize gguf: {path.name} has matrices of types that lpjax holds only dequantised: "
+                          f"{kinds}; they are dequantised to the compute dtype, as without --quantize",
+                          LPJaxWarning, stacklevel=2)
         self.directory = companion_dir(self.file)
         types = ", ".join(f"{n} {k}" for n, k in self.file.types.items())
         self.description = f"GGUF file {path.name} ({types})"
+
+    def _native_view(self, name: str) -> QuantizedWeight:
+        """The lazy parts of a Q8_0/Q4_0/Q4_1 matrix in HF's layout: values [out, in], scale (and offset)
+        [out, in/32]."""
+        out, inputs = self.file.shape(name)
+        kind = self.file.tensors[name].tensor_type.name
+        shapes = [(out, inputs)] + [(out, inputs // GGUF_BLOCK)] * (2 if kind == "Q4_1" else 1)
+        dtypes = [np.int8 if kind == "Q8_0" else QUANT_INT4] + [np.float32] * (len(shapes) - 1)
+        return QuantizedWeight(*(LazyTensor(lambda i=i: self.file.native(name)[i], shape, dtype)
+                                 for i, (shape, dtype) in enumerate(zip(shapes, dtypes))))

@@ -17,6 +17,7 @@ import numpy as np
 
 from lpjax.config import ModelConfig, read_hf_config
 from lpjax.errors import LPJaxError
+from lpjax.quantize import QuantizedWeight, part_sharding
 from lpjax.schema import BY_NAME, canonical_shapes, weights
 from lpjax.sources.safetensors import read_safetensors, safetensors_files, write_safetensors
 from lpjax.weights import WeightSource
@@ -27,7 +28,8 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 class HFNamedSource(WeightSource):
     """A source whose tensors carry HF names: `index(tensors)` checks {HF name: lazy numpy array} against the
-    config (every weight present at its shape, nothing unused) and keeps canonical views; `read` places them."""
+    config (every weight present at its shape, nothing unused) and keeps canonical views; `read` places them. A
+    matrix may come quantized: a `QuantizedWeight` of HF-layout parts, values [out, in] and scales [out, groups]."""
 
     def index(self, tensors: dict[str, np.ndarray], where: str, name_of: Callable[[str], str] = str) -> None:
         """`name_of` gives a tensor's name as the user's file spells it, for the errors (a GGUF file's own)."""
@@ -44,7 +46,13 @@ class HFNamedSource(WeightSource):
             if tuple(tensors[hf_name].shape) != want:
                 got = tuple(tensors[hf_name].shape)
                 raise LPJaxError(f"{where}: tensor {name_of(hf_name)} has shape {got}, expected {want}")
-            self.views[key] = w.from_hf(tensors[hf_name], shape)
+            t = tensors[hf_name]
+            if isinstance(t, QuantizedWeight):  # every part in the canonical layout, groups along the input
+                groups = (t.scale.shape[-1], *shape[1:])
+                self.views[key] = QuantizedWeight(*(w.from_hf(p, shape if p is t.values else groups)
+                                                    for p in t.parts))
+            else:
+                self.views[key] = w.from_hf(t, shape)
         if self.config.tied_embeddings:
             expected.add(BY_NAME["lm_head"].hf_key())  # some tied checkpoints store the shared matrix twice
         unused = sorted(n for n in tensors if n not in expected and not n.endswith(_IGNORED_SUFFIXES))
@@ -53,16 +61,28 @@ class HFNamedSource(WeightSource):
                 f"{where}: tensor {unused[0]} is not used by a Llama of this config.json"
                 + (f" (and {len(unused) - 1} more)" if len(unused) > 1 else "")
             )
-        self.dtype = next(iter(tensors.values())).dtype if tensors else np.dtype(np.float32)
+        self.dtype = next((t.dtype for t in tensors.values() if not isinstance(t, QuantizedWeight)),
+                          np.dtype(np.float32))
 
     def read(self, keys, dtype):
         out = {}
         for key, sharding in keys.items():
             view = self.views[key]
-            out[key] = jax.make_array_from_callback(
-                view.shape, sharding, lambda idx, view=view: np.asarray(view[idx]).astype(dtype)
-            )
+            if isinstance(view, QuantizedWeight):  # values as stored, scales in `dtype`
+                out[key] = QuantizedWeight(*(_place(p, part_sharding(sharding, view.shape, p.shape),
+                                                    None if p is view.values else dtype) for p in view.parts))
+            else:
+                out[key] = _place(view, sharding, dtype)
         return out
+
+
+def _place(view, sharding, dtype) -> jax.Array:
+    """A lazy view as a global array, each device's shard sliced out of it (cast to `dtype` unless None)."""
+    def shard(idx):
+        x = np.asarray(view[idx])
+        return x if dtype is None else x.astype(dtype)
+
+    return jax.make_array_from_callback(tuple(view.shape), sharding, shard)
 
 
 class HFSource(HFNamedSource):
