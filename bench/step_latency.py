@@ -7,6 +7,7 @@ back (records.SINGLE_TOKEN's definition). Prints one JSON record of medians in m
 - `one_program`: the whole step as one XLA program, its result a fresh device buffer each call;
 - `one_program_pinned_out`: the same program writing its result to pinned host memory (GPUs only);
 - `engine`: `Engine.next_token`, a chain of programs of the host-called step the engine runs (`host_step.default_span`);
+- `chain_4`: the step as a chain of programs of `STEP_SPAN` stages, where the engine runs another span;
 - `loop_per_token`: the on-device decode loop's time per token on the same engine, the floor a host-called step
   can approach.
 `--trace DIR` also records a JAX profiler trace (host and device timelines) of 5 engine calls, for
@@ -28,7 +29,7 @@ import numpy as np
 from bench.common import prompt_ids
 from bench.records import DECODE_TOKENS, PROMPT_LEN, SINGLE_TOKEN_AT
 from lpjax.engine import Engine
-from lpjax.runtime.host_step import HostStep
+from lpjax.runtime.host_step import STEP_SPAN, HostStep
 
 
 def timed(calls: int, call) -> list[float]:
@@ -51,6 +52,8 @@ def measure(engine: Engine, calls: int, trace: str | None = None) -> dict:
     if engine.programs.on_gpu:
         variants["one_program_pinned_out"] = HostStep(engine.programs, span=None, pinned=True)
     variants["engine"] = engine.step
+    if engine.step.span != STEP_SPAN:
+        variants[f"chain_{STEP_SPAN}"] = HostStep(engine.programs, span=STEP_SPAN)
     report = {}
     for name, step in variants.items():
         def call(tokens, step=step):

@@ -121,7 +121,10 @@ class HostStep:
                                    out_specs=(P(), cache_specs), check_vma=False)
                 pinned = last and self.pinned
                 out = NamedSharding(p.mesh, P(), memory_kind="pinned_host") if pinned else None
-                return jax.jit(fn, donate_argnums=(3,) if last else (1, 3),
+                # keep_unused: the first program never reads the stream it is handed; jax would drop that
+                # donation, and the stream it returns would land at a new address each call, so every later
+                # program's CUDA graph would be updated (XLA compares the buffers' addresses on every call)
+                return jax.jit(fn, donate_argnums=(3,) if last else (1, 3), keep_unused=True,
                                out_shardings=(out, named(p.mesh, cache_specs)) if pinned else None)
 
             sub_cache = {k: cache[k] for k in names}
