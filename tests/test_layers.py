@@ -8,7 +8,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Lowest first. A module belongs to the first layer with a prefix that matches its dotted name.
 LAYERS = (
     ("base: errors, config, plan", ("lpjax.errors", "lpjax.config", "lpjax.plan")),
-    ("schema and small pure pieces", ("lpjax.schema", "lpjax.cache", "lpjax.compile", "lpjax.sampling")),
+    ("schema and small pure pieces", ("lpjax.schema", "lpjax.cache", "lpjax.compile", "lpjax.sampling",
+                                      "lpjax.kernels")),
     ("model and sharding", ("lpjax.sharding", "lpjax.model")),
     ("weights and sources", ("lpjax.weights", "lpjax.tokenizer", "lpjax.sources", "lpjax.export")),
     ("runtime: compiled programs, decode loop, host-called step", ("lpjax.runtime",)),
