@@ -1,5 +1,6 @@
 """The Pallas decode-attention kernel (interpret mode here): RoPE, the cache write and the attention of one new token
-a row in one kernel, equal to its jnp reference, the reference equal to the model's own decode path."""
+a row in one kernel, equal to its jnp reference, the reference equal to the model's own decode path, and a model
+decoding with it choosing the tokens it chooses without it."""
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +8,11 @@ import numpy as np
 import pytest
 
 from lpjax.cache import StageCache
+from lpjax.compile import resolve_attention
 from lpjax.kernels.decode_attention import decode_attention, decode_attention_reference, default_splits
 from lpjax.model import Positions, _cached_attention, _write_cache, apply_rope
+
+PROMPTS = ["Layer parallelism evaluates pairs", "The quick brown fox jumps over the lazy dog.", "JAX"]
 
 
 def inputs(B, K, G, hd, L, index, pad, rows=None, dtype=jnp.float32, bias=False, seed=0):
@@ -84,3 +88,24 @@ def test_default_splits_fill_the_gpu_without_splitting_past_the_blocks():
     assert default_splits(1, 32, 4096) == 4  # Llama-2-7B at batch 1: 128 programs
     assert default_splits(8, 32, 4096) == 1  # enough programs already: no combine
     assert default_splits(1, 3, 256) == 4  # SmolLM2: one split a block of 64 slots
+
+
+def test_pallas_attention_is_the_kernel_for_decode_steps_and_autos_choice_for_prefill():
+    assert resolve_attention("pallas", "gpu", "bfloat16") == "pallas+cudnn"
+    assert resolve_attention("pallas", "cpu", "float32") == "pallas+xla"
+    assert resolve_attention("pallas+cudnn", "gpu", "bfloat16") == "pallas+cudnn"  # `Engine.with_plan` passes it on
+
+
+@pytest.mark.parametrize("lp, devices", [("", 2), ("1:3", 1)])
+def test_greedy_tokens_with_the_kernel_equal_those_without(checkpoints, engines, lp, devices):
+    """Left-padded rows of different lengths, grouped KV heads. A sequential model over two devices (the kernel
+    inside shard_map with each device's heads), and an LP plan on one (the pair's two layers under the stage's
+    vmap: one more grid axis of the kernel, the stacked cache aliased whole)."""
+    from lpjax.engine import Engine
+
+    xla = engines("tied", lp, devices)
+    pallas = Engine.load(str(checkpoints("tied")[0]), lp, devices, "float32", attention="pallas")
+    assert pallas.attention == "pallas+xla"
+    prompts = [xla.tokenizer.encode(p) for p in PROMPTS]
+    want = xla.generate(prompts, 8, eos=()).tokens
+    assert pallas.generate(prompts, 8, eos=()).tokens == want
