@@ -9,9 +9,15 @@ from typing import Any
 
 from lpjax.errors import LPJaxError, first_line
 
+PALLAS = "pallas+"  # a resolved `pallas`: the Pallas decode kernel for decode steps, the suffix for the rest
+
 
 def resolve_attention(requested: str, platform: str, dtype: str) -> str:
-    """`auto` is cuDNN's fused attention on GPUs in 16-bit dtypes and XLA's everywhere else."""
+    """`auto` is cuDNN's fused attention on GPUs in 16-bit dtypes and XLA's everywhere else. `pallas` is the Pallas
+    decode-attention kernel (`lpjax/kernels/decode_attention.py`) for decode steps and auto's choice for prefill:
+    `pallas+cudnn` or `pallas+xla`."""
+    if requested == "pallas":
+        return PALLAS + resolve_attention("auto", platform, dtype)
     if requested != "auto":
         return requested
     return "cudnn" if platform == "gpu" and dtype in ("bfloat16", "float16") else "xla"

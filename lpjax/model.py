@@ -29,7 +29,9 @@ import numpy as np
 from flax import struct
 
 from lpjax.cache import StageCache
+from lpjax.compile import PALLAS
 from lpjax.config import ModelConfig
+from lpjax.kernels.decode_attention import decode_attention
 from lpjax.quantize import product
 from lpjax.schema import BY_PATH, Sizes, TreeParam
 from lpjax.sharding import ALL, Layout, StageLayout
@@ -253,23 +255,35 @@ class AttentionBlock(nn.Module):
         G = self.heads // self.kv_heads  # query heads per KV head
         # One fused projection, grouped per KV head: [its G query heads, its key, its value]. Splitting the KV-head
         # axis over devices keeps every group whole, so q/k/v need no communication and one matmul reads them.
-        qkv = normed_project(x, _param(self, "attn/norm"), _param(self, "attn/wqkv"), c.norm_eps)[:B]
-        if c.attention_bias:
-            qkv = qkv + _param(self, "attn/bqkv")
-        q = qkv[:, :, :, :G].reshape(B, T, self.heads, hd)
-        k, v = qkv[:, :, :, G], qkv[:, :, :, G + 1]
+        norm, wqkv = _param(self, "attn/norm"), _param(self, "attn/wqkv")
+        bias = _param(self, "attn/bqkv") if c.attention_bias else None
         inv_freq = rope_inv_freq(c)
-        q, k = apply_rope(q, pos.positions, inv_freq), apply_rope(k, pos.positions, inv_freq)
-        if mode.decode:
-            cache = _write_cache(cache, k, v, pos.index)
-            out = _cached_attention(q, cache.k, cache.v, pos)
+        if mode.decode and T == 1 and self.attention_impl.startswith(PALLAS):
+            # One kernel takes the product before the norm's row factor and does the rest up to `wo`: the factor,
+            # the bias, RoPE, the cache write and the attention, with the stream's padding rows as zeros.
+            out, k_cache, v_cache = decode_attention(project(x * norm, wqkv)[:, 0], rms_scale(x, c.norm_eps)[:, 0, 0],
+                                                     bias, cache.k, cache.v, pos.index, pos.pad, inv_freq,
+                                                     out_rows=rows)
+            cache = StageCache(k=k_cache, v=v_cache)
+            out = out.reshape(rows, T, self.heads * hd)
         else:
-            out = _fresh_attention(q, k, v, pos.pad if mode.padded else None, self.attention_impl)
-            if cache is not None:  # prefill: the cache is empty, write this call's keys at slot 0
-                cache = _write_cache(cache, k, v, 0)
-        out = out.reshape(B, T, self.heads * hd)
-        if rows > B:
-            out = jnp.pad(out, ((0, rows - B), (0, 0), (0, 0)))
+            qkv = normed_project(x, norm, wqkv, c.norm_eps)[:B]
+            if bias is not None:
+                qkv = qkv + bias
+            q = qkv[:, :, :, :G].reshape(B, T, self.heads, hd)
+            k, v = qkv[:, :, :, G], qkv[:, :, :, G + 1]
+            q, k = apply_rope(q, pos.positions, inv_freq), apply_rope(k, pos.positions, inv_freq)
+            if mode.decode:
+                cache = _write_cache(cache, k, v, pos.index)
+                out = _cached_attention(q, cache.k, cache.v, pos)
+            else:
+                out = _fresh_attention(q, k, v, pos.pad if mode.padded else None,
+                                       self.attention_impl.removeprefix(PALLAS))
+                if cache is not None:  # prefill: the cache is empty, write this call's keys at slot 0
+                    cache = _write_cache(cache, k, v, 0)
+            out = out.reshape(B, T, self.heads * hd)
+            if rows > B:
+                out = jnp.pad(out, ((0, rows - B), (0, 0), (0, 0)))
         # A plain [B, T, H*hd] x [H*hd, D] matmul behind a barrier: otherwise XLA fuses the attention's probs @ V
         # into it as a multiply-and-reduce over an [H, hd, D] product (seen on 2 H200s: 23 us a layer, not 4).
         delta = project(jax.lax.optimization_barrier(out), _param(self, "attn/wo"))

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = (
     ("base: errors, config, plan", ("lpjax.errors", "lpjax.config", "lpjax.plan")),
     ("schema and small pure pieces", ("lpjax.schema", "lpjax.quantize", "lpjax.cache", "lpjax.compile",
-                                      "lpjax.sampling")),
+                                      "lpjax.sampling", "lpjax.kernels")),
     ("model and sharding", ("lpjax.sharding", "lpjax.model")),
     ("weights and sources", ("lpjax.weights", "lpjax.tokenizer", "lpjax.sources", "lpjax.export")),
     ("runtime: compiled programs, decode loop, host-called step", ("lpjax.runtime",)),
