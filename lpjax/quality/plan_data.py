@@ -46,6 +46,8 @@ def unsupported(engine: Engine) -> str | None:
     n = engine.layout.n_devices
     if n != 1:
         return f"the plan-as-data forward runs on one device, and this engine's mesh has {n}"
+    if engine.config.n_layers < 2:
+        return "the plan-as-data forward needs a model of at least 2 layers (one LP pair)"
     return None
 
 
