@@ -53,6 +53,16 @@ class GenerationResult:
         return 1000 * self.decode_s / self.decode_steps if self.decode_steps else 0.0
 
 
+def next_token_scores(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """[B, T-1, 2] from logits [B, T, V] of `tokens` [B, T]: the NLL of tokens[:, 1:] given their prefixes, and 1.0
+    where the most likely next token was it: what every perplexity sums (`Engine.token_scores`, and the plan
+    search's `quality.plan_data`)."""
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    hit = (jnp.argmax(logits[:, :-1], axis=-1) == tokens[:, 1:]).astype(nll.dtype)
+    return jnp.stack([nll, hit], axis=-1)
+
+
 class Engine:
     """A model with an LP plan, loaded onto a mesh; its matrices quantized as `quantize` says (None: plain)."""
 
@@ -130,15 +140,8 @@ class Engine:
 
     def token_scores(self, tokens: np.ndarray) -> np.ndarray:
         """[B, T-1, 2]: the NLL of tokens[:, 1:] given their prefixes, and 1.0 where the most likely next token was
-        it (the next-token accuracy's hits), computed on device."""
-
-        def scores(logits, t):
-            logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-            nll = -jnp.take_along_axis(logp, t[:, 1:, None], axis=-1)[..., 0]
-            hit = (jnp.argmax(logits[:, :-1], axis=-1) == t[:, 1:]).astype(nll.dtype)
-            return jnp.stack([nll, hit], axis=-1)
-
-        return self.programs.full(tokens, None, "scores", scores)
+        it (the next-token accuracy's hits), computed on device (`next_token_scores`)."""
+        return self.programs.full(tokens, None, "scores", next_token_scores)
 
     # ---------------------------------------------------------------- cache, prefill, decode
 

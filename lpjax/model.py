@@ -351,6 +351,17 @@ class StageBlock(nn.Module):
         return h + m.astype(h.dtype), cache
 
 
+def stage_block(layout: Layout, s: StageLayout, per_device: bool = False, param_dtype=jnp.float32,
+                attention_impl: str = "xla", name: str | None = None) -> StageBlock:
+    """The block that computes stage `s` of `layout`, at the sizes held on one device (`per_device`, inside
+    `shard_map`) or the whole stage's: the model's own stages, and the plan-as-data forward's (lpjax/quality/
+    plan_data.py), which applies one on its own."""
+    c, d = layout.config, (s.split if per_device else 1)
+    layers = s.stack // layout.pair_size if per_device and s.stage.is_pair else s.stack
+    return StageBlock(c, s.stack, layers, c.n_heads // d, s.kv_heads // d, c.ffn_dim // d, per_device, param_dtype,
+                      attention_impl, name=name)
+
+
 class Embed(nn.Module):
     """Token embedding, split over the vocabulary when `per_device`: each device looks up the ids it owns and
     one psum assembles the rows. `attend` is the tied LM head."""
@@ -411,12 +422,6 @@ class LlamaLM(nn.Module):
         """Padded vocabulary held here (the embedding's rows, the LM head's columns)."""
         return self.layout.vocab_padded // (self.layout.n_devices if self.per_device else 1)
 
-    def _sizes(self, s: StageLayout) -> tuple[int, int, int, int]:
-        """(layers, heads, KV heads, MLP width) of stage `s` held on one device (or the whole, if not per device)."""
-        c, d = self.layout.config, (s.split if self.per_device else 1)
-        layers = s.stack // self.layout.pair_size if self.per_device and s.stage.is_pair else s.stack
-        return layers, c.n_heads // d, s.kv_heads // d, c.ffn_dim // d
-
     @nn.compact
     def __call__(self, inputs, pos: Positions, cache: dict[str, StageCache] | None = None, mode: Mode = FULL,
                  logits_index=None):
@@ -434,9 +439,7 @@ class LlamaLM(nn.Module):
             x = inputs
         new_cache = {}
         for s in lay.stages[start:stop]:
-            layers, heads, kv_heads, ffn = self._sizes(s)
-            stage = StageBlock(c, s.stack, layers, heads, kv_heads, ffn, self.per_device, self.param_dtype,
-                               self.attention_impl, name=s.name)
+            stage = stage_block(lay, s, self.per_device, self.param_dtype, self.attention_impl, name=s.name)
             x, new_cache[s.name] = stage(x, None if cache is None else cache[s.name], pos, mode)
         if stop < len(lay.stages):
             return x, (new_cache if cache is not None else None)

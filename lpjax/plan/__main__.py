@@ -14,7 +14,7 @@ from lpjax.errors import LPJaxError
 from lpjax.plan import LPPlan, parse_deltas
 from lpjax.quality import search as search_lib
 from lpjax.quality.perplexity import DEFAULT_WINDOW, encode_texts, resolve_window
-from lpjax.quality.search import SearchSpace, Step, format_result, method_name, plan_perplexity, search
+from lpjax.quality.search import SearchSpace, Step, format_result, method_name, plan_perplexity, scoring, search
 
 
 def parse_args(argv):
@@ -76,8 +76,8 @@ def main(argv=None) -> int:
     tokens = sum(len(t) - 1 for t in texts)
     cli.say(f"[{engine.describe()}]", file=sys.stderr)
     cli.say(f"[search for Δ={delta}: {method_name(args.beam)} over {space.describe()}; each plan scored by "
-            f"perplexity on {tokens} tokens (--max-tokens {args.max_tokens}), windows of {window}, stride {stride}]",
-            file=sys.stderr)
+            f"perplexity on {tokens} tokens (--max-tokens {args.max_tokens}), windows of {window}, stride {stride}, "
+            f"by {scoring(engine)}]", file=sys.stderr)
 
     def on_step(s: Step):
         v, p = s.kept[0]
@@ -88,7 +88,8 @@ def main(argv=None) -> int:
     score = plan_perplexity(engine, texts, window, stride, args.batch_size)
     res = search(space, delta, score, args.beam, on_step)
     res.update(seconds=round(time.perf_counter() - started, 1), tokens=tokens, window=window, stride=stride,
-               model=engine.source.description, devices=engine.layout.n_devices, n_layers=space.n_layers)
+               model=engine.source.description, devices=engine.layout.n_devices, n_layers=space.n_layers,
+               scoring=scoring(engine))
     cli.say(format_result(res))
     if args.json:
         cli.emit_json(res)

@@ -10,8 +10,10 @@ Layer 0 and the last layer are never paired by default (`--exclude-first 1 --exc
 (ending two before the last) keeps them sequential too, a model's first and last layers are usually the least
 interchangeable ones, and leaving them out saves evaluations. Pass 0 to let the search measure them as well.
 
-Every candidate plan costs one perplexity run (a re-stack of the weights, a compile, a pass over the text), so the
-score uses only the texts' first `--max-tokens` tokens (default 4096, in `lpjax.eval`'s windows). The default range
+Every candidate plan costs one perplexity run over the texts' first `--max-tokens` tokens (default 4096, in
+`lpjax.eval`'s windows). On one device that run is a pass of one compiled program that takes the plan as an input
+(lpjax/quality/plan_data.py): the whole search compiles it once per batch shape and re-stacks no weights. On more
+devices each plan gets an engine of its own (a re-stack of the weights and a compile per plan). The default range
 of the same Δ and the sequential model are scored the same way for comparison; when the default range lies in the
 search space and scores better than what the search found, it is the answer (the result is never worse than it).
 """
@@ -20,10 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from lpjax.errors import LPJaxError
 from lpjax.plan import LPPlan
 from lpjax.quality.perplexity import perplexity
+
+if TYPE_CHECKING:
+    from lpjax.quality.plan_data import PlanForward
 
 Pairs = tuple[tuple[int, int], ...]
 
@@ -123,7 +129,7 @@ def beam_search(space: SearchSpace, n_pairs: int, score: Callable[[Pairs], float
 
 
 class Scorer:
-    """A plan's score, computed once per plan (for perplexity each evaluation is a re-stack, a compile and a pass)."""
+    """A plan's score, computed once per plan (each evaluation is a perplexity run)."""
 
     def __init__(self, fn: Callable[[Pairs], float]):
         self.fn, self.values = fn, {}
@@ -140,13 +146,51 @@ class Scorer:
 
 def plan_perplexity(engine, texts: list[list[int]], window: int, stride: int,
                     batch_size: int = 1) -> Callable[[Pairs], float]:
-    """pairs -> perplexity of the engine's weights under that plan (`lpjax.eval.perplexity`)."""
+    """pairs -> perplexity of the engine's weights under that plan (`quality.perplexity.perplexity`): by the
+    plan-as-data forward where it runs (`scoring(engine)` says which), else by an engine per plan."""
+    from lpjax.quality import plan_data  # JAX only once a model is loaded
+
+    if plan_data.unsupported(engine) is not None:
+        return engine_per_plan(engine, texts, window, stride, batch_size)
+    return PlanDataPerplexity(plan_data.PlanForward(engine), texts, window, stride, batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanDataPerplexity:
+    """pairs -> perplexity by one plan-as-data forward (`quality.plan_data.PlanForward`): every plan runs the same
+    compiled programs, one per batch shape."""
+
+    forward: PlanForward
+    texts: list[list[int]]
+    window: int
+    stride: int
+    batch_size: int = 1
+
+    def __call__(self, pairs: Pairs) -> float:
+        plan = LPPlan(self.forward.config.n_layers, pairs)
+        return perplexity(self.forward.under(plan), self.texts, self.window, self.stride, self.batch_size)["ppl"]
+
+
+def engine_per_plan(engine, texts: list[list[int]], window: int, stride: int,
+                    batch_size: int = 1) -> Callable[[Pairs], float]:
+    """pairs -> the perplexity of that plan's engine (`engine.with_plan`: a re-read and re-stack of the weights, and
+    a compile of its forward, per plan): the scoring of settings the plan-as-data forward does not run."""
     def ppl(pairs: Pairs) -> float:
         plan = LPPlan(engine.config.n_layers, pairs)
         e = engine if plan == engine.plan else engine.with_plan(plan)
         return perplexity(e, texts, window, stride, batch_size)["ppl"]
 
     return ppl
+
+
+def scoring(engine) -> str:
+    """How `plan_perplexity` scores plans on `engine`, in words."""
+    from lpjax.quality import plan_data
+
+    why = plan_data.unsupported(engine)
+    if why is None:
+        return "one compiled forward for every plan (the plan an input)"
+    return f"an engine per plan (a re-stack and a compile each): {why}"
 
 
 def method_name(beam: int) -> str:
