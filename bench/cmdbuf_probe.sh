@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Command-buffer (CUDA graph) update probe for a host-called decode step (see /work/notes/cmdbuf_research.md).
+# Command-buffer (CUDA graph) update probe for a host-called decode step (bench/NOTES.md, 2026-11-30, rows 41-43).
 #
-#   bash .probe/cmdbuf_probe.sh            # from the repository root; writes everything under $OUT
+#   bash bench/cmdbuf_probe.sh             # from the repository root; writes everything under $OUT
 #
 # A SmolLM2-shaped step (dim 576, 30 layers, GQA 9/3 heads, MLP 1536, vocab 49152, bf16, 8 stream rows, a donated
 # per-layer KV cache written with dynamic_update_slice, greedy token out) is compiled several ways and called from
@@ -15,7 +15,7 @@
 # log_skiptemp.txt, log_skipprofiled.txt.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-OUT=${OUT:-$PWD/.probe/cmdbuf_out}
+OUT=${OUT:-$PWD/runs/cmdbuf_probe}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 WORK=$(mktemp -d /tmp/cmdbuf_probe.XXXXXX)
