@@ -21,7 +21,7 @@ from lpjax.compile import resolve_attention
 from lpjax.config import round_up
 from lpjax.errors import LPJaxError
 from lpjax.plan import LPPlan
-from lpjax.quantize import QuantSpec
+from lpjax.quantize import PRODUCT_KERNELS, QuantSpec
 from lpjax.runtime import decode_loop
 from lpjax.runtime.decode_loop import DecodeState
 from lpjax.runtime.host_step import HostStep
@@ -64,20 +64,24 @@ def next_token_scores(logits: jax.Array, tokens: jax.Array) -> jax.Array:
 
 
 class Engine:
-    """A model with an LP plan, loaded onto a mesh; its matrices quantized as `quantize` says (None: plain)."""
+    """A model with an LP plan, loaded onto a mesh; its matrices quantized as `quantize` says (None: plain).
+    `quant_kernel`: "xla" (default) or "pallas", the Pallas GEMV for decode-sized products of quantized matrices
+    (`quantize.product`); prefill's products stay XLA's either way."""
 
     def __init__(self, source: WeightSource, plan: LPPlan, mesh: Mesh, dtype: str, params: dict | None = None,
                  attention: str = "auto", progress: Callable[[int, int], None] | None = None,
-                 quantize: QuantSpec | None = None):
+                 quantize: QuantSpec | None = None, quant_kernel: str = "xla"):
+        if quant_kernel not in PRODUCT_KERNELS:
+            raise LPJaxError(f"quant_kernel {quant_kernel}: choose one of {', '.join(PRODUCT_KERNELS)}")
         self.source, self.config, self.plan, self.mesh = source, source.config, plan, mesh
         self.dtype_name = dtype
         self.dtype = DTYPES[dtype]
-        self.quantize = quantize
+        self.quantize, self.quant_kernel = quantize, quant_kernel
         self.layout = Layout.build(self.config, plan, mesh)
         self.attention = resolve_attention(attention, mesh.devices.flat[0].platform, dtype)
         if params is None:  # `progress(stages loaded, stages)` reports the load
             params = load_params(source, self.layout, mesh, self.dtype, progress, quantize)
-        self.programs = Programs(self.layout, mesh, params, self.dtype, self.attention)
+        self.programs = Programs(self.layout, mesh, params, self.dtype, self.attention, quant_kernel)
         self.step = HostStep(self.programs)
         self._tokenizer = None
 
@@ -98,7 +102,7 @@ class Engine:
     @classmethod
     def load(cls, model: str, lp: str | None = None, devices: int | None = None, dtype: str | None = None,
              seed: int = 0, attention: str = "auto", progress: Callable[[int, int], None] | None = None,
-             quantize: QuantSpec | None = None) -> Engine:
+             quantize: QuantSpec | None = None, quant_kernel: str = "xla") -> Engine:
         """`quantize`: hold the attention and MLP matrices (and an untied LM head) as int8/int4, or a GGUF file's
         own quantized blocks (`QuantSpec.parse("gguf")`); None: as the checkpoint stores them."""
         source = open_source(model, seed, quantize)
@@ -111,12 +115,14 @@ class Engine:
         if dtype not in DTYPES:
             raise LPJaxError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
         plan = LPPlan.parse(plan_for(source, lp), source.config.n_layers)  # lp=None: the plan it was tuned for
-        return cls(source, plan, mesh, dtype, attention=attention, progress=progress, quantize=quantize)
+        return cls(source, plan, mesh, dtype, attention=attention, progress=progress, quantize=quantize,
+                   quant_kernel=quant_kernel)
 
     def with_plan(self, lp: str | LPPlan) -> Engine:
         """The same weights under another plan (re-read from the source; checkpoints are plan-independent)."""
         plan = lp if isinstance(lp, LPPlan) else LPPlan.parse(lp, self.config.n_layers)
-        return Engine(self.source, plan, self.mesh, self.dtype_name, attention=self.attention, quantize=self.quantize)
+        return Engine(self.source, plan, self.mesh, self.dtype_name, attention=self.attention, quantize=self.quantize,
+                      quant_kernel=self.quant_kernel)
 
     @property
     def tokenizer(self):

@@ -180,7 +180,7 @@ def _write_cache(cache: StageCache, k: jax.Array, v: jax.Array, index) -> StageC
 MIN_MATMUL_ROWS = 8
 
 
-def project(x: jax.Array, w) -> jax.Array:
+def project(x: jax.Array, w, kernel: str = "xla") -> jax.Array:
     """x [..., K] @ w [K, ...]: the weight products of every layer (w plain or a `quantize.QuantizedWeight`, whose
     dequantization `quantize.product` writes into the product's operand).
 
@@ -188,6 +188,7 @@ def project(x: jax.Array, w) -> jax.Array:
     ([2048, 4096], a 2-GPU shard of Llama-2-7B's output projection) into multiply + reduce kernels that ran at
     half the speed of a GEMM on H200 (bench/gemv_variants.py); with 8 rows it stays a GEMM, and reads the weight
     once all the same. So fewer than 8 rows are padded to 8 (a decode stream arrives with 8 already, `stream_rows`).
+    `kernel`: what runs a quantized product of that size (`quantize.product`).
     """
     lead, K = x.shape[:-1], x.shape[-1]
     rows = math.prod(lead)
@@ -195,17 +196,17 @@ def project(x: jax.Array, w) -> jax.Array:
     x2 = x.reshape(rows, K)
     if rows < MIN_MATMUL_ROWS:
         x2 = jnp.pad(x2, ((0, MIN_MATMUL_ROWS - rows), (0, 0)))
-    return product(x2, w2)[:rows].reshape(*lead, *w.shape[1:])
+    return product(x2, w2, kernel)[:rows].reshape(*lead, *w.shape[1:])
 
 
-def normed_project(x: jax.Array, norm: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+def normed_project(x: jax.Array, norm: jax.Array, w: jax.Array, eps: float, kernel: str = "xla") -> jax.Array:
     """RMSNorm(x) @ w, with the norm's row factor applied to the product instead of its input.
 
     The factor is one number per row, so (s·x·n) W = s·((x·n) W): the product reads x·n, which XLA computes in the
     same kernel as the reduction Σx², and s lands in the kernel that reads the product (RoPE and the cache write;
     SwiGLU). One kernel between a residual add and its GEMM instead of a reduction, a normalise and a pad
     (bench/NOTES.md #18)."""
-    y = project(x * norm, w)
+    y = project(x * norm, w, kernel)
     s = rms_scale(x, eps).reshape(*x.shape[:-1], *(1,) * (y.ndim - x.ndim + 1))
     return (y * s).astype(y.dtype)
 
@@ -245,6 +246,7 @@ class AttentionBlock(nn.Module):
     kv_heads: int
     param_dtype: jnp.dtype = jnp.float32
     attention_impl: str = "xla"
+    quant_kernel: str = "xla"  # what runs decode-sized products of quantized weights (`quantize.product`)
 
     @nn.compact
     def __call__(self, x, cache: StageCache | None, pos: Positions, mode: Mode):
@@ -261,13 +263,13 @@ class AttentionBlock(nn.Module):
         if mode.decode and T == 1 and self.attention_impl.startswith(PALLAS):
             # One kernel takes the product before the norm's row factor and does the rest up to `wo`: the factor,
             # the bias, RoPE, the cache write and the attention, with the stream's padding rows as zeros.
-            out, k_cache, v_cache = decode_attention(project(x * norm, wqkv)[:, 0], rms_scale(x, c.norm_eps)[:, 0, 0],
-                                                     bias, cache.k, cache.v, pos.index, pos.pad, inv_freq,
-                                                     out_rows=rows)
+            qkv = project(x * norm, wqkv, self.quant_kernel)[:, 0]
+            out, k_cache, v_cache = decode_attention(qkv, rms_scale(x, c.norm_eps)[:, 0, 0], bias, cache.k, cache.v,
+                                                     pos.index, pos.pad, inv_freq, out_rows=rows)
             cache = StageCache(k=k_cache, v=v_cache)
             out = out.reshape(rows, T, self.heads * hd)
         else:
-            qkv = normed_project(x, norm, wqkv, c.norm_eps)[:B]
+            qkv = normed_project(x, norm, wqkv, c.norm_eps, self.quant_kernel)[:B]
             if bias is not None:
                 qkv = qkv + bias
             q = qkv[:, :, :, :G].reshape(B, T, self.heads, hd)
@@ -286,7 +288,7 @@ class AttentionBlock(nn.Module):
                 out = jnp.pad(out, ((0, rows - B), (0, 0), (0, 0)))
         # A plain [B, T, H*hd] x [H*hd, D] matmul behind a barrier: otherwise XLA fuses the attention's probs @ V
         # into it as a multiply-and-reduce over an [H, hd, D] product (seen on 2 H200s: 23 us a layer, not 4).
-        delta = project(jax.lax.optimization_barrier(out), _param(self, "attn/wo"))
+        delta = project(jax.lax.optimization_barrier(out), _param(self, "attn/wo"), self.quant_kernel)
         return delta, cache
 
 
@@ -296,14 +298,16 @@ class MLPBlock(nn.Module):
     config: ModelConfig
     ffn: int
     param_dtype: jnp.dtype = jnp.float32
+    quant_kernel: str = "xla"
 
     @nn.compact
     def __call__(self, x):
         c = self.config
-        gate_up = normed_project(x, _param(self, "mlp/norm"), _param(self, "mlp/w_gate_up"), c.norm_eps)
+        gate_up = normed_project(x, _param(self, "mlp/norm"), _param(self, "mlp/w_gate_up"), c.norm_eps,
+                                 self.quant_kernel)
         if c.mlp_bias:
             gate_up = gate_up + _param(self, "mlp/b_gate_up")
-        return project(jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], _param(self, "mlp/w_down"))
+        return project(jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], _param(self, "mlp/w_down"), self.quant_kernel)
 
 
 def _stacked(block, size: int):
@@ -330,6 +334,7 @@ class StageBlock(nn.Module):
     per_device: bool = False  # inside shard_map: finish the partial sums with one psum over every device
     param_dtype: jnp.dtype = jnp.float32
     attention_impl: str = "xla"
+    quant_kernel: str = "xla"
 
     def _reduce(self, deltas):
         total = deltas.sum(axis=0)  # the pair sum (a no-op for a stack of one)
@@ -339,27 +344,28 @@ class StageBlock(nn.Module):
     def __call__(self, x, cache: StageCache | None, pos: Positions, mode: Mode):
         c = self.config
         attn = _stacked(AttentionBlock, self.local_stack)(c, self.heads, self.kv_heads, self.param_dtype,
-                                                         self.attention_impl, name="attn")
+                                                         self.attention_impl, self.quant_kernel, name="attn")
         deltas, cache = attn(x, cache, pos, mode)
         a = self._reduce(deltas)
         if c.attention_bias:
             a = a + _param(self, "attn_out_bias", self.stack).sum(0)
         h = x + a.astype(x.dtype)
-        m = self._reduce(_stacked(MLPBlock, self.local_stack)(c, self.ffn, self.param_dtype, name="mlp")(h))
+        m = self._reduce(_stacked(MLPBlock, self.local_stack)(c, self.ffn, self.param_dtype, self.quant_kernel,
+                                                         name="mlp")(h))
         if c.mlp_bias:
             m = m + _param(self, "mlp_out_bias", self.stack).sum(0)
         return h + m.astype(h.dtype), cache
 
 
 def stage_block(layout: Layout, s: StageLayout, per_device: bool = False, param_dtype=jnp.float32,
-                attention_impl: str = "xla", name: str | None = None) -> StageBlock:
+                attention_impl: str = "xla", name: str | None = None, quant_kernel: str = "xla") -> StageBlock:
     """The block that computes stage `s` of `layout`, at the sizes held on one device (`per_device`, inside
     `shard_map`) or the whole stage's: the model's own stages, and the plan-as-data forward's (lpjax/quality/
     plan_data.py), which applies one on its own."""
     c, d = layout.config, (s.split if per_device else 1)
     layers = s.stack // layout.pair_size if per_device and s.stage.is_pair else s.stack
     return StageBlock(c, s.stack, layers, c.n_heads // d, s.kv_heads // d, c.ffn_dim // d, per_device, param_dtype,
-                      attention_impl, name=name)
+                      attention_impl, quant_kernel, name=name)
 
 
 class Embed(nn.Module):
@@ -412,6 +418,7 @@ class LlamaLM(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     attention_impl: str = "xla"
     span: tuple[int, int] | None = None
+    quant_kernel: str = "xla"  # "pallas": decode-sized products of quantized weights as the Pallas GEMV
 
     @property
     def config(self) -> ModelConfig:
@@ -439,7 +446,8 @@ class LlamaLM(nn.Module):
             x = inputs
         new_cache = {}
         for s in lay.stages[start:stop]:
-            stage = stage_block(lay, s, self.per_device, self.param_dtype, self.attention_impl, name=s.name)
+            stage = stage_block(lay, s, self.per_device, self.param_dtype, self.attention_impl, name=s.name,
+                                quant_kernel=self.quant_kernel)
             x, new_cache[s.name] = stage(x, None if cache is None else cache[s.name], pos, mode)
         if stop < len(lay.stages):
             return x, (new_cache if cache is not None else None)
@@ -449,7 +457,7 @@ class LlamaLM(nn.Module):
         if c.tied_embeddings:
             logits = embed.attend(x)
         else:
-            logits = product(x, _param(self, "lm_head"))
+            logits = product(x, _param(self, "lm_head"), self.quant_kernel)
         logits = logits.astype(jnp.float32)
         if self.per_device and n > 1:
             logits = jax.lax.all_gather(logits, ALL, axis=logits.ndim - 1, tiled=True)

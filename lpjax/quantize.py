@@ -33,12 +33,15 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lpjax.errors import LPJaxError
+from lpjax.kernels.quant_gemv import quant_gemv
 
 KINDS = ("int8", "int4", "gguf")
 DEFAULT_INT4_GROUP = 128
 GGUF_BLOCK = 32  # inputs per block of GGUF's Q8_0, Q4_0 and Q4_1 types
 _BITS = {"int8": 8, "int4": 4}
 _VALUE_DTYPES = {"int8": jnp.int8, "int4": jnp.int4}
+PRODUCT_KERNELS = ("xla", "pallas")  # what runs `product`'s decode-sized products of quantized weights
+GEMV_ROWS = 8  # products of at most this many rows (decode's stream) are GEMVs: the Pallas kernel's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,18 +212,28 @@ def dequantize(qw: QuantizedWeight, dtype) -> jax.Array:
     return w.reshape(shape).astype(dtype)
 
 
-def product(x: jax.Array, w) -> jax.Array:
+def product(x: jax.Array, w, kernel: str = "xla") -> jax.Array:
     """x [..., K] @ w [K, *out] for a plain or a quantized w, in x's dtype.
 
     Quantized, the dequantization is an elementwise expression of the dot's operand, which XLA fuses into the GEMM
     (the weight crosses memory in its narrow type): int8 per output channel converts the operand and scales the
     product's output columns after the dot (exact: the scale is one number per column); grouped weights scale (and
-    offset) the converted operand per group of rows. A plain weight is `x @ w`, as ever."""
+    offset) the converted operand per group of rows. A plain weight is `x @ w`, as ever.
+
+    `kernel="pallas"`: a quantized product of at most GEMV_ROWS rows (a decode step's) runs as the Pallas GEMV
+    (`lpjax/kernels/quant_gemv.py`: the same math, accumulated in float32), which reads the narrow weights at
+    bandwidth where XLA's GEMM does not; larger products (prefill) stay XLA's."""
+    if kernel not in PRODUCT_KERNELS:
+        raise ValueError(f"product kernel {kernel!r}: choose one of {', '.join(PRODUCT_KERNELS)}")
     if not isinstance(w, QuantizedWeight):
         return x @ w
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K)
     G = w.scale.shape[0]
+    if kernel == "pallas" and x2.shape[0] <= GEMV_ROWS:
+        offset = None if w.offset is None else w.offset.reshape(G, -1)
+        y = quant_gemv(x2, w.values.reshape(K, -1), w.scale.reshape(G, -1), offset)
+        return y.reshape(*lead, *w.shape[1:])
     values = w.values.reshape(K, -1).astype(x.dtype)
     scale = w.scale.reshape(G, -1).astype(x.dtype)
     if G == 1 and w.offset is None:

@@ -40,8 +40,9 @@ def cache_shape(cache: Cache) -> tuple[int, ...]:
 class Programs:
     """The parameters of one layout on its mesh, and the compiled programs that run them."""
 
-    def __init__(self, layout: Layout, mesh: Mesh, params: dict, dtype, attention: str):
+    def __init__(self, layout: Layout, mesh: Mesh, params: dict, dtype, attention: str, quant_kernel: str = "xla"):
         self.layout, self.mesh, self.params, self.dtype, self.attention = layout, mesh, params, dtype, attention
+        self.quant_kernel = quant_kernel  # what runs decode-sized products of quantized weights (`quantize.product`)
         self.config = layout.config
         self.param_specs = RULES.param_specs(params, layout)
         self.cache_specs = RULES.cache_specs(layout)
@@ -64,7 +65,8 @@ class Programs:
 
     def local_model(self, span: tuple[int, int] | None = None) -> LlamaLM:
         """The per-device model (run inside `shard_map`), of stages `span` only when given."""
-        return LlamaLM(self.layout, per_device=True, param_dtype=self.dtype, attention_impl=self.attention, span=span)
+        return LlamaLM(self.layout, per_device=True, param_dtype=self.dtype, attention_impl=self.attention, span=span,
+                       quant_kernel=self.quant_kernel)
 
     def forward(self, mode: Mode, cached: bool, one_position: bool):
         """The model's forward as a function of global arrays, run per device inside `shard_map`:
