@@ -59,7 +59,7 @@ def default_blocks(K: int, N: int, group: int, bits: int) -> tuple[int, int, int
 
 
 def _kernel(x_ref, w_ref, s_ref, *refs, rows: int, K: int, N: int, block_n: int, block_k: int, group: int,
-            per_split: int, affine: bool):
+            per_split: int, affine: bool, interpret: bool):
     off_ref = refs[0] if affine else None
     o_ref = refs[-1]
     j, s = pl.program_id(0), pl.program_id(1)
@@ -81,7 +81,10 @@ def _kernel(x_ref, w_ref, s_ref, *refs, rows: int, K: int, N: int, block_n: int,
             ks = pl.ds(pl.multiple_of(k0, sub), sub)
             xs = plgpu.load(x_ref.at[:, ks], mask=row_ok, other=0)  # [16, sub] in x's dtype
             w = column_load(w_ref, ks).astype(dt)  # [sub, block_n]: int8 / int4 -> x's dtype, exact
-            part = plgpu.dot(xs, w, allow_tf32=False) if dt == f32 else plgpu.dot(xs, w)  # float32
+            if dt == f32 or interpret:  # interpret: CPUs have no bf16 x bf16 -> f32 dot; exact in f32 all the same
+                part = plgpu.dot(xs.astype(f32), w.astype(f32), allow_tf32=False)
+            else:
+                part = plgpu.dot(xs, w)  # float32
             if per_channel:
                 acc = acc + part
                 continue
@@ -148,7 +151,7 @@ def quant_gemv(x, values, scale, offset=None, *, block_n: int | None = None, blo
         out_shape = jax.ShapeDtypeStruct((splits, M, N), jnp.float32)
         out_spec = pl.BlockSpec((None, MAX_ROWS, block_n), lambda j, s: (s, 0, j))
     kernel = functools.partial(_kernel, rows=M, K=K, N=N, block_n=block_n, block_k=block_k, group=group,
-                               per_split=per_split, affine=offset is not None)
+                               per_split=per_split, affine=offset is not None, interpret=interpret)
     out = pl.pallas_call(
         kernel,
         grid=(-(-N // block_n), splits),
