@@ -82,6 +82,11 @@ def test_kernel_lowers_to_triton_for_llama_2_7b_shapes(scheme):
         assert "__gpu$xla.gpu.triton" in lowered.as_text()
         block_n, block_k, splits = default_blocks(K, N, K // G, 8 if scheme == "int8" else 4)
         assert K % block_k == 0 and -(-N // block_n) * splits >= 128  # every SM of an H200 has a program
+    # an LP pair's two matrices under the stack's vmap: one kernel over a grid with the pair's axis added
+    pair = [jax.ShapeDtypeStruct((2, *a.shape), a.dtype) for a in args[1:]]
+    paired = jax.vmap(lambda x, v, s, o: quant_gemv(x, v, s, o, interpret=False), in_axes=(None, 0, 0, 0))
+    lowered = jax.jit(paired).trace(args[0], *pair, offset and pair[1]).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("__gpu$xla.gpu.triton") == 1
 
 
 @pytest.fixture(scope="module")
