@@ -8,13 +8,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-# 8 CPU devices, and unless XLA_FLAGS says otherwise the CPU backend's LLVM optimisation level 0: the same HLO
-# programs (fusions, shardings, collectives), compiled in 3/4 of the time (the command lines that tests start as
-# subprocesses get flags of their own)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import COMPILE_FLAGS, with_device_count  # noqa: E402
+
+# 8 CPU devices, and the session's compile flags (helpers.COMPILE_FLAGS) where XLA_FLAGS does not set them: the
+# command lines that tests start inherit them (helpers.subprocess_env), so they compile as fast and share the
+# session's compiled programs
 XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
-if "--xla_backend_optimization_level" not in XLA_FLAGS:
-    XLA_FLAGS += " --xla_backend_optimization_level=0"
-os.environ["XLA_FLAGS"] = (XLA_FLAGS + " --xla_force_host_platform_device_count=8").strip()
+XLA_FLAGS += "".join(f" {flag}={value}" for flag, value in COMPILE_FLAGS.items() if flag not in XLA_FLAGS)
+os.environ["XLA_FLAGS"] = with_device_count(XLA_FLAGS, 8)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -22,7 +24,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # only slow down (a 3x slower transformers generate when the 2 cores are shared), and pytest-xdist's workers take
 # one core each
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 # The session's compiled programs are kept in a fresh directory (never the user's cache), by the tests and by the
 # command lines they start: each program is compiled once per session, however many engines run it.
 # pytest-xdist's workers inherit the directories, and the process that made them removes them at its end.
