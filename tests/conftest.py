@@ -8,13 +8,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-# 8 CPU devices, and unless XLA_FLAGS says otherwise the CPU backend's LLVM optimisation level 0: the same HLO
-# programs (fusions, shardings, collectives), compiled in 3/4 of the time (the command lines that tests start as
-# subprocesses get flags of their own)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import COMPILE_FLAGS, with_device_count  # noqa: E402
+
+# 8 CPU devices, and the session's compile flags (helpers.COMPILE_FLAGS) where XLA_FLAGS does not set them: the
+# command lines that tests start inherit them (helpers.subprocess_env), so they compile as fast and share the
+# session's compiled programs
 XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
-if "--xla_backend_optimization_level" not in XLA_FLAGS:
-    XLA_FLAGS += " --xla_backend_optimization_level=0"
-os.environ["XLA_FLAGS"] = (XLA_FLAGS + " --xla_force_host_platform_device_count=8").strip()
+XLA_FLAGS += "".join(f" {flag}={value}" for flag, value in COMPILE_FLAGS.items() if flag not in XLA_FLAGS)
+os.environ["XLA_FLAGS"] = with_device_count(XLA_FLAGS, 8)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -22,7 +24,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # only slow down (a 3x slower transformers generate when the 2 cores are shared), and pytest-xdist's workers take
 # one core each
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 # The session's compiled programs are kept in a fresh directory (never the user's cache), by the tests and by the
 # command lines they start: each program is compiled once per session, however many engines run it.
 # pytest-xdist's workers inherit the directories, and the process that made them removes them at its end.
@@ -40,16 +41,20 @@ from lpjax.cli import enable_compile_cache  # noqa: E402
 enable_compile_cache()  # before the first compile: JAX decides once per process whether the cache is used
 
 
-# The slowest files first: pytest-xdist (pyproject's addopts) hands each worker whole files in this order, so none
-# of them starts last and leaves one worker running alone at the end.
-SLOW_FIRST = ("test_bench.py", "test_gguf.py", "test_cli.py", "test_torch_baselines.py", "test_sharding.py",
-              "test_engine.py", "test_multihost.py", "test_quality.py", "test_train.py", "test_export.py",
-              "test_model.py", "test_weights.py", "test_tokenizer.py")
+# The costliest files first: pytest-xdist (pyproject's addopts) hands each worker whole files in this order, so the
+# last ones to start are quick and no worker runs alone for long at the end. The figures are CPU seconds of each file
+# run alone on a 2-core CPU (2026-11-30); a file not listed counts as COST_UNLISTED, so a new file runs before the
+# quick ones even before it is measured.
+COST_S = {"test_bench.py": 140, "test_gguf.py": 90, "test_torch_baselines.py": 85, "test_serve.py": 80,
+          "test_sharding.py": 60, "test_cli.py": 55, "test_launch.py": 50, "test_engine.py": 45, "test_train.py": 35,
+          "test_multihost.py": 35, "test_quality.py": 35, "test_export.py": 30, "test_distill.py": 25,
+          "test_model.py": 20, "test_weights.py": 15, "test_tokenizer.py": 6, "test_layers.py": 2,
+          "test_plan_config.py": 1, "test_no_torch.py": 1}
+COST_UNLISTED = 40
 
 
 def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
+    items.sort(key=lambda item: -COST_S.get(item.path.name, COST_UNLISTED))  # stable: a file's own order is kept
 
 
 @pytest.fixture(scope="session")

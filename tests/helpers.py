@@ -3,10 +3,33 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+ROOT = Path(__file__).resolve().parents[1]
+# The test session's XLA compile flags (tests/conftest.py puts them in XLA_FLAGS, unless it sets them already, and
+# the command lines tests start inherit them): the CPU backend's LLVM optimisation level 0, and XLA's loop emitters
+# instead of its newer fusion emitters. The same HLO programs (fusions, shardings, collectives) compiled in about
+# half the time; the fusion emitters' choice leaves every logit bit for bit as it was.
+COMPILE_FLAGS = {"--xla_backend_optimization_level": "0", "--xla_cpu_use_fusion_emitters": "false"}
+_DEVICE_COUNT = re.compile(r"\s*--xla_force_host_platform_device_count=\S*")
+
+
+def with_device_count(xla_flags: str, devices: int) -> str:
+    """XLA_FLAGS with `devices` forced CPU devices instead of any count they gave."""
+    return f"{_DEVICE_COUNT.sub('', xla_flags)} --xla_force_host_platform_device_count={devices}".strip()
+
+
+def subprocess_env(devices: int | None = None, **extra: str) -> dict[str, str]:
+    """The environment of a command line a test starts: the session's (its compile cache and compile flags, PyTorch
+    on one thread, offline HF), the checkout first on PYTHONPATH, `devices` CPU devices (default: the session's 8)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), **extra)
+    if devices is not None:
+        env["XLA_FLAGS"] = with_device_count(env.get("XLA_FLAGS", ""), devices)
+    return env
 
 CORPUS = (
     "The quick brown fox jumps over the lazy dog. Layer parallelism evaluates pairs of consecutive layers on the "

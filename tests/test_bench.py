@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import ROOT, subprocess_env
 
 from bench import records, report, run
 
@@ -20,11 +21,13 @@ def _records(path):
 
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory):
+    """One `bench.run` of every runner, each configuration timed once (a record of one sample is a valid record; a
+    second sample would time each decode loop again for nothing these tests check)."""
     out = tmp_path_factory.mktemp("bench") / "cpu.json"
     cmd = [sys.executable, "-m", "bench.run", "--models", "tiny", "--devices", "2", "--delta", "0,4", "--batch", "1",
            "--impls", "lpjax,torch-tp,torch-compile,hf-eager", "--torch-compile-mode", "default", "--metrics", METRICS,
-           "--long-metrics", "", "--repeats", "2", "--device", "cpu", "--machine", "cpu-test", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+           "--long-metrics", "", "--repeats", "1", "--device", "cpu", "--machine", "cpu-test", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=subprocess_env(), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
 

@@ -3,21 +3,19 @@ README's demo, whose printed text must be the README's), the rest of each comman
 (`run_main`: the same `cli.run` contract of exit codes and one-line errors, without a JAX start-up per run)."""
 
 import json
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, subprocess_env
 
 
 def run(*args, devices: int = 1, timeout: int = 300, stdin: str | None = None):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    p = subprocess.run([sys.executable, "-m", *map(str, args)], capture_output=True, text=True, env=env,
-                       timeout=timeout, cwd=ROOT, input=stdin)
+    """`python -m ARGS` in a process that sees `devices` CPU devices, compiling as this session does."""
+    p = subprocess.run([sys.executable, "-m", *map(str, args)], capture_output=True, text=True,
+                       env=subprocess_env(devices), timeout=timeout, cwd=ROOT, input=stdin)
     return p.returncode, p.stdout, p.stderr
 
 
@@ -241,8 +239,7 @@ def test_compile_cache_lives_where_the_variable_says(tmp_path, monkeypatch):
 def test_compile_cache_keeps_every_program_for_the_next_process(tmp_path):
     """Every tool calls `cli.enable_compile_cache`: a program that compiles in milliseconds is kept, and the next
     process reads it back instead of compiling it."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               LPJAX_COMPILE_CACHE=str(tmp_path / "xla"))
+    env = subprocess_env(1, LPJAX_COMPILE_CACHE=str(tmp_path / "xla"))
 
     def probe() -> bool:
         p = subprocess.run([sys.executable, "-c", CACHE_PROBE], capture_output=True, text=True, env=env, cwd=ROOT,

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import torch_lp_logits
+from helpers import ROOT, subprocess_env, torch_lp_logits
 
 from lpjax.convert import convert_model
 from lpjax.engine import Engine
@@ -17,7 +17,6 @@ from lpjax.errors import LPJaxError
 from lpjax.sources import open_source
 from lpjax.sources.safetensors import read_safetensors
 
-ROOT = Path(__file__).resolve().parents[1]
 TEXT = "The quick brown fox jumps over the lazy dog. Layer parallelism evaluates pairs of layers on one input."
 
 
@@ -99,12 +98,10 @@ def test_convert_command_exports_and_never_overwrites_unasked(checkpoints, tmp_p
     """`python -m convert` in a checkout forwards to `python -m lpjax.convert`; --hf keeps working."""
     src, _ = checkpoints("tied")
     out = tmp_path / "hf"
-    env = {"PYTHONPATH": str(ROOT), "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
-           "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
 
     def run(*args):
         return subprocess.run([sys.executable, "-m", *map(str, args)], capture_output=True, text=True, cwd=ROOT,
-                              env=env, timeout=300)
+                              env=subprocess_env(1), timeout=300)
 
     p = run("convert", "--model", src, "--out", out, "--format", "hf", "--dtype", "float32")
     assert p.returncode == 0, p.stderr

@@ -2,7 +2,6 @@
 one process gives, and ends as its first failing worker does, leaving no process behind."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ROOT, subprocess_env
 
 from lpjax import launch
 
-ROOT = Path(__file__).resolve().parents[1]
 # the parent keeps conftest's 8 CPU devices: each worker must see 1 of them
-ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+ENV = subprocess_env()
 
 
 def run(*args, timeout: int = 300, env: dict[str, str] | None = None):

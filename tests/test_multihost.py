@@ -1,14 +1,13 @@
 """Multi-host: two processes on localhost (JAX's CPU collectives) form one 4-device mesh and agree with one process."""
 
 import json
-import os
 import re
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, subprocess_env
+
 # gloo's connection report, which its threads may write interleaved with each other's (split across lines)
 GLOO_CHATTER = re.compile(r"\[Gloo\]|Rank|\d+ is connected to \d+ peer ranks\. Expected number of connected peer "
                           r"ranks is : \d+")
@@ -22,10 +21,8 @@ def free_port() -> int:
 
 def launch(module_args, processes=2, local_devices=2, timeout=300):
     port = free_port()
-    # the CPU backend's LLVM level 0, as in this process (tests/conftest.py): the reference is compiled the same way
-    flags = f"--xla_force_host_platform_device_count={local_devices} --xla_backend_optimization_level=0"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=flags,
-               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes))
+    # compiled as in this process (tests/conftest.py): the reference is compiled the same way
+    env = subprocess_env(local_devices, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes))
     procs = [subprocess.Popen([sys.executable, "-m", *map(str, module_args)], cwd=ROOT, text=True,
                               env=dict(env, JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for i in range(processes)]

@@ -9,15 +9,21 @@ from lpjax.errors import LPJaxError
 
 PROMPTS = [[1, 60, 61, 62, 63, 64, 65, 66, 67, 68], [1, 90, 91, 92, 93]]
 STEPS = 4
+CACHE_LENGTH = 32
 
 
 def rel_err(got, ref):
     return float(np.abs(got - ref).max() / np.abs(ref).max())
 
 
+def greedy_tokens(engine) -> list[list[int]]:
+    """8 greedy tokens for PROMPTS, in a cache of CACHE_LENGTH (the length `run_all`'s steps use)."""
+    return engine.generate(PROMPTS, 8, eos=(), max_len=CACHE_LENGTH).tokens
+
+
 def run_all(engine):
     """Prefill logits, cached-decode logits and greedy tokens for PROMPTS (left-padded batch)."""
-    cache = engine.init_cache(len(PROMPTS), 32)
+    cache = engine.init_cache(len(PROMPTS), CACHE_LENGTH)
     logits, cache, n, pad = engine.prefill(cache, PROMPTS)
     prefill = np.asarray(logits)
     tokens = prefill.argmax(-1)
@@ -26,8 +32,7 @@ def run_all(engine):
         step, cache = engine.decode_step(cache, tokens, n + t, pad)
         decode.append(step)
         tokens = step.argmax(-1)
-    greedy = engine.generate(PROMPTS, 8, eos=(), max_len=32).tokens  # same cache length: prefill is reused
-    return prefill, np.stack(decode), greedy
+    return prefill, np.stack(decode), greedy_tokens(engine)  # same cache length: prefill is reused
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +66,12 @@ def test_tied_embeddings_with_a_padded_vocabulary(engines):
 def count_collectives(engine) -> set[tuple[str, int, int]]:
     """(path, all-reduces, all-gathers) in the optimised HLO of one decode step, on each decode path users run: the
     host-called step (logits or next token; a chain of programs of a few stages each, counted over the chain) and
-    the on-device loop (its body holds one step)."""
-    cache = engine.init_cache(2, 32)  # the shapes run_all compiled already
+    the on-device loop (its body holds one step). The calls are `run_all`'s: on the engines it ran, every program
+    is compiled already."""
+    cache = engine.init_cache(len(PROMPTS), CACHE_LENGTH)
     _, cache = engine.decode_step(cache, np.array([5, 6]), 12, np.array([0, 5]))
     engine.next_token(cache, np.array([5, 6]), 12, np.array([0, 5]))
-    engine.generate(PROMPTS, 3, eos=())
+    greedy_tokens(engine)
     programs: dict[tuple, list[str]] = {}
     for key, compiled in engine.programs.compiled.programs.items():
         if key[0] in ("step", "next"):  # a chain: key + (its first stage,)

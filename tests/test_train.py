@@ -4,21 +4,18 @@ uninterrupted one does, outputs load in the engine, and bad input gets one line.
 import contextlib
 import io
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import CONFIGS, CORPUS
+from helpers import CONFIGS, CORPUS, ROOT, subprocess_env
 
 from lpjax import finetune, train
 from lpjax.errors import LPJaxError
 from lpjax.training import programs
 from lpjax.training.rundir import STATE_DIR
 
-ROOT = Path(__file__).resolve().parents[1]
 VAL = "Layer parallelism evaluates pairs of consecutive layers on the same input. The quick brown fox jumps. " * 3
 TINY = ["--layers", "2", "--dim", "32", "--heads", "2", "--kv-heads", "1", "--ffn", "64", "--vocab-size", "300",
         "--seq-len", "16", "--batch-size", "4", "--warmup", "3", "--lr", "1e-2", "--compute-dtype", "float32",
@@ -215,9 +212,9 @@ def test_bad_input_is_refused_before_anything_is_written(checkpoints, texts, tmp
 
 def test_cli_error_is_one_line(checkpoints, texts, tmp_path):
     src, _ = checkpoints("mha")
-    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="--xla_force_host_platform_device_count=1")
     p = subprocess.run([sys.executable, "-m", "lpjax.finetune", "--model", str(src), "--text", str(texts[0]),
-                        "--out", str(tmp_path / "x")], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+                        "--out", str(tmp_path / "x")], capture_output=True, text=True, env=subprocess_env(1), cwd=ROOT,
+                       timeout=120)
     lines = [x for x in p.stderr.strip().splitlines() if x.strip()]
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert lines == ["error: nothing to fine-tune: give --lp START:END, the LP plan whose paired layers to train"]
