@@ -38,7 +38,7 @@ CASES = {  # name: (B, K, G, hd, L, index, pad, keyword arguments)
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_kernel_equals_the_reference_and_writes_the_cache_exactly(case):
+def test_kernel_equals_the_reference_and_writes_only_the_new_slot_of_the_cache(case):
     B, K, G, hd, L, index, pad, kw = CASES[case]
     rows, splits = kw.get("rows"), kw.get("splits")
     args = inputs(B, K, G, hd, L, index, pad, rows, bias=kw.get("bias", False))
@@ -46,7 +46,12 @@ def test_kernel_equals_the_reference_and_writes_the_cache_exactly(case):
     ref_out, ref_k, ref_v = jax.jit(lambda *a: decode_attention_reference(*a, out_rows=rows))(*args)
     assert out.shape == ref_out.shape == (rows or B, K * G, hd) and out.dtype == args[0].dtype
     np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
-    assert bool(jnp.all(k_cache == ref_k)) and bool(jnp.all(v_cache == ref_v))
+    # every slot but the one written is untouched; the written k and v equal the reference's to float32 rounding
+    # (XLA may contract RoPE's multiply-adds differently from the kernel, depending on its compile flags)
+    written = np.arange(L)[None, None, :, None] == np.asarray(index)[:, None, None, None]
+    for got, ref in ((k_cache, ref_k), (v_cache, ref_v)):
+        assert bool(jnp.all(jnp.where(written, True, got == ref)))
+        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
     if rows:
         assert not np.any(np.asarray(out[B:]))
 
