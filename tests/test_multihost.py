@@ -8,9 +8,10 @@ import sys
 
 from helpers import ROOT, subprocess_env
 
-# gloo's connection report, which its threads may write interleaved with each other's (split across lines)
+# gloo's connection report, which its threads may write interleaved with each other's (split across lines, even
+# between a report's colon and its number)
 GLOO_CHATTER = re.compile(r"\[Gloo\]|Rank|\d+ is connected to \d+ peer ranks\. Expected number of connected peer "
-                          r"ranks is : \d+")
+                          r"ranks is :\s*\d+")
 
 
 def free_port() -> int:
