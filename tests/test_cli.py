@@ -48,15 +48,6 @@ def test_generate_json_with_and_without_lp(checkpoints, run_main):
     assert lp["lp"] == "2:6" and lp["delta"] == 4 and lp["depth"] == 4 and "mesh" in lp
 
 
-def test_generate_without_arguments_runs_the_embedded_default(run_main):
-    rc, out, err = run_main("lpjax.generate", "--max-new-tokens", 8, "--json")
-    assert rc == 0, err
-    assert "trained here" in out and "sequential" in out
-    res = last_json(out)
-    assert [r["lp"] for r in res["runs"]] == ["", "6:14"] and all(r["decode_tokens_per_s"] > 0 for r in res["runs"])
-    assert all(len(r["tokens"]) == 8 for r in res["runs"])
-
-
 def readme_demo() -> tuple[str, str]:
     """The README's demo command (the bash block of `python -m lpjax.generate` alone) and the next fenced block, its
     output (prose may come between)."""
@@ -78,6 +69,18 @@ def test_readme_demo_prints_what_the_readme_shows():
     assert rc == 0, err
     assert "== LP plan: 6:14" in out and "[prompt " in out  # both runs, with their summaries
     assert comparable(out) == comparable(shown)
+
+
+def test_generate_without_arguments_runs_the_embedded_default():
+    """The demo again with --json (after the test above, in the same kind of process: its programs are compiled)."""
+    from lpjax.generate import parse_args
+
+    rc, out, err = run("lpjax.generate", "--json")
+    assert rc == 0, err
+    assert "trained here" in out and "sequential" in out
+    res = last_json(out)
+    assert [r["lp"] for r in res["runs"]] == ["", "6:14"] and all(r["decode_tokens_per_s"] > 0 for r in res["runs"])
+    assert all(len(r["tokens"]) == parse_args([]).max_new_tokens for r in res["runs"])
 
 
 def test_embedded_default_model_is_a_handful_of_hf_files_read_without_torch():
