@@ -35,6 +35,31 @@ def torch_logits(model, ids):
         return model(torch.as_tensor(ids)).logits.float().numpy()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_parse_per_file():
+    """Each GGUF file's metadata parsed once in this module: transformers parses a file twice to load a model and
+    once more for its tokenizer, lpjax once per load, and the gguf package reads a vocabulary field by field in
+    Python (seconds for SmolLM2's 49152 tokens). A reader is a read-only memory map of the file, so one serves every
+    reader of an unchanged file; a file written again (another size or time) is parsed again."""
+    import os
+
+    import gguf
+
+    parse = gguf.GGUFReader
+    readers = {}
+
+    def reader(path, mode="r"):
+        st = os.stat(path)
+        key = (os.path.realpath(path), mode, st.st_size, st.st_mtime_ns)
+        if key not in readers:
+            readers[key] = parse(path, mode)
+        return readers[key]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf, "GGUFReader", reader)
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_gguf(checkpoints, tmp_path_factory):
     """`tiny_gguf(type)`: the `gguf_blocks` checkpoint written as a GGUF file of that block type."""
