@@ -125,11 +125,12 @@ def impl_name(quantize: QuantSpec | None) -> str:
 
 def run(model: str, devices: int, plans: list[LPPlan], batches: list[int], metrics: list[str], repeats: int,
         long_repeats: int, json_out: str | None, dtype: str | None = None, impl: str | None = None,
-        quantize: QuantSpec | None = None) -> None:
+        quantize: QuantSpec | None = None, quant_kernel: str = "xla") -> None:
     """Every plan on `devices` devices, each at every batch size; records emitted per plan."""
     impl = impl or impl_name(quantize)
     for plan in plans:
-        engine = Engine.load(f"random:{model}", plan.spec(), devices, dtype, quantize=quantize)
+        engine = Engine.load(f"random:{model}", plan.spec(), devices, dtype, quantize=quantize,
+                             quant_kernel=quant_kernel)
         log(f"[lpjax] {engine.describe()}")
         for batch in batches:
             figures = measure(engine, batch, metrics, repeats, long_repeats)
@@ -163,7 +164,7 @@ def main(argv=None) -> int:
         raise LPJaxError(f"--devices {args.devices}: only {len(jax.devices())} devices visible")
     enable_compile_cache()
     run(name, args.devices, plans, batches, metrics, args.repeats, args.long_repeats, args.json_out, args.dtype,
-        args.impl_name, quantize)
+        args.impl_name, quantize, args.quant_kernel)
     return 0
 
 

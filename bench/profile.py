@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     add_quantize_args(p)
     args = p.parse_args(argv)
     engine = Engine.load(common.engine_model(args.model), args.lp, args.devices, args.dtype,
-                         quantize=quantize_spec(args))
+                         quantize=quantize_spec(args), quant_kernel=args.quant_kernel)
     prompt = common.model_prompt(PROMPT_LEN, engine.config)
     engine.generate([prompt], args.tokens + 1, eos=())  # compile and warm up
     out = tempfile.mkdtemp(prefix="lpjax-trace-")

@@ -36,6 +36,7 @@ from bench.report import quantize_label
 from lpjax.config import PRESETS
 from lpjax.errors import LPJaxError
 from lpjax.plan import default_plan, parse_deltas
+from lpjax.quantize import PRODUCT_KERNELS
 
 IMPLS = {  # name -> (module, what it is)
     "lpjax": ("bench.lpjax_bench", "this library: JAX/XLA, shard_map tensor parallelism, on-device decode loop"),
@@ -64,6 +65,7 @@ class Job:
     variant: str = ""  # lpjax run under extra XLA flags: records say impl "lpjax+<variant>"
     quantize: str | None = None  # "int8" / "int4": weight-only quantized products
     group_size: int = DEFAULT_GROUP_SIZE  # int4's inputs per group
+    quant_kernel: str = "xla"  # lpjax's decode products of quantized weights; another: records say "lpjax+<it>"
 
     def quantization(self) -> dict:
         """The record fields of this job's weights (null for the compute dtype)."""
@@ -82,14 +84,20 @@ class Job:
                "--metrics", ",".join(self.metrics), "--repeats", str(repeats), "--long-repeats", str(long_repeats),
                "--json-out", str(json_out)]
         if self.impl == "lpjax":
-            return cmd + ["--impl-name", f"lpjax+{self.variant}" if self.variant else "lpjax"] + self.quantize_flags()
+            kernel = ["--quant-kernel", self.quant_kernel] if self.quantize else []
+            return cmd + ["--impl-name", self.name()] + self.quantize_flags() + kernel
         if self.impl in SINGLE_GPU:
             return cmd + ["--impl", self.impl, "--device", device]
         cmd += ["--device", device, "--impl-name", self.impl] + self.quantize_flags()
         return cmd + (["--compile", compile_mode] if self.impl == "torch-compile" else [])
 
+    def name(self) -> str:
+        """The impl its records carry: the runner's, then its XLA-flag variant and its quantized-product kernel."""
+        return (self.impl + (f"+{self.variant}" if self.variant else "")
+                + (f"+{self.quant_kernel}" if self.quantize and self.quant_kernel != "xla" else ""))
+
     def describe(self) -> str:
-        name = self.impl + (f"+{self.variant}" if self.variant else "")
+        name = self.name()
         label = quantize_label(self.quantization())
         name += f" {label}" if label else ""
         deltas = ",".join(map(str, self.deltas))
@@ -108,10 +116,12 @@ def model_deltas(models: list[str], default: list[int], overrides: list[str]) ->
 
 
 def plan_jobs(models, gpus, deltas: dict[str, list[int]], batches, impls, metrics, long_metrics, long_impls,
-              long_models, long_batch, quantizes=(None,), group_size: int = DEFAULT_GROUP_SIZE) -> list[Job]:
+              long_models, long_batch, quantizes=(None,), group_size: int = DEFAULT_GROUP_SIZE,
+              quant_kernels=("xla",)) -> list[Job]:
     """The configurations to run: Δ values a model cannot take are dropped; lpjax runs all Δ of a configuration in
     one process (one warm compile cache), the PyTorch runners one Δ per process. Slow metrics run only where asked.
-    Each quantization (None: the compute dtype) repeats the lot, without the runners that cannot quantize."""
+    Each quantization (None: the compute dtype) repeats the lot, without the runners that cannot quantize; lpjax's
+    quantized jobs run once per kernel of `quant_kernels`."""
     for quantize in quantizes:
         for impl in impls:
             if quantize and impl not in QUANTIZED:
@@ -137,8 +147,9 @@ def plan_jobs(models, gpus, deltas: dict[str, list[int]], batches, impls, metric
                         if impl in long_impls and model in long_models and batch == long_batch:
                             wanted += long_metrics
                         groups = [tuple(valid)] if impl == "lpjax" else [(d,) for d in valid]
+                        kernels = quant_kernels if impl == "lpjax" and quantize else ("xla",)
                         jobs += [Job(impl, model, n, g, batch, tuple(wanted), quantize=quantize,
-                                     group_size=group_size) for g in groups]
+                                     group_size=group_size, quant_kernel=k) for k in kernels for g in groups]
     return jobs
 
 
@@ -151,6 +162,16 @@ def parse_quantize(text: str) -> list[str | None]:
         raise LPJaxError(f"--quantize {text}: unknown {', '.join(unknown) or 'empty'} "
                          f"(choose from {', '.join(choices)})")
     return [None if n == "none" else n for n in dict.fromkeys(names)]
+
+
+def parse_quant_kernels(text: str) -> tuple[str, ...]:
+    """`--quant-kernels xla,pallas` -> ("xla", "pallas"), each one of lpjax's `PRODUCT_KERNELS`."""
+    names = parse_names(text)
+    unknown = [n for n in names if n not in PRODUCT_KERNELS]
+    if unknown or not names:
+        raise LPJaxError(f"--quant-kernels {text}: unknown {', '.join(unknown) or 'empty'} "
+                         f"(choose from {', '.join(PRODUCT_KERNELS)})")
+    return tuple(dict.fromkeys(names))
 
 
 def git_commit() -> str:
@@ -226,6 +247,8 @@ def parse_args(argv):
                         "baselines only unquantized)")
     p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, metavar="G",
                    help="int4's inputs per group, passed to every runner")
+    p.add_argument("--quant-kernels", default="xla", metavar="xla,pallas",
+                   help="lpjax's quantized jobs once per kernel of its decode products (--quant-kernel)")
     p.add_argument("--long-models", default="llama2-7b")
     p.add_argument("--long-batch", type=int, default=1)
     p.add_argument("--lpjax-variant", action="append", default=[], metavar="NAME=FLAGS",
@@ -262,7 +285,8 @@ def harness(argv=None) -> int:
     deltas = model_deltas(models, parse_deltas(args.delta), args.delta_for)
     jobs = plan_jobs(models, parse_ints(args.devices, "--devices", 1), deltas, parse_ints(args.batch, "--batch", 1),
                      impls, metrics, long_metrics, parse_names(args.long_impls), parse_names(args.long_models),
-                     args.long_batch, parse_quantize(args.quantize), args.group_size)
+                     args.long_batch, parse_quantize(args.quantize), args.group_size,
+                     parse_quant_kernels(args.quant_kernels))
     args.variants = parse_variants(args.lpjax_variant)
     jobs = with_variants(jobs, args.variants)
     if args.variants_only:

@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Callable
 
 from lpjax.errors import LPJaxError, LPJaxWarning, first_line
-from lpjax.quantize import KINDS, QuantSpec
+from lpjax.quantize import KINDS, PRODUCT_KERNELS, QuantSpec
 from lpjax.weights import DTYPES
 
 EXIT_BAD_INPUT = 2
@@ -49,8 +49,9 @@ def add_model_args(p: argparse.ArgumentParser, model_required: bool = True) -> N
                         "(lpjax/launch.py); auto: one, for now")
 
 
-def add_quantize_args(p: argparse.ArgumentParser) -> None:
-    """`--quantize` and `--group-size`, as every tool that loads a model takes them (`quantize_spec` reads them)."""
+def add_quantize_args(p: argparse.ArgumentParser, kernel: bool = True) -> None:
+    """`--quantize` and `--group-size`, as every tool that loads a model takes them (`quantize_spec` reads them), and
+    `--quant-kernel` where the tool runs the model (`kernel`)."""
     p.add_argument("--quantize", choices=KINDS, default=None,
                    help="hold the attention and MLP matrices (and an untied LM head) as int8 (per output channel) or "
                         "int4 (in groups of --group-size inputs); gguf: keep a GGUF file's own Q8_0/Q4_0/Q4_1 blocks "
@@ -58,6 +59,11 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=None, metavar="G",
                    help=f"inputs per scale of --quantize int4 (default {QuantSpec.parse('int4').group_size}) or "
                         "int8 (default: one scale per output channel)")
+    if kernel:
+        p.add_argument("--quant-kernel", choices=PRODUCT_KERNELS, default="xla",
+                       help="what runs decode's products of the quantized matrices: xla (dequantization fused into "
+                            "XLA's dot) or pallas (lpjax's GEMV kernel, GPUs only; prefill stays XLA's; no effect on "
+                            "unquantized matrices)")
 
 
 def quantize_spec(args: argparse.Namespace) -> QuantSpec | None:

@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         args.model = DEFAULT_MODEL
     prompts = args.prompt or [DEFAULT_PROMPT]
     engine = Engine.load(args.model, "" if default else args.lp, args.devices, args.dtype, seed=args.seed,
-                         progress=cli.load_bar() if cli.is_main_process() and not default else None, quantize=quantize)
+                         progress=cli.load_bar() if cli.is_main_process() and not default else None, quantize=quantize,
+                         quant_kernel=args.quant_kernel)
     cli.say(f"[{engine.describe()}]", file=sys.stderr)
     if args.chat and not args.prompt:
         engine.tokenizer.chat_ids([{"role": "user", "content": "hi"}])  # no chat template: say so before reading

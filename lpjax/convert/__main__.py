@@ -30,7 +30,7 @@ def parse_args(argv):
     p.add_argument("--format", choices=FORMATS, default="lpjax", help="lpjax (default) or hf")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                    help="stored dtype (default: as in the source)")
-    cli.add_quantize_args(p)
+    cli.add_quantize_args(p, kernel=False)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier lpjax checkpoint or export at --out")
     return p.parse_args(argv)
 
