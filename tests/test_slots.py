@@ -6,10 +6,12 @@ depend on k (greedy: `generate`'s exactly; sampled: the same for a seed), and a 
 import dataclasses
 import threading
 
+import jax
+import numpy as np
 import pytest
 from helpers import CORPUS
 
-from lpjax.runtime.slots import RowSampling, Slots
+from lpjax.runtime.slots import RowSampling, Slots, row_buckets
 from lpjax.serving.scheduler import Event, GenerationRequest, Scheduler
 
 CONTEXT = 128  # the slots' cache: the length `generate` picks for these short prompts, so attention reads alike
@@ -193,6 +195,25 @@ def test_cancelling_between_chunks_frees_the_slot_for_a_waiting_request(slots, p
     gone = replies["gone"]
     assert gone.tokens == reference(prompts[2])[:1 + k] and all(e.finish is None for e in gone.events)
     assert replies["next"].slot == gone.slot and replies["next"].tokens == reference(prompts[0])[:10]
+
+
+def test_a_call_decodes_the_rows_up_to_the_bucket_of_the_last_busy_slot_and_leaves_the_others(slots, prompts,
+                                                                                                reference):
+    assert row_buckets(1) == (1,) and row_buckets(SLOTS) == (1, 4) and row_buckets(32) == (1, 4, 16, 32)
+    k, s = 4, slots(4)
+    prefix = s.prefill(prompts[1], RowSampling())
+    s.insert(prefix, 0)
+    assert s.rows_to_decode() == 1
+    before = jax.tree.map(np.asarray, s.cache)
+    tokens = [prefix.first] + [int(t) for _ in range(2) for t in s.decode(k)[:, 0]]
+    after = jax.tree.map(np.asarray, s.cache)
+    for b, a in zip(jax.tree.leaves(before), jax.tree.leaves(after)):  # [stack, batch, ...]
+        assert np.array_equal(a[:, 1:], b[:, 1:]) and not np.array_equal(a[:, :1], b[:, :1])
+    assert tokens == reference(prompts[1])[:1 + 2 * k]  # one row decoded alone: generate's tokens
+    s.release(0)
+    s.insert(s.prefill(prompts[0], RowSampling()), 2)
+    assert s.rows_to_decode() == SLOTS
+    s.release(2)
 
 
 def test_steps_per_call_below_one_is_refused():
