@@ -45,8 +45,9 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 
 
 class ByteTokenizer(Tokenizer):
-    """UTF-8 bytes 0..255, then BOS=256, EOS=257, PAD=258. Ids past 258 (random models' larger vocabularies)
-    decode to nothing."""
+    """UTF-8 bytes 0..255, then BOS=256, EOS=257, PAD=258. Ids past 258 (random models' larger vocabularies) decode
+    to `<id>`, so that every token a random model writes shows, and a stream of them arrives token by token (as a
+    real tokenizer's would: a server's timings under load read alike)."""
 
     BOS, EOS, PAD = 256, 257, 258
 
@@ -61,7 +62,17 @@ class ByteTokenizer(Tokenizer):
         return [self.BOS, *text.encode("utf-8")]
 
     def decode(self, ids: list[int]) -> str:
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+        parts, run = [], bytearray()
+        for i in ids:
+            if i < 256:
+                run.append(i)
+                continue
+            if run:
+                parts.append(run.decode("utf-8", errors="replace"))
+                run.clear()
+            if i > self.PAD:
+                parts.append(f"<{i}>")
+        return "".join(parts) + run.decode("utf-8", errors="replace")
 
 
 class HFTokenizer(Tokenizer):

@@ -135,3 +135,15 @@ def test_the_generate_path_imports_neither_torch_nor_transformers():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "[]"
+
+
+def test_a_random_models_byte_tokenizer_shows_every_token_and_streams_it_token_by_token():
+    from lpjax.serving.text import TextStream
+
+    tok = load_tokenizer(None, 32000, ())
+    ids = [*"é".encode(), 300, tok.EOS, ord("a"), 31999]
+    assert tok.encode("é") == [tok.BOS, *"é".encode()]
+    assert tok.decode(ids) == "é<300>a<31999>"  # BOS/EOS/PAD show nothing; larger ids their number
+    stream = TextStream(tok)
+    shown = [stream.add([i]) for i in ids]
+    assert shown == ["", "é", "<300>", "", "a", "<31999>"] and stream.flush() == ""  # half a character waits
