@@ -8,11 +8,11 @@ CUDA graphs as they are: a graph one of whose buffers moved is updated first (a 
 ~0.4 ms). So the cache and the residual stream are donated and come back in place, and on GPUs the result is
 written to pinned host memory rather than into a fresh device buffer each call.
 
-A chain pays each program's host cost (on H200 ~0.3-0.6 ms a call: argument handling, a CUDA-graph update and
-launch), so it pays only where a program's GPU work hides the next one's launch: a big model on one device.
-Measured on H200, bf16, batch 1 (bench/NOTES.md, 2026-11-30): Llama-2-7B on 1 GPU 5.1 ms a step in programs of 4
-stages against 5.3 in one; on 2 GPUs 6.5 against 6.0; SmolLM2-135M on 1 GPU 4.1 against 2.4. `default_span`
-says which.
+A chain pays each program's host cost (argument handling, a CUDA-graph update and launch), so it pays only where
+the GPU runs while the host launches the next program: on one GPU. Measured on H200, bf16, batch 1
+(bench/NOTES.md, 2026-11-30): Llama-2-7B on 1 GPU 4.6 ms a step in programs of 4 stages against 5.2 in one;
+SmolLM2-135M on 1 GPU 1.50 against 2.10 (with the stream donated, as now; 4.1 against 2.4 before); on 2 GPUs one
+program (6.0 against 6.5 as a chain). `default_span` says which.
 """
 
 from __future__ import annotations
@@ -31,16 +31,12 @@ from lpjax.runtime.programs import Programs, cache_shape
 from lpjax.sharding import named
 
 STEP_SPAN = 4  # stages per program of a chain
-CHAIN_MIN_STAGE_BYTES = 100e6  # weight bytes a stage reads on its device, at least, for a chain to pay
 
 
 def default_span(programs: Programs) -> int | None:
-    """`STEP_SPAN` stages per program for a model whose stages each read at least `CHAIN_MIN_STAGE_BYTES` of weights
-    on a single device (Llama-2-7B: ~400 MB); otherwise the whole step as one program (None)."""
-    stage_bytes = programs.stage_weight_bytes()
-    if programs.layout.n_devices == 1 and stage_bytes and min(stage_bytes) >= CHAIN_MIN_STAGE_BYTES:
-        return STEP_SPAN
-    return None
+    """`STEP_SPAN` stages per program on one GPU; otherwise the whole step as one program (None): on several GPUs
+    the chain lost, and off GPUs the host waits on each program anyway."""
+    return STEP_SPAN if programs.on_gpu and programs.layout.n_devices == 1 else None
 
 
 def greedy(logits: jax.Array) -> jax.Array:

@@ -54,11 +54,6 @@ class Programs:
     def on_gpu(self) -> bool:
         return self.mesh.devices.flat[0].platform == "gpu"
 
-    def stage_weight_bytes(self) -> list[int]:
-        """Bytes of weights each stage reads on one device (its share of the stage's parameters)."""
-        return [nbytes([x.addressable_shards[0].data for x in jax.tree.leaves(self.params[s.name])])
-                for s in self.layout.stages]
-
     def weight_bytes(self) -> int:
         """Bytes of all the weights, each array once whatever its sharding (int4 at half a byte)."""
         return nbytes(self.params)
