@@ -92,6 +92,7 @@ def run_once(engine, args, prompts: list[str], history: list[dict[str, str]] | N
         "devices": engine.layout.n_devices, "mesh": {"pair": engine.layout.pair_size, "tp": engine.layout.tp_size},
         "model": engine.source.description, "dtype": engine.dtype_name, "sampling": sampling.describe(),
         "quantize": None if engine.quantize is None else str(engine.quantize), "weight_bytes": engine.weight_bytes,
+        "quant_kernel": None if engine.quantize is None else engine.quant_kernel,
     }
     from lpjax.sharding import describe_mesh
 

@@ -9,6 +9,7 @@ import pytest
 from helpers import ROOT, subprocess_env
 
 from bench import records, report, run
+from lpjax.errors import LPJaxError
 
 pytest.importorskip("torch")
 
@@ -111,3 +112,21 @@ def test_step_latency_times_the_one_program_step_and_the_engines_chain():
     got = step_latency.measure(Engine.load("random:tiny", "", 1, None), calls=2)
     assert set(got) == {"one_program", "engine", "chain_4", "loop_per_token"}  # tiny's engine runs one program
     assert all(v > 0 for v in got.values())
+
+
+def test_serve_report_tables_each_load_run_against_generate_and_concurrency_1(tmp_path):
+    from bench import serve_report
+
+    (tmp_path / "gen-m-seq.json").write_text("[log line]\n" + json.dumps({"decode_tokens_per_s": 200.0}) + "\n")
+    for c, tps in ((1, 180.0), (8, 900.0)):
+        load = {"concurrency": c, "output_tokens_per_s": tps, "requests_per_s": c / 2, "ttft_ms_p50": 5.0,
+                "ttft_ms_p99": 9.0, "itl_ms_p50": 1.0, "itl_ms_p99": 2.0, "tpot_ms_p50": 1.1, "requests_failed": 0}
+        (tmp_path / f"load-m-seq-k8-c{c}.json").write_text(json.dumps(load, indent=2))  # as serve_load writes it
+    assert serve_report.main([str(tmp_path)]) == 0
+    rows = serve_report.load_rows(tmp_path)
+    assert [(r["c"], r["vs_generate"], r["vs_c1"]) for r in rows] == [(1, 0.9, 1.0), (8, None, 5.0)]
+    table = (tmp_path / "serve.md").read_text().splitlines()
+    assert len(table) == 4 and table[2].startswith("| m-seq | 8 | 1 | 180 |") and "| 0.90 | 1.00 |" in table[2]
+    assert (tmp_path / "serve.png").stat().st_size > 0
+    with pytest.raises(LPJaxError, match="none: no such directory"):
+        serve_report.main([str(tmp_path / "none")])

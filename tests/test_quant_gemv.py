@@ -104,6 +104,21 @@ def test_a_quantized_lp_model_on_2_devices_decodes_the_same_greedy_tokens_with_t
     assert pallas.generate(prompts, 4).tokens == xla.generate(prompts, 4).tokens
 
 
+def test_the_tools_take_the_kernel_as_a_flag(mha, run_main):
+    from test_cli import last_json
+
+    from bench import run
+
+    rc, out, err = run_main("lpjax.generate", "--model", mha, "--quantize", "int8", "--quant-kernel", "pallas",
+                            "--prompt", "fox", "--max-new-tokens", 2, "--dtype", "float32", "--json")
+    assert rc == 0, err
+    assert last_json(out)["quant_kernel"] == "pallas" and len(last_json(out)["tokens"]) == 2
+    jobs = run.plan_jobs(["tiny"], [1], {"tiny": [0]}, [1], ["lpjax", "torch-tp"], ["decode"], [], [], [], 1,
+                         quantizes=(None, "int8"), quant_kernels=("xla", "pallas"))
+    assert [j.name() for j in jobs] == ["lpjax", "torch-tp", "lpjax", "lpjax+pallas", "torch-tp"]
+    assert jobs[3].command("o.json", 1, 1, "cpu", "default")[-2:] == ["--quant-kernel", "pallas"]
+
+
 def test_an_unknown_quant_kernel_is_one_clear_error():
     with pytest.raises(LPJaxError, match="quant_kernel cuda: choose one of xla, pallas"):
         Engine.load("random:tiny", "", 1, "float32", quantize=SPECS["int8"], quant_kernel="cuda")
