@@ -5,7 +5,8 @@
 #   bench/serve_h200.sh RUN
 #
 # Environment (defaults in brackets):
-#   SERVE_MODELS  model|LP-plan pairs, each served sequential and under its plan ["smollm2|20:28 random:llama2-7b|16:30"]
+#   SERVE_MODELS  model|LP-plan pairs, each served sequential and under its plan; a model alone: sequential only
+#                 ["smollm2|20:28 random:llama2-7b|16:30"]
 #   STEPS         --steps-per-call values, one server each ["8 1"]
 #   CONCURRENCY   clients at once, one load run each ["1 8 32"]
 #   MAX_BATCH     the server's slots [32]; MAX_LEN its context [256]; PROMPT_LEN / NEW_TOKENS a request's [128 / 128]
@@ -44,10 +45,11 @@ serve_and_load() {  # model plan tag K
 }
 
 for entry in $SERVE_MODELS; do
-  model=${entry%%|*}; lp=${entry#*|}
+  model=${entry%%|*}; plans=("")
+  [[ $entry == *"|"* ]] && plans+=("${entry#*|}")
   [ "$model" = smollm2 ] && [ -n "${SMOLLM2:-}" ] && model=$SMOLLM2
   name=$(basename "${entry%%|*}"); name=${name#random:}
-  for plan in "" "$lp"; do
+  for plan in "${plans[@]}"; do
     tag=$name-${plan:-seq}; tag=${tag//:/-}; tag=${tag//,/_}
     python -m lpjax.generate --model "$model" --lp "$plan" --dtype bfloat16 --devices 1 \
       --max-new-tokens "$NEW_TOKENS" --stream-chunk 0 --prompt "$PROMPT" --json 2> /dev/null | tail -1 \
