@@ -199,7 +199,7 @@ def test_cancelling_between_chunks_frees_the_slot_for_a_waiting_request(slots, p
 
 def test_a_call_decodes_the_rows_up_to_the_bucket_of_the_last_busy_slot_and_leaves_the_others(slots, prompts,
                                                                                                 reference):
-    assert row_buckets(1) == (1,) and row_buckets(SLOTS) == (1, 4) and row_buckets(32) == (1, 4, 16, 32)
+    assert row_buckets(1) == (1,) and row_buckets(SLOTS) == (1, 4) and row_buckets(32) == (1, 8, 32)
     k, s = 4, slots(4)
     prefix = s.prefill(prompts[1], RowSampling())
     s.insert(prefix, 0)

@@ -45,7 +45,7 @@ from lpjax.sampling import sample_rows
 from lpjax.sharding import named
 
 SEED_MOD = 1 << 32  # seeds are taken modulo 2**32 (a PRNG key's seed is 32 bits here)
-BUCKET_GROWTH = 4  # decode programs for 1, 4, 16, ... rows (and the whole batch): few compiles, at most 4x the rows
+BUCKET_GROWTH = 8  # decode programs for 1, 8, 64, ... rows and the whole batch: each is two compiles at start
 
 
 def row_buckets(batch: int) -> tuple[int, ...]:
