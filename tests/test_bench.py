@@ -23,12 +23,17 @@ def _records(path):
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory):
     """One `bench.run` of every runner, each configuration timed once (a record of one sample is a valid record; a
-    second sample would time each decode loop again for nothing these tests check)."""
+    second sample would time each decode loop again for nothing these tests check). torch-compile's programs go
+    through Dynamo and AOT's whole-graph capture to aot_eager instead of inductor: these tests check the records, and
+    inductor's own programs (minutes of C++ compiling on a fresh machine) are checked in test_torch_baselines."""
     out = tmp_path_factory.mktemp("bench") / "cpu.json"
     cmd = [sys.executable, "-m", "bench.run", "--models", "tiny", "--devices", "2", "--delta", "0,4", "--batch", "1",
            "--impls", "lpjax,torch-tp,torch-compile,hf-eager", "--torch-compile-mode", "default", "--metrics", METRICS,
            "--long-metrics", "", "--repeats", "1", "--device", "cpu", "--machine", "cpu-test", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=subprocess_env(), cwd=ROOT)
+    from bench.torch_tp.decoder import BACKEND_VARIABLE
+
+    env = subprocess_env(**{BACKEND_VARIABLE: "aot_eager"})
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
 

@@ -393,7 +393,7 @@ def test_smollm2_chat_answers_paris(tmp_path):
         path = smollm2_path()
     except RuntimeError as e:
         pytest.fail(str(e))
-    s = ServerProcess(["--model", path, "--max-batch", 2, "--max-len", 256, "--dtype", "float32", "--devices", 1],
+    s = ServerProcess(["--model", path, "--max-batch", 1, "--max-len", 256, "--dtype", "float32", "--devices", 1],
                       tmp_path / "stderr.txt")
     try:
         res = s.openai().chat.completions.create(

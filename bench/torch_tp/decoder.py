@@ -12,6 +12,7 @@ quantized.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 
 import torch
@@ -155,6 +156,10 @@ def decode_step(m: RankModel, cache: Cache, token: Tensor, pos: Tensor, key_pos:
 
 
 _PROGRAMS: dict = {}
+# Another torch.compile backend than inductor, for every program of the process and the ranks it starts (the test
+# suite's harness run sets aot_eager: Dynamo's whole-graph capture and AOT's functional graph, as for inductor, without
+# inductor's minutes of C++ compiling on a CPU; tests/test_torch_baselines.py checks inductor's own programs).
+BACKEND_VARIABLE = "LPJAX_TORCH_COMPILE_BACKEND"
 
 
 def coordinate_descent(m: RankModel) -> bool:
@@ -178,6 +183,8 @@ def program(fn: Callable, mode: str | None, tuned: bool = False) -> Callable:
         how = {"mode": None if mode == "default" else mode}
         if tuned and mode == "default":  # torch.compile takes a mode or inductor options, not both
             how = {"options": {"coordinate_descent_tuning": True}}
+        if backend := os.environ.get(BACKEND_VARIABLE):  # inductor's modes and options are inductor's alone
+            how = {"backend": backend}
         _PROGRAMS[key] = torch.compile(fn, fullgraph=True, dynamic=False, **how)
     return _PROGRAMS[key]
 
