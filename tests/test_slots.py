@@ -216,6 +216,19 @@ def test_a_call_decodes_the_rows_up_to_the_bucket_of_the_last_busy_slot_and_leav
     s.release(2)
 
 
+def test_prompts_prefilled_back_to_back_after_the_warm_up_are_inserted_and_decoded(engine, prompts, reference):
+    """JetStream's order (prefill several, then insert them): each prefill takes a one-row cache of its own, the
+    warm-up's included (each bucket's warm-up inserts its own prefill, so none is handed out twice)."""
+    s = Slots(engine.programs, SLOTS, CONTEXT, pad_id=engine.tokenizer.pad_id)
+    s.warm_up(4)
+    prefixes = [s.prefill(p, RowSampling()) for p in prompts[:2]]
+    for slot, prefix in enumerate(prefixes):
+        s.insert(prefix, slot)
+    ids = s.decode(4)
+    for slot, (p, prefix) in enumerate(zip(prompts, prefixes)):
+        assert [prefix.first, *ids[:, slot].tolist()] == reference(p)[:5]
+
+
 def test_steps_per_call_below_one_is_refused():
     from lpjax.errors import LPJaxError
     from lpjax.serve import parse_args

@@ -37,7 +37,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lpjax.cache import Cache, StageCache
+from lpjax.cache import Cache
 from lpjax.model import DECODE, Positions
 from lpjax.runtime.host_step import greedy
 from lpjax.runtime.programs import Programs
@@ -46,6 +46,11 @@ from lpjax.sharding import named
 
 SEED_MOD = 1 << 32  # seeds are taken modulo 2**32 (a PRNG key's seed is 32 bits here)
 BUCKET_GROWTH = 8  # decode programs for 1, 8, 64, ... rows and the whole batch: each is two compiles at start
+
+
+def put_rows(cache: Cache, rows: Cache, at) -> Cache:
+    """`rows` (a cache of fewer rows) written into `cache` from row `at` on ([stack, batch, ...]: the batch axis)."""
+    return jax.tree.map(lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, at, axis=1), cache, rows)
 
 
 def row_buckets(batch: int) -> tuple[int, ...]:
@@ -168,9 +173,8 @@ class Slots:
         """Compile and run once every program a request meets (prefill of the smallest prompt bucket, the first
         token's sampler, insert, the greedy and the sampling `decode(k)` of each row bucket), so that the first
         requests do not wait on compiles. Leaves every slot free."""
-        prefix = self.prefill([self.pad_id], RowSampling(temperature=1.0))
-        for n in row_buckets(self.batch):
-            self.insert(prefix, n - 1)  # the bucket's last row busy: decode runs n rows
+        for n in row_buckets(self.batch):  # the bucket's last row busy: decode runs n rows
+            self.insert(self.prefill([self.pad_id], RowSampling(temperature=1.0)), n - 1)
             self.decode(k)
             self._temperature[n - 1] = 0.0
             self.decode(k)
@@ -187,34 +191,18 @@ class Slots:
 
     def _build_insert(self):
         shardings = named(self.programs.mesh, self.programs.cache_specs)
-
-        def insert(cache: Cache, row: Cache, slot: jax.Array) -> Cache:
-            def put(c, r):
-                return jax.lax.dynamic_update_slice_in_dim(c, r, slot, axis=1)  # [stack, batch, ...]: batch axis
-
-            return {k: StageCache(put(cache[k].k, row[k].k), put(cache[k].v, row[k].v)) for k in cache}
-
-        return jax.jit(insert, donate_argnums=0, out_shardings=shardings)
+        return jax.jit(put_rows, donate_argnums=0, out_shardings=shardings)
 
     def _build_decode(self, k: int, sampled: bool, n: int):
         """`run(params, cache, rows [6, n] int32: tokens, index, count, and the bits of seed, temperature, top_p)`
         -> (ids [k, n], cache): a loop of k steps over the cache's first n rows; the cache is donated (the rows are
         written back in place), the ids go to pinned host memory on GPUs."""
-        p, B, last = self.programs, n, self.max_len - 1
+        p, last, part = self.programs, self.max_len - 1, n < self.batch
         fwd = p.forward(DECODE, cached=True, one_position=False)
 
-        def rows_of(cache: Cache) -> Cache:  # [stack, batch, ...]: the batch axis
-            return {s: StageCache(c.k[:, :n], c.v[:, :n]) for s, c in cache.items()}
-
-        def put_back(cache: Cache, part: Cache) -> Cache:
-            def put(c, r):
-                return jax.lax.dynamic_update_slice_in_dim(c, r, 0, axis=1)
-
-            return {s: StageCache(put(c.k, part[s].k), put(c.v, part[s].v)) for s, c in cache.items()}
-
         def run(params, whole: Cache, rows: jax.Array):
-            cache = whole if n == self.batch else rows_of(whole)
-            tokens, index, count, pad = rows[0], rows[1], rows[2], jnp.zeros(B, jnp.int32)
+            cache = jax.tree.map(lambda c: c[:, :n], whole) if part else whole  # [stack, batch, ...]
+            tokens, index, count, pad = rows[0], rows[1], rows[2], jnp.zeros(n, jnp.int32)
             seeds = jax.lax.bitcast_convert_type(rows[3], jnp.uint32)
             temperature, top_p = (jax.lax.bitcast_convert_type(r, jnp.float32) for r in (rows[4], rows[5]))
 
@@ -226,8 +214,8 @@ class Slots:
                 nxt = sample_rows(logits, seeds, count + j, temperature, top_p) if sampled else greedy(logits)
                 return cache, nxt, out.at[j].set(nxt)
 
-            cache, _, out = jax.lax.fori_loop(0, k, step, (cache, tokens, jnp.zeros((k, B), jnp.int32)))
-            return out, cache if n == self.batch else put_back(whole, cache)
+            cache, _, out = jax.lax.fori_loop(0, k, step, (cache, tokens, jnp.zeros((k, n), jnp.int32)))
+            return out, put_rows(whole, cache, 0) if part else cache
 
         ids = NamedSharding(p.mesh, P(), memory_kind="pinned_host" if p.on_gpu else None)
         return jax.jit(run, donate_argnums=1, out_shardings=(ids, named(p.mesh, p.cache_specs)))
