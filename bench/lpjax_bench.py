@@ -110,7 +110,7 @@ def versions(engine: Engine) -> dict:
     d = engine.mesh.devices.flat[0]
     return dict(versions={"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__},
                 device_name=getattr(d, "device_kind", d.platform), dtype=engine.dtype_name,
-                attention=engine.attention, quantize=None if engine.quantize is None else str(engine.quantize),
+                attention=engine.attention, quantize=engine.quantization,
                 weight_gb=round(engine.weight_bytes / 1e9, 3))
 
 

@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     jax.profiler.stop_trace()
     trace = glob.glob(f"{out}/**/*.xplane.pb", recursive=True)[0]
     report = {"model": args.model, "lp": engine.plan.spec(), "devices": engine.layout.n_devices,
-              "quantize": None if engine.quantize is None else str(engine.quantize),
+              "quantize": engine.quantization,
               "decode_ms_per_token": res.decode_ms_per_step, "wall_s": wall, "jax": jax.__version__,
               "devices_report": {k: summarise(v, args.tokens, args.top) | {"budget_per_stage": budget(
                   v, args.tokens, len(engine.layout.stages))} for k, v in kernel_events(trace).items()}}

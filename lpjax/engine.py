@@ -95,6 +95,11 @@ class Engine:
         return self.programs.compile_s
 
     @property
+    def quantization(self) -> str | None:
+        """How the matrices are held, as tools' JSON and records name it (`QuantSpec`'s string); None: plain."""
+        return None if self.quantize is None else str(self.quantize)
+
+    @property
     def weight_bytes(self) -> int:
         """Bytes of the loaded weights, every array once (int4 at half a byte): what the devices hold in all."""
         return self.programs.weight_bytes()

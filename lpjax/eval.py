@@ -61,7 +61,7 @@ def main(argv=None) -> int:
             "windows": res["windows"], "window": window, "stride": stride, "lp": engine.plan.spec(),
             "delta": engine.plan.delta,
             "devices": engine.layout.n_devices, "dtype": engine.dtype_name, "model": engine.source.description,
-            "quantize": None if engine.quantize is None else str(engine.quantize), "weight_bytes": engine.weight_bytes,
+            "quantize": engine.quantization, "weight_bytes": engine.weight_bytes,
             "files": [dict(r, file=f) for f, r in zip(args.text, res["per_text"])],
         })
     return 0

@@ -91,7 +91,7 @@ def run_once(engine, args, prompts: list[str], history: list[dict[str, str]] | N
         "lp": engine.plan.spec(), "delta": engine.plan.delta, "depth": engine.plan.depth,
         "devices": engine.layout.n_devices, "mesh": {"pair": engine.layout.pair_size, "tp": engine.layout.tp_size},
         "model": engine.source.description, "dtype": engine.dtype_name, "sampling": sampling.describe(),
-        "quantize": None if engine.quantize is None else str(engine.quantize), "weight_bytes": engine.weight_bytes,
+        "quantize": engine.quantization, "weight_bytes": engine.weight_bytes,
         "quant_kernel": None if engine.quantize is None else engine.quant_kernel,
     }
     from lpjax.sharding import describe_mesh
@@ -100,7 +100,7 @@ def run_once(engine, args, prompts: list[str], history: list[dict[str, str]] | N
         f"[prompt {res.prompt_tokens} tokens x{res.batch} | prefill {summary['prefill_ms']:.1f} ms | decode "
         f"{res.decode_steps} steps, {res.decode_tokens_per_s:.1f} tokens/s ({res.decode_ms_per_step:.2f} ms/token) | "
         f"compile {res.compile_s:.1f} s]\n[LP plan {engine.plan.describe()} | {describe_mesh(engine.mesh)} | "
-        f"{engine.dtype_name}{'' if engine.quantize is None else ', ' + str(engine.quantize) + ' weights'} | "
+        f"{engine.dtype_name}{'' if engine.quantize is None else f', {engine.quantization} weights'} | "
         f"{sampling.describe()}]",
         file=sys.stderr if args.json or args.chat else sys.stdout,
     )

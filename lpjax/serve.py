@@ -95,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sock = bind(args.host, args.port)
     engine = Engine.load(args.model, args.lp, args.devices, args.dtype, seed=args.seed, progress=cli.load_bar(),
-                         quantize=quantize,
-                         quant_kernel=args.quant_kernel)
+                         quantize=quantize, quant_kernel=args.quant_kernel)
     cli.say(f"[{engine.describe()}]", file=sys.stderr)
     context = args.max_len or min(engine.config.max_seq_len, DEFAULT_CONTEXT)
     tok = engine.tokenizer
@@ -119,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ready = {"url": url, "model": args.model, "lp": engine.plan.spec(), "plan": engine.plan.describe(),
              "mesh": served.mesh, "max_batch": args.max_batch, "max_len": context, "max_queue": args.max_queue,
              "steps_per_call": args.steps_per_call, "dtype": engine.dtype_name,
-             "quantize": None if engine.quantize is None else str(engine.quantize)}
+             "quantize": engine.quantization}
     scheduler.start()
     server = Server(build_app(scheduler, served), scheduler)
     if args.json:
