@@ -12,11 +12,12 @@ the control (1 - (LP after - control after) / (LP before - sequential)). DIR def
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys
 from pathlib import Path
+
+from bench.records import tool_json
 
 RUNS = (("lm", False, "LM loss", "tab:blue", "-"), ("lm", True, "LM loss, control (no LP)", "tab:blue", "--"),
         ("distill", False, "distillation", "tab:red", "-"),
@@ -26,10 +27,9 @@ VARIANT = re.compile(r"^ft-d(\d+)-(lm|distill)-(.+?)(-control)?\.json$")  # othe
 
 
 def last_json(path: Path) -> dict:
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    if not lines:
+    if (got := tool_json(path)) is None:
         raise SystemExit(f"error: {path}: empty (did its run fail? see the .log beside it)")
-    return json.loads(lines[-1])
+    return got
 
 
 def load(results: Path) -> tuple[dict[int, dict[tuple[str, bool], dict]], dict[int, dict[str, dict]]]:

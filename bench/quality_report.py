@@ -23,25 +23,21 @@ import shutil
 import sys
 from pathlib import Path
 
+from bench.records import tool_json
 from lpjax.quality.sweep import plot
 
 FINETUNES = (("default", "LP, default range"), ("searched", "LP, searched plan"),
              ("control", "control: same layers trained without LP"))
 
 
-def last_json(path: Path) -> dict:
-    """The JSON object on a file's last non-empty line (the tools print one with --json)."""
-    return json.loads([line for line in path.read_text().splitlines() if line.strip()][-1])
-
-
 def load(run: Path) -> dict:
-    out = {"train": last_json(run / "train.json"), "search": last_json(run / "search.json"),
+    out = {"train": tool_json(run / "train.json"), "search": tool_json(run / "search.json"),
            "sweep": json.loads((run / "sweep" / "sweep.json").read_text()),
            "positions": json.loads((run / "positions" / "sweep.json").read_text()),
-           "eval": last_json(run / "eval_sequential.json"), "finetune": {}}
+           "eval": tool_json(run / "eval_sequential.json"), "finetune": {}}
     for name, _ in FINETUNES:
         if (run / f"finetune-{name}.json").is_file():
-            out["finetune"][name] = last_json(run / f"finetune-{name}.json")
+            out["finetune"][name] = tool_json(run / f"finetune-{name}.json")
     return out
 
 
@@ -112,8 +108,8 @@ PRETRAINED_FINETUNES = ("default", "control")
 
 def load_pretrained(run: Path, timings: Path | None) -> dict:
     """`bench/quality_smollm2.sh`'s results; with `timings`, the sweeps' decode times replaced by those."""
-    out = {"search": last_json(run / "search.json"), "finetune": {},
-           "eval": {name: last_json(run / f"eval_{name}.json") for name in ("default", "searched")}}
+    out = {"search": tool_json(run / "search.json"), "finetune": {},
+           "eval": {name: tool_json(run / f"eval_{name}.json") for name in ("default", "searched")}}
     for sweep in ("sweep", "positions"):
         out[sweep] = json.loads((run / sweep / "sweep.json").read_text())
         if timings is not None:
@@ -123,7 +119,7 @@ def load_pretrained(run: Path, timings: Path | None) -> dict:
                                               + (", random weights" if "random" in timed["model"] else ""))
     for name in PRETRAINED_FINETUNES:
         if (run / f"finetune-{name}.json").is_file():
-            out["finetune"][name] = last_json(run / f"finetune-{name}.json")
+            out["finetune"][name] = tool_json(run / f"finetune-{name}.json")
     return out
 
 

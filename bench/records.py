@@ -54,6 +54,17 @@ def append(path: Path | None, records: list[dict]) -> None:
             f.write("".join(line + "\n" for line in lines))
 
 
+def tool_json(path: Path) -> dict | None:
+    """A tool's JSON output saved in a file: the file as one object (indented, as bench.serve_load writes it), else
+    its last non-empty line (a tool's --json output ends with one, after any log lines); None if the file is empty."""
+    text = path.read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        lines = [line for line in text.splitlines() if line.strip()]
+        return json.loads(lines[-1]) if lines else None
+
+
 def read(path: Path) -> list[dict]:
     """Records of a JSON-lines file (blank lines skipped)."""
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

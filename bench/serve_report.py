@@ -12,34 +12,23 @@ and steps per call.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
 
 from bench import common
+from bench.records import tool_json
 
 LOAD = re.compile(r"load-(?P<tag>.+)-k(?P<k>\d+)-c(?P<c>\d+)\.json$")
 
 
-def read_json(path: Path) -> dict | None:
-    """A file's JSON object (bench.serve_load's, indented) or its last JSON line (a tool's --json output ends with
-    one); None if it has neither."""
-    text = path.read_text()
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        lines = [ln for ln in text.splitlines() if ln.startswith("{")]
-        return json.loads(lines[-1]) if lines else None
-
-
 def load_rows(run: Path) -> list[dict]:
     """One row per load run, sorted by tag, steps per call and concurrency, with its reference and ratios."""
-    gens = {p.name[len("gen-"):-len(".json")]: read_json(p) for p in run.glob("gen-*.json")}
+    gens = {p.name[len("gen-"):-len(".json")]: tool_json(p) for p in run.glob("gen-*.json")}
     rows = []
     for p in run.glob("load-*.json"):
         m = LOAD.search(p.name)
-        if m is None or (res := read_json(p)) is None:
+        if m is None or (res := tool_json(p)) is None:
             continue
         gen = gens.get(m["tag"]) or {}
         rows.append({"tag": m["tag"], "k": int(m["k"]), "c": int(m["c"]), **res,
