@@ -62,8 +62,8 @@ def add_quantize_args(p: argparse.ArgumentParser, kernel: bool = True) -> None:
     if kernel:
         p.add_argument("--quant-kernel", choices=PRODUCT_KERNELS, default="xla",
                        help="what runs decode's products of the quantized matrices: xla (dequantization fused into "
-                            "XLA's dot) or pallas (lpjax's GEMV kernel, GPUs only; prefill stays XLA's; no effect on "
-                            "unquantized matrices)")
+                            "XLA's dot) or pallas (lpjax's Triton GEMV; interpreted, slowly, off GPUs; prefill stays "
+                            "XLA's; no effect on unquantized matrices)")
 
 
 def quantize_spec(args: argparse.Namespace) -> QuantSpec | None:
