@@ -1,7 +1,8 @@
-"""Multi-step decode of the server's slots: `Slots.decode(k)` runs k steps of every slot in one program, and the
-scheduler hands each request its tokens a chunk at a time. In process, over a tiny float32 model: the tokens do not
-depend on k (greedy: `generate`'s exactly; sampled: the same for a seed), and a request that ends inside a chunk
-(EOS, max_tokens, the end of the cache, a cancel) gets exactly its own tokens and frees its slot for the next."""
+"""Multi-step decode of the server's slots: `Slots.decode(k)` runs k steps of every slot in one program (a call
+may be launched before the last is collected), and the scheduler hands each request its tokens a chunk at a time.
+In process, over a tiny float32 model: the tokens do not depend on k (greedy: `generate`'s exactly; sampled: the
+same for a seed), and a request that ends inside a chunk (EOS, max_tokens, the end of the cache, a cancel) gets
+exactly its own tokens and frees its slot for the next."""
 
 import dataclasses
 import threading
@@ -214,6 +215,39 @@ def test_a_call_decodes_the_rows_up_to_the_bucket_of_the_last_busy_slot_and_leav
     s.insert(s.prefill(prompts[0], RowSampling()), 2)
     assert s.rows_to_decode() == SLOTS
     s.release(2)
+
+
+def test_a_call_launched_before_the_last_is_collected_continues_from_its_tokens_on_the_device(slots, prompts,
+                                                                                            reference):
+    """Two calls in flight, and a sequence inserted between launches: each row's tokens are `generate`'s."""
+    k, s = 4, slots(4)
+    a, b = (s.prefill(p, RowSampling()) for p in prompts[:2])
+    s.insert(a, 0)
+    s.insert(b, 1)
+    first = s.launch(k)
+    second = s.launch(k)  # fed the first call's last ids without their passing through the host
+    c = s.prefill(prompts[2], RowSampling())
+    s.insert(c, 2)  # after two launches: its token comes from the host
+    third = s.launch(k)
+    ids = np.concatenate([s.collect(chunk) for chunk in (first, second, third)])
+    assert [a.first, *ids[:, 0].tolist()] == reference(prompts[0])[:1 + 3 * k]
+    assert [b.first, *ids[:, 1].tolist()] == reference(prompts[1])[:1 + 3 * k]
+    assert [c.first, *ids[2 * k:, 2].tolist()] == reference(prompts[2])[:1 + k]
+    for slot in range(3):
+        s.release(slot)
+
+
+def test_a_request_whose_launched_chunks_cover_its_length_gives_its_slot_to_the_next_at_once(slots, prompts,
+                                                                                             reference):
+    """Four requests of one chunk each fill the slots: the waiting fifth is admitted as soon as their chunk is
+    launched, so no chunk runs for them past their end (steps: theirs and the fifth's only)."""
+    k = 4
+    requests = {name: greedy(prompts[i], 1 + k) for i, name in enumerate("abcd")} | {"e": greedy(prompts[3], NEW)}
+    replies, sched = serve(slots(k), k, requests)
+    for i, name in enumerate("abcd"):
+        assert replies[name].tokens == reference(prompts[i])[:1 + k] and replies[name].finish == "length", name
+    assert replies["e"].slot == 0 and replies["e"].tokens == reference(prompts[3])
+    assert sched.steps == k * (1 + -(-(NEW - 1) // k))
 
 
 def test_prompts_prefilled_back_to_back_after_the_warm_up_are_inserted_and_decoded(engine, prompts, reference):

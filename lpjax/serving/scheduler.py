@@ -1,12 +1,15 @@
 """Continuous batching: one engine thread owns the decode slots and runs them; requests come and go between chunks.
 
 Each iteration the thread frees the slots of finished and cancelled requests, prefills waiting requests into free
-slots, then runs one *chunk*: `steps_per_call` decode steps of every busy slot in one on-device program
-(`Slots.decode`), and hands each request its new tokens in order. A request ends at one of its EOS tokens (finish
-"stop"), after `max_tokens` tokens or at the end of the cache (finish "length"), or when its reader cancels it (a stop
-string, a client gone); the rest of its chunk is discarded. So a new request waits at most one chunk to be admitted,
-a cancelled one holds its slot until the chunk ends, and tokens arrive `steps_per_call` at a time: 1 gives the lowest
-inter-token latency, more pay the host's per-call cost once per chunk (throughput). At most `batch` requests decode
+slots, launches one *chunk*: `steps_per_call` decode steps of every busy slot in one on-device program
+(`Slots.launch`), and then, while it runs, hands each request its new tokens of the chunk launched before, in order.
+So the device runs one chunk while the host hands out the last one, and never waits for the host. A request ends at
+one of its EOS tokens (finish "stop"), after `max_tokens` tokens or at the end of the cache (finish "length"), or
+when its reader cancels it (a stop string, a client gone); the rest of its chunk is discarded, and so is what the
+chunk launched after it ran for it. A request whose launched chunks already cover its length gives up its slot at
+once. So a new request waits at most two chunks to be admitted, a cancelled one holds its slot until then, and tokens
+arrive `steps_per_call` at a time: 1 gives the lowest inter-token latency, more pay the host's per-call cost once per
+chunk (throughput). At most `batch` requests decode
 and `max_queue` wait; one more is refused (`QueueFull`), never queued without bound.
 
 The thread talks to readers only through each request's `sink`, a callable it hands `Event`s to; the HTTP layer
@@ -22,7 +25,7 @@ import threading
 import traceback
 from collections.abc import Callable
 
-from lpjax.runtime.slots import RowSampling, Slots
+from lpjax.runtime.slots import Chunk, RowSampling, Slots
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,9 +58,14 @@ class Ticket:
     id: int
     request: GenerationRequest
     sink: Callable[[Event], None]
-    generated: int = 0
-    slot: int | None = None
+    generated: int = 0  # tokens handed to the sink
+    launched: int = 0  # tokens the launched chunks will have made for it (its first, from the prefill, included)
+    slot: int | None = None  # the slot it decodes in, until its launched chunks cover its length
     ended: bool = False
+
+    def limit(self, max_len: int) -> int:
+        """Tokens it may get: `max_tokens`, and the cache holds prompt + new tokens - 1 (generate's rule)."""
+        return min(self.request.max_tokens, max_len - len(self.request.prompt))
 
 
 class Scheduler:
@@ -77,6 +85,7 @@ class Scheduler:
         self._stop_reason = "the server is shutting down"
         self._ids = itertools.count()
         self._active: dict[int, Ticket] = {}  # slot -> ticket; the engine thread's own
+        self._pending: tuple[Chunk, dict[int, Ticket]] | None = None  # the chunk in flight and whose rows it ran
         self.failure: str | None = None  # why the engine thread stopped, if it failed
         self.steps = 0  # decode steps run (steps_per_call a chunk)
         self._thread = threading.Thread(target=self._run, name="lpjax-engine", daemon=True)
@@ -142,7 +151,7 @@ class Scheduler:
     def _iteration(self) -> bool:
         """Free, admit, run one chunk. False when stopping."""
         with self._cond:
-            while not (self._stopping or self._waiting or self._cancelled or self._active):
+            while not (self._stopping or self._waiting or self._cancelled or self._active or self._pending):
                 self._cond.wait()
             if self._stopping:
                 return False
@@ -155,31 +164,48 @@ class Scheduler:
             admitted = [self._waiting.popleft() for _ in range(min(len(free), len(self._waiting)))]
         for ticket, slot in zip(admitted, free):
             self._admit(ticket, slot)
-        if self._active:
-            ids = self.slots.decode(self.steps_per_call)
-            self.steps += self.steps_per_call
-            for slot, ticket in list(self._active.items()):
-                self._deliver(ticket, ids[:, slot].tolist())
+        launched = self._launch() if self._active else None
+        if self._pending is not None:
+            chunk, owners = self._pending
+            ids = self.slots.collect(chunk)
+            for slot, ticket in owners.items():
+                if not ticket.ended:
+                    self._deliver(ticket, ids[:, slot].tolist())
+        self._pending = launched
         return True
+
+    def _launch(self) -> tuple[Chunk, dict[int, Ticket]]:
+        """Launch a chunk of the busy slots; a request whose launched chunks now cover its length gives its slot
+        back (the chunk's ids still come to it)."""
+        k = self.steps_per_call
+        chunk = self.slots.launch(k)
+        self.steps += k
+        owners = dict(self._active)
+        for ticket in owners.values():
+            ticket.launched += k
+            if ticket.launched >= ticket.limit(self.slots.max_len):
+                self._free(ticket)
+        return chunk, owners
 
     def _admit(self, ticket: Ticket, slot: int) -> None:
         r = ticket.request
         prefix = self.slots.prefill(list(r.prompt), r.sampling)
         self.slots.insert(prefix, slot)
-        ticket.slot = slot
+        ticket.slot, ticket.launched = slot, 1
         self._active[slot] = ticket
         self._deliver(ticket, [prefix.first])
+        if not ticket.ended and ticket.launched >= ticket.limit(self.slots.max_len):
+            self._free(ticket)
 
     def _deliver(self, ticket: Ticket, tokens: list[int]) -> None:
         """Hand `tokens` to their request in order, up to its last (the rest are discarded), and end the request if
         it came."""
-        r = ticket.request
-        room = self.slots.max_len - len(r.prompt)  # the cache holds prompt + new tokens - 1; keep to generate's rule
-        tokens = tokens[:min(r.max_tokens, room) - ticket.generated]
-        eos = next((i for i, t in enumerate(tokens) if t in r.eos), None)
+        limit = ticket.limit(self.slots.max_len)
+        tokens = tokens[:limit - ticket.generated]
+        eos = next((i for i, t in enumerate(tokens) if t in ticket.request.eos), None)
         if eos is not None:
             tokens, finish = tokens[:eos + 1], "stop"
-        elif ticket.generated + len(tokens) >= min(r.max_tokens, room):
+        elif ticket.generated + len(tokens) >= limit:
             finish = "length"
         else:
             finish = None
@@ -201,17 +227,23 @@ class Scheduler:
         """Free the request's slot (the tokens were sent; `error`, when given, is sent as its last event)."""
         if error is not None:
             self._send(ticket, Event(error=error))
-        if ticket.slot is not None:
-            self.slots.release(ticket.slot)
-            del self._active[ticket.slot]
-            ticket.slot = None
+        self._free(ticket)
         with self._cond:
             ticket.ended = True
             self._accepted -= 1
             self._cancelled.discard(ticket)
 
+    def _free(self, ticket: Ticket) -> None:
+        """Give the request's slot back, if it still holds one."""
+        if ticket.slot is not None:
+            self.slots.release(ticket.slot)
+            del self._active[ticket.slot]
+            ticket.slot = None
+
     def _end_all(self, reason: str) -> None:
-        for ticket in list(self._active.values()):
+        pending = self._pending[1].values() if self._pending else ()
+        self._pending = None
+        for ticket in {t.id: t for t in (*self._active.values(), *pending) if not t.ended}.values():
             self._end(ticket, reason)
         with self._cond:
             waiting, self._waiting = list(self._waiting), collections.deque()
