@@ -43,14 +43,17 @@ def _largest_power_of_two_dividing(n: int, at_most: int) -> int:
     return p
 
 
-def default_blocks(K: int, N: int, group: int, bits: int) -> tuple[int, int, int]:
+def default_blocks(K: int, N: int, group: int, bits: int, block_n: int | None = None,
+                   block_k: int | None = None) -> tuple[int, int, int]:
     """(block_n, block_k, splits) for a [K, N] weight of `bits` per value in groups of `group` inputs: block_n
     128 (less for a narrow N), block_k the largest power of 2 dividing K up to BLOCK_K_BYTES of a column (and at
-    least 16, the dot's least), splits the fewest powers of 2 that give TARGET_PROGRAMS programs."""
-    block_n = min(BLOCK_N, max(16, 1 << (N - 1).bit_length()))
-    block_k = _largest_power_of_two_dividing(K, BLOCK_K_BYTES * 8 // bits)
-    if group < K and group % block_k and block_k % group:  # a block must hold whole groups or lie inside one
-        block_k = _largest_power_of_two_dividing(group, block_k)
+    least 16, the dot's least), splits the fewest powers of 2 that give TARGET_PROGRAMS programs. A block size
+    given is kept, and the splits are counted for it."""
+    block_n = block_n or min(BLOCK_N, max(16, 1 << (N - 1).bit_length()))
+    if block_k is None:
+        block_k = _largest_power_of_two_dividing(K, BLOCK_K_BYTES * 8 // bits)
+        if group < K and group % block_k and block_k % group:  # a block must hold whole groups or lie inside one
+            block_k = _largest_power_of_two_dividing(group, block_k)
     blocks, steps = -(-N // block_n), K // block_k
     splits = 1
     while blocks * splits < TARGET_PROGRAMS and splits * 2 <= steps:
@@ -122,8 +125,7 @@ def quant_gemv(x, values, scale, offset=None, *, block_n: int | None = None, blo
                          f"and offset {None if offset is None else offset.shape} do not fit")
     group = K // G
     bits = 4 if jnp.dtype(values.dtype) == jnp.int4 or offset is not None else 8  # int4 may be held in int8
-    dn, dk, ds = default_blocks(K, N, group, bits)
-    block_n, block_k = block_n or dn, block_k or dk
+    block_n, block_k, default_splits = default_blocks(K, N, group, bits, block_n, block_k)
     if not (_power_of_two(block_n) and _power_of_two(block_k)) or block_n < 16 or block_k < 16 or K % block_k:
         raise ValueError(f"quantized GEMV kernel: blocks {block_k} x {block_n} must be powers of 2 of at least 16, "
                          f"block_k dividing K = {K}")
@@ -131,7 +133,7 @@ def quant_gemv(x, values, scale, offset=None, *, block_n: int | None = None, blo
         raise ValueError(f"quantized GEMV kernel: block_k {block_k} neither holds whole groups of {group} nor lies "
                          f"inside one")
     steps = K // block_k
-    splits = min(splits or (ds if block_k == dk else 1), steps)
+    splits = min(splits or default_splits, steps)
     per_split = -(-steps // splits)
     splits = -(-steps // per_split)  # no split without blocks
     finish = splits == 1
