@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps-per-call", type=int, default=STEPS_PER_CHECK,
                    help="decode steps of every slot per on-device call (default %(default)s): the host's cost of a "
                         "call is paid once per chunk, so tokens arrive this many at a time and a new request waits "
-                        "at most one chunk to be admitted; 1 gives the lowest inter-token latency, at the cost of "
+                        "at most two chunks to be admitted; 1 gives the lowest inter-token latency, at the cost of "
                         "throughput")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a slot; more get HTTP 429 (default 64)")
