@@ -1,5 +1,6 @@
 """The Pallas GEMV of quantized weights (interpret mode here): equal to its jnp reference for int8 per output channel
-and int4 in affine groups, 1 and 8 rows, ragged column blocks, one split and several, float32 and bfloat16; the
+and int4 in affine groups, 1 and 8 rows, ragged column blocks, one split and several, float32 and bfloat16, on the
+tensor cores (dot) and in FMAs; the
 reference equal to `quantize.product`; the kernel lowering to Triton for Llama-2-7B's shapes; and a quantized model
 decoding with it choosing the tokens it chooses without it, sequential and as an LP pair on 2 devices."""
 
@@ -34,6 +35,8 @@ KERNEL_CASES = {
     "1-row-float32-one-split": (1, jnp.float32, dict(block_n=64, block_k=64, splits=1)),
     "8-rows-float32-three-splits": (8, jnp.float32, dict(block_n=32, block_k=128, splits=3)),
     "8-rows-bfloat16-default-blocks": (8, jnp.bfloat16, dict()),
+    "fma-1-row-float32-default-blocks": (1, jnp.float32, dict(mode="fma")),
+    "fma-8-rows-bfloat16-three-splits": (8, jnp.bfloat16, dict(mode="fma", block_n=64, block_k=4, splits=3)),
 }
 
 
@@ -67,6 +70,8 @@ def test_product_takes_the_kernel_for_decode_rows_only_and_names_bad_kernels():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="choose one of xla, pallas"):
         product(x, q, kernel="triton")
+    with pytest.raises(ValueError, match="mode 'mma': choose dot or fma"):
+        quant_gemv(x[:8], *q.parts, mode="mma")
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4-g128"])
@@ -77,9 +82,10 @@ def test_kernel_lowers_to_triton_for_llama_2_7b_shapes(scheme):
         args = [jax.ShapeDtypeStruct((8, K), jnp.bfloat16), jax.ShapeDtypeStruct((K, N), values),
                 jax.ShapeDtypeStruct((G, N), jnp.bfloat16)]
         offset = args[2] if scheme != "int8" else None
-        lowered = jax.jit(lambda x, v, s, o: quant_gemv(x, v, s, o, interpret=False)).trace(*args, offset).lower(
-            lowering_platforms=("cuda",))
-        assert "__gpu$xla.gpu.triton" in lowered.as_text()
+        for mode in ("dot", "fma"):
+            lowered = jax.jit(lambda x, v, s, o, m=mode: quant_gemv(x, v, s, o, interpret=False, mode=m)).trace(
+                *args, offset).lower(lowering_platforms=("cuda",))
+            assert "__gpu$xla.gpu.triton" in lowered.as_text()
         block_n, block_k, splits = default_blocks(K, N, K // G, 8 if scheme == "int8" else 4)
         assert K % block_k == 0 and -(-N // block_n) * splits >= 128  # every SM of an H200 has a program
     # an LP pair's two matrices under the stack's vmap: one kernel over a grid with the pair's axis added

@@ -13,6 +13,13 @@ multiplies the sum once at the end; grouped weights scale each group's partial p
 (Σ of the group's x) · offset. With one split the kernel writes the finished [M, N] in x's dtype; with more, each
 writes a float32 partial and one small sum finishes (splits fill the GPU's SMs when N has few column blocks).
 
+Measured on an H200 (bench/quant_gemv.py, 8 rows), every form of these products is bound by work per weight, not by
+bytes: int8 per channel takes about a bf16 GEMM's time for half the bytes (wqkv: 30.5 us against 32.7), int4 in
+groups of 128 twice that, whether XLA's or this kernel's; building the bf16 values from their bits instead of
+converting them did not help (bench/NOTES.md). `mode="fma"` is the alternative under test: no tensor cores, each
+program keeps x times its tiles as a float32 accumulator [rows, block_k, block_n] of elementwise FMAs and sums it
+over block_k once a group (`_fma_kernel`).
+
 Targets the Triton backend (`jax.experimental.pallas.triton`); off GPUs it runs in interpret mode.
 `quant_gemv_reference` is the same math in plain jnp (`quantize.product`'s, in float32).
 """
@@ -106,15 +113,113 @@ def _kernel(x_ref, w_ref, s_ref, *refs, rows: int, K: int, N: int, block_n: int,
     plgpu.store(o_ref, acc.astype(o_ref.dtype), mask=mask)
 
 
+FMA_ELEMENTS = 8192  # an FMA program's float32 accumulator [rows, block_k, block_n]: 64 registers a thread at 4 warps
+
+
+def _fma_kernel(x_ref, w_ref, s_ref, *refs, rows: int, R: int, N: int, block_n: int, block_k: int, chunk: int,
+                per_split: int, chunks: int, affine: bool, per_channel: bool):
+    """The FMA form (`mode="fma"`): no tensor cores. A program keeps x (its R rows) times each [block_k, block_n]
+    tile of values as a float32 accumulator [R, block_k, block_n] of elementwise FMAs, and sums it over block_k only
+    once a chunk (a group: then scaled, plus Σx · offset; per channel: the whole split, scaled at the end)."""
+    off_ref = refs[0] if affine else None
+    o_ref = refs[-1]
+    j, s = pl.program_id(0), pl.program_id(1)
+    f32 = jnp.float32
+    row_ok = (jnp.arange(R) < rows)[:, None]
+    col_ok = (j * block_n + jnp.arange(block_n) < N)[None, :]
+    ragged = N % block_n != 0
+
+    def column_load(ref, rows_slice):
+        if ragged:
+            return plgpu.load(ref.at[rows_slice, :], mask=col_ok, other=0)
+        return ref[rows_slice, :]
+
+    def x_load(k0, size):
+        return plgpu.load(x_ref.at[:, pl.ds(pl.multiple_of(k0, size), size)], mask=row_ok, other=0).astype(f32)
+
+    def chunk_sum(c):  # Σ over chunk c's inputs of x · values: [R, block_n]
+        def step(t, acc):
+            k0 = c * chunk + t * block_k
+            w = column_load(w_ref, pl.ds(pl.multiple_of(k0, block_k), block_k)).astype(f32)
+            return acc + x_load(k0, block_k)[:, :, None] * w[None]
+
+        acc = jax.lax.fori_loop(0, chunk // block_k, step, jnp.zeros((R, block_k, block_n), f32))
+        return jnp.sum(acc, axis=1)
+
+    def scaled(c, out):
+        g = pl.ds(0 if per_channel else c, 1)
+        out = out + chunk_sum(c) * column_load(s_ref, g).astype(f32)
+        if affine:
+            out = out + jnp.sum(x_load(c * chunk, chunk), axis=1, keepdims=True) * column_load(off_ref, g).astype(f32)
+        return out
+
+    first = s * per_split
+    last = jnp.minimum(first + per_split, chunks)
+    out = jax.lax.fori_loop(first, last, scaled, jnp.zeros((R, block_n), f32))
+    mask = row_ok & col_ok if ragged else row_ok
+    plgpu.store(o_ref, out.astype(o_ref.dtype), mask=mask)
+
+
+def _quant_gemv_fma(x, values, scale, offset, *, block_n, block_k, splits, interpret, num_warps, num_stages):
+    """`quant_gemv(mode="fma")`: grid (column blocks, splits of the chunks); a chunk is a group, or for one scale per
+    output channel a run of block_k x 64 inputs (the scale, one row, applied per chunk alike)."""
+    M, K = x.shape
+    N, G = values.shape[1], scale.shape[0]
+    R = 1 << (M - 1).bit_length()
+    group = K // G
+    per_channel = G == 1 and offset is None
+    block_n = block_n or BLOCK_N
+    block_k = block_k or _largest_power_of_two_dividing(K if per_channel else group,
+                                                        max(1, min(64, FMA_ELEMENTS // (R * block_n))))
+    chunk = _largest_power_of_two_dividing(K, block_k * 64) if per_channel else group
+    if chunk % block_k or K % chunk:
+        raise ValueError(f"quantized GEMV kernel (fma): block_k {block_k} must divide the chunk {chunk} of K = {K}")
+    chunks, blocks = K // chunk, -(-N // block_n)
+    if splits is None:
+        splits = 1
+        while blocks * splits < TARGET_PROGRAMS and splits * 2 <= chunks:
+            splits *= 2
+    per_split = -(-chunks // min(splits, chunks))
+    splits = -(-chunks // per_split)
+    finish = splits == 1
+    def columns(b):
+        return pl.BlockSpec((b, block_n), lambda j, s: (0, j))
+
+    inputs = [x, values, scale] + ([] if offset is None else [offset])
+    in_specs = [pl.BlockSpec((R, K), lambda j, s: (0, 0)), columns(K), columns(G)]
+    in_specs += [] if offset is None else [columns(G)]
+    if finish:
+        out_shape = jax.ShapeDtypeStruct((M, N), x.dtype)
+        out_spec = pl.BlockSpec((R, block_n), lambda j, s: (0, j))
+    else:
+        out_shape = jax.ShapeDtypeStruct((splits, M, N), jnp.float32)
+        out_spec = pl.BlockSpec((None, R, block_n), lambda j, s: (s, 0, j))
+    kernel = functools.partial(_fma_kernel, rows=M, R=R, N=N, block_n=block_n, block_k=block_k, chunk=chunk,
+                               per_split=per_split, chunks=chunks, affine=offset is not None,
+                               per_channel=G == 1 and offset is None)
+    out = pl.pallas_call(
+        kernel,
+        grid=(blocks, splits),
+        in_specs=in_specs,
+        out_specs=out_spec,
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="quant_gemv_fma",
+    )(*inputs)
+    return out if finish else out.sum(axis=0).astype(x.dtype)
+
+
 def quant_gemv(x, values, scale, offset=None, *, block_n: int | None = None, block_k: int | None = None,
                splits: int | None = None, interpret: bool | None = None, num_warps: int = 4,
-               num_stages: int = 3):
+               num_stages: int = 3, mode: str = "dot"):
     """x [M, K] @ W [K, N], W ~ values * scale[k // group] (+ offset[k // group]) (see the module docstring).
 
     values [K, N] int8, or int4 (jnp.int4, or int4 values held in int8: the arithmetic is the same); scale and
     offset [G, N] with G dividing K (G = 1 without offset: per output channel, scaled after the sum). M ≤ 16.
-    Blocks default to `default_blocks`; `interpret` defaults to True unless running on a GPU. Returns [M, N] in
-    x's dtype, accumulated in float32."""
+    Blocks default to `default_blocks`; `interpret` defaults to True unless running on a GPU. `mode`: "dot" (the
+    tensor cores, 16 rows a dot) or "fma" (elementwise FMAs, `_quant_gemv_fma`'s blocks). Returns [M, N] in x's
+    dtype, accumulated in float32."""
     M, K = x.shape
     N = values.shape[1]
     G = scale.shape[0]
@@ -123,6 +228,13 @@ def quant_gemv(x, values, scale, offset=None, *, block_n: int | None = None, blo
     if values.shape[0] != K or K % G or scale.shape != (G, N) or (offset is not None and offset.shape != (G, N)):
         raise ValueError(f"quantized GEMV kernel: x {x.shape}, values {values.shape}, scale {scale.shape} "
                          f"and offset {None if offset is None else offset.shape} do not fit")
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    if mode == "fma":
+        return _quant_gemv_fma(x, values, scale, offset, block_n=block_n, block_k=block_k, splits=splits,
+                               interpret=interpret, num_warps=num_warps, num_stages=num_stages)
+    if mode != "dot":
+        raise ValueError(f"quantized GEMV kernel: mode {mode!r}: choose dot or fma")
     group = K // G
     bits = 4 if jnp.dtype(values.dtype) == jnp.int4 or offset is not None else 8  # int4 may be held in int8
     block_n, block_k, default_splits = default_blocks(K, N, group, bits, block_n, block_k)
@@ -137,8 +249,6 @@ def quant_gemv(x, values, scale, offset=None, *, block_n: int | None = None, blo
     per_split = -(-steps // splits)
     splits = -(-steps // per_split)  # no split without blocks
     finish = splits == 1
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
 
     def columns(b):
         return pl.BlockSpec((b, block_n), lambda j, s: (0, j))
