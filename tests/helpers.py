@@ -62,6 +62,10 @@ CONFIGS = {
     # divides over 8 devices: 8 heads, 2 KV heads (repeated), MLP 128
     "shardable": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=8,
                       num_key_value_heads=2, max_position_embeddings=256),
+    # the same layers, 4 of them: a sequential layer before and after one pair, for inductor's programs (each distinct
+    # fusion between stages is one more C++ kernel compiled on a fresh machine)
+    "shardable_4_layers": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=8,
+                               num_key_value_heads=2, max_position_embeddings=256),
 }
 
 
