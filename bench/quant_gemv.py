@@ -29,8 +29,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from lpjax.kernels.quant_gemv import default_blocks, quant_gemv
-from lpjax.quantize import QuantSpec, nbytes, product, quantize
+from lpjax.kernels.quant_gemv import default_blocks, largest_power_of_two_dividing, quant_gemv
+from lpjax.quantize import QuantSpec, dequantize, nbytes, product, quantize
 
 SHAPES = {"wqkv": (4096, 12288), "wo": (4096, 4096), "gate_up": (4096, 22016), "down": (11008, 4096)}
 
@@ -54,11 +54,8 @@ def operand_scaled(x, q):
 def reduce_product(x, q):
     """Alternative: the product as multiply + reduce over K, the dequantized weight an elementwise input of the
     reduction (a column reduction of [rows, K, N]: XLA's reduction emitter instead of a GEMM)."""
-    K, G = q.values.shape[0], q.scale.shape[0]
-    w = q.values.astype(jnp.float32).reshape(G, K // G, -1) * q.scale.astype(jnp.float32)[:, None]
-    if q.offset is not None:
-        w = w + q.offset.astype(jnp.float32)[:, None]
-    return (x.astype(jnp.float32)[:, :, None] * w.reshape(K, -1)[None]).sum(axis=1).astype(x.dtype)
+    w = dequantize(q, jnp.float32)
+    return (x.astype(jnp.float32)[:, :, None] * w[None]).sum(axis=1).astype(x.dtype)
 
 
 BLOCKS: dict = {}  # the Pallas kernel's block overrides (`--block-n`, `--block-k`, `--splits`, or a --sweep entry)
@@ -162,9 +159,7 @@ def configurations(args, f, spec, K: int, N: int, hold=()) -> list[dict]:
     group = spec.group_size or K
     out = []
     for block_n, column_bytes, splits, warps, stages in SWEEP:
-        block_k = 1
-        while block_k * 2 <= column_bytes * 8 // bits and K % (block_k * 2) == 0:
-            block_k *= 2
+        block_k = largest_power_of_two_dividing(K, column_bytes * 8 // bits)
         if group < K and group % block_k and block_k % group:
             continue
         out.append(dict(block_n=block_n, block_k=block_k, splits=splits, num_warps=warps, num_stages=stages))

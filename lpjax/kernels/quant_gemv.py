@@ -43,11 +43,21 @@ def _power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def _largest_power_of_two_dividing(n: int, at_most: int) -> int:
+def largest_power_of_two_dividing(n: int, at_most: int) -> int:
+    """The largest power of 2 that divides `n` and is at most `at_most` (1 at least)."""
     p = 1
     while p * 2 <= at_most and n % (p * 2) == 0:
         p *= 2
     return p
+
+
+def _counted_splits(blocks: int, steps: int) -> int:
+    """The fewest powers of 2 of splits (at most one a step) that give `blocks` column blocks TARGET_PROGRAMS
+    programs."""
+    splits = 1
+    while blocks * splits < TARGET_PROGRAMS and splits * 2 <= steps:
+        splits *= 2
+    return splits
 
 
 def default_blocks(K: int, N: int, group: int, bits: int, block_n: int | None = None,
@@ -58,32 +68,41 @@ def default_blocks(K: int, N: int, group: int, bits: int, block_n: int | None = 
     given is kept, and the splits are counted for it."""
     block_n = block_n or min(BLOCK_N, max(16, 1 << (N - 1).bit_length()))
     if block_k is None:
-        block_k = _largest_power_of_two_dividing(K, BLOCK_K_BYTES * 8 // bits)
+        block_k = largest_power_of_two_dividing(K, BLOCK_K_BYTES * 8 // bits)
         if group < K and group % block_k and block_k % group:  # a block must hold whole groups or lie inside one
-            block_k = _largest_power_of_two_dividing(group, block_k)
-    blocks, steps = -(-N // block_n), K // block_k
-    splits = 1
-    while blocks * splits < TARGET_PROGRAMS and splits * 2 <= steps:
-        splits *= 2
-    return block_n, block_k, splits
+            block_k = largest_power_of_two_dividing(group, block_k)
+    return block_n, block_k, _counted_splits(-(-N // block_n), K // block_k)
+
+
+def _tile(rows: int, R: int, N: int, block_n: int):
+    """Program (j, ·)'s view of its columns, as both kernels use it: (row_ok [R, 1]: rows of x that exist,
+    column_load(ref, row slice): those rows of the ref's [.., block_n] columns of the program, masked where N is
+    ragged, store(o_ref, acc): the existing part of the result)."""
+    j = pl.program_id(0)
+    row_ok = (jnp.arange(R) < rows)[:, None]
+    col_ok = (j * block_n + jnp.arange(block_n) < N)[None, :]
+    ragged = N % block_n != 0
+
+    def column_load(ref, rows_slice):
+        if ragged:
+            return plgpu.load(ref.at[rows_slice, :], mask=col_ok, other=0)
+        return ref[rows_slice, :]
+
+    def store(o_ref, acc):
+        plgpu.store(o_ref, acc.astype(o_ref.dtype), mask=row_ok & col_ok if ragged else row_ok)
+
+    return row_ok, column_load, store
 
 
 def _kernel(x_ref, w_ref, s_ref, *refs, rows: int, K: int, N: int, block_n: int, block_k: int, group: int,
             per_split: int, affine: bool, interpret: bool):
     off_ref = refs[0] if affine else None
     o_ref = refs[-1]
-    j, s = pl.program_id(0), pl.program_id(1)
+    s = pl.program_id(1)
     f32, dt = jnp.float32, x_ref.dtype
-    row_ok = (jnp.arange(MAX_ROWS) < rows)[:, None]
-    col_ok = (j * block_n + jnp.arange(block_n) < N)[None, :]
-    ragged = N % block_n != 0
+    row_ok, column_load, store = _tile(rows, MAX_ROWS, N, block_n)
     per_channel = group == K and not affine
     sub = min(group, block_k)  # inputs a partial product covers: one group, or the whole block inside one
-
-    def column_load(ref, rows_slice):
-        if ragged:
-            return plgpu.load(ref.at[rows_slice, :], mask=col_ok, other=0)
-        return ref[rows_slice, :]
 
     def step(t, acc):
         for i in range(block_k // sub):
@@ -109,8 +128,7 @@ def _kernel(x_ref, w_ref, s_ref, *refs, rows: int, K: int, N: int, block_n: int,
     acc = jax.lax.fori_loop(first, last, step, jnp.zeros((MAX_ROWS, block_n), f32))
     if per_channel:
         acc = acc * column_load(s_ref, pl.ds(0, 1)).astype(f32)
-    mask = row_ok & col_ok if ragged else row_ok
-    plgpu.store(o_ref, acc.astype(o_ref.dtype), mask=mask)
+    store(o_ref, acc)
 
 
 FMA_ELEMENTS = 8192  # an FMA program's float32 accumulator [rows, block_k, block_n]: 64 registers a thread at 4 warps
@@ -120,19 +138,12 @@ def _fma_kernel(x_ref, w_ref, s_ref, *refs, rows: int, R: int, N: int, block_n: 
                 per_split: int, chunks: int, affine: bool, per_channel: bool):
     """The FMA form (`mode="fma"`): no tensor cores. A program keeps x (its R rows) times each [block_k, block_n]
     tile of values as a float32 accumulator [R, block_k, block_n] of elementwise FMAs, and sums it over block_k only
-    once a chunk (a group: then scaled, plus Σx · offset; per channel: the whole split, scaled at the end)."""
+    once a chunk, which it then scales (a group: its own scale, plus Σx · offset; per channel: the one scale row)."""
     off_ref = refs[0] if affine else None
     o_ref = refs[-1]
-    j, s = pl.program_id(0), pl.program_id(1)
+    s = pl.program_id(1)
     f32 = jnp.float32
-    row_ok = (jnp.arange(R) < rows)[:, None]
-    col_ok = (j * block_n + jnp.arange(block_n) < N)[None, :]
-    ragged = N % block_n != 0
-
-    def column_load(ref, rows_slice):
-        if ragged:
-            return plgpu.load(ref.at[rows_slice, :], mask=col_ok, other=0)
-        return ref[rows_slice, :]
+    row_ok, column_load, store = _tile(rows, R, N, block_n)
 
     def x_load(k0, size):
         return plgpu.load(x_ref.at[:, pl.ds(pl.multiple_of(k0, size), size)], mask=row_ok, other=0).astype(f32)
@@ -155,33 +166,19 @@ def _fma_kernel(x_ref, w_ref, s_ref, *refs, rows: int, R: int, N: int, block_n: 
 
     first = s * per_split
     last = jnp.minimum(first + per_split, chunks)
-    out = jax.lax.fori_loop(first, last, scaled, jnp.zeros((R, block_n), f32))
-    mask = row_ok & col_ok if ragged else row_ok
-    plgpu.store(o_ref, out.astype(o_ref.dtype), mask=mask)
+    store(o_ref, jax.lax.fori_loop(first, last, scaled, jnp.zeros((R, block_n), f32)))
 
 
-def _quant_gemv_fma(x, values, scale, offset, *, block_n, block_k, splits, interpret, num_warps, num_stages):
-    """`quant_gemv(mode="fma")`: grid (column blocks, splits of the chunks); a chunk is a group, or for one scale per
-    output channel a run of block_k x 64 inputs (the scale, one row, applied per chunk alike)."""
-    M, K = x.shape
-    N, G = values.shape[1], scale.shape[0]
-    R = 1 << (M - 1).bit_length()
-    group = K // G
-    per_channel = G == 1 and offset is None
-    block_n = block_n or BLOCK_N
-    block_k = block_k or _largest_power_of_two_dividing(K if per_channel else group,
-                                                        max(1, min(64, FMA_ELEMENTS // (R * block_n))))
-    chunk = _largest_power_of_two_dividing(K, block_k * 64) if per_channel else group
-    if chunk % block_k or K % chunk:
-        raise ValueError(f"quantized GEMV kernel (fma): block_k {block_k} must divide the chunk {chunk} of K = {K}")
-    chunks, blocks = K // chunk, -(-N // block_n)
-    if splits is None:
-        splits = 1
-        while blocks * splits < TARGET_PROGRAMS and splits * 2 <= chunks:
-            splits *= 2
-    per_split = -(-chunks // min(splits, chunks))
-    splits = -(-chunks // per_split)
+def _call(kernel, name: str, x, values, scale, offset, *, R: int, block_n: int, steps: int, splits: int,
+          interpret: bool, num_warps: int, num_stages: int):
+    """Run `kernel` (given its `per_split`) over the grid (column blocks, splits of `steps`), reading x in blocks of
+    R rows and the weight's parts in their program's columns. With one split it writes the finished [M, N] in x's
+    dtype; with more, float32 partials [splits, M, N] that one sum finishes."""
+    (M, K), (N, G) = x.shape, (values.shape[1], scale.shape[0])
+    per_split = -(-steps // min(splits, steps))
+    splits = -(-steps // per_split)  # no split without steps
     finish = splits == 1
+
     def columns(b):
         return pl.BlockSpec((b, block_n), lambda j, s: (0, j))
 
@@ -194,20 +191,38 @@ def _quant_gemv_fma(x, values, scale, offset, *, block_n, block_k, splits, inter
     else:
         out_shape = jax.ShapeDtypeStruct((splits, M, N), jnp.float32)
         out_spec = pl.BlockSpec((None, R, block_n), lambda j, s: (s, 0, j))
-    kernel = functools.partial(_fma_kernel, rows=M, R=R, N=N, block_n=block_n, block_k=block_k, chunk=chunk,
-                               per_split=per_split, chunks=chunks, affine=offset is not None,
-                               per_channel=G == 1 and offset is None)
     out = pl.pallas_call(
-        kernel,
-        grid=(blocks, splits),
+        functools.partial(kernel, per_split=per_split),
+        grid=(-(-N // block_n), splits),
         in_specs=in_specs,
         out_specs=out_spec,
         out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name="quant_gemv_fma",
+        name=name,
     )(*inputs)
     return out if finish else out.sum(axis=0).astype(x.dtype)
+
+
+def _quant_gemv_fma(x, values, scale, offset, *, block_n, block_k, splits, **launch):
+    """`quant_gemv(mode="fma")`: grid (column blocks, splits of the chunks); a chunk is a group, or for one scale per
+    output channel a run of block_k x 64 inputs (the scale, one row, applied per chunk alike)."""
+    M, K = x.shape
+    N, G = values.shape[1], scale.shape[0]
+    R = 1 << (M - 1).bit_length()
+    group = K // G
+    per_channel = G == 1 and offset is None
+    block_n = block_n or BLOCK_N
+    block_k = block_k or largest_power_of_two_dividing(K if per_channel else group,
+                                                        max(1, min(64, FMA_ELEMENTS // (R * block_n))))
+    chunk = largest_power_of_two_dividing(K, block_k * 64) if per_channel else group
+    if chunk % block_k or K % chunk:
+        raise ValueError(f"quantized GEMV kernel (fma): block_k {block_k} must divide the chunk {chunk} of K = {K}")
+    chunks = K // chunk
+    kernel = functools.partial(_fma_kernel, rows=M, R=R, N=N, block_n=block_n, block_k=block_k, chunk=chunk,
+                               chunks=chunks, affine=offset is not None, per_channel=per_channel)
+    return _call(kernel, "quant_gemv_fma", x, values, scale, offset, R=R, block_n=block_n, steps=chunks,
+                 splits=splits or _counted_splits(-(-N // block_n), chunks), **launch)
 
 
 def quant_gemv(x, values, scale, offset=None, *, block_n: int | None = None, block_k: int | None = None,
@@ -230,9 +245,9 @@ def quant_gemv(x, values, scale, offset=None, *, block_n: int | None = None, blo
                          f"and offset {None if offset is None else offset.shape} do not fit")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
+    launch = dict(interpret=interpret, num_warps=num_warps, num_stages=num_stages)
     if mode == "fma":
-        return _quant_gemv_fma(x, values, scale, offset, block_n=block_n, block_k=block_k, splits=splits,
-                               interpret=interpret, num_warps=num_warps, num_stages=num_stages)
+        return _quant_gemv_fma(x, values, scale, offset, block_n=block_n, block_k=block_k, splits=splits, **launch)
     if mode != "dot":
         raise ValueError(f"quantized GEMV kernel: mode {mode!r}: choose dot or fma")
     group = K // G
@@ -244,37 +259,10 @@ def quant_gemv(x, values, scale, offset=None, *, block_n: int | None = None, blo
     if group < K and group % block_k and block_k % group:
         raise ValueError(f"quantized GEMV kernel: block_k {block_k} neither holds whole groups of {group} nor lies "
                          f"inside one")
-    steps = K // block_k
-    splits = min(splits or default_splits, steps)
-    per_split = -(-steps // splits)
-    splits = -(-steps // per_split)  # no split without blocks
-    finish = splits == 1
-
-    def columns(b):
-        return pl.BlockSpec((b, block_n), lambda j, s: (0, j))
-
-    inputs = [x, values, scale] + ([] if offset is None else [offset])
-    in_specs = [pl.BlockSpec((MAX_ROWS, K), lambda j, s: (0, 0)), columns(K), columns(G)]
-    in_specs += [] if offset is None else [columns(G)]
-    if finish:
-        out_shape = jax.ShapeDtypeStruct((M, N), x.dtype)
-        out_spec = pl.BlockSpec((MAX_ROWS, block_n), lambda j, s: (0, j))
-    else:
-        out_shape = jax.ShapeDtypeStruct((splits, M, N), jnp.float32)
-        out_spec = pl.BlockSpec((None, MAX_ROWS, block_n), lambda j, s: (s, 0, j))
     kernel = functools.partial(_kernel, rows=M, K=K, N=N, block_n=block_n, block_k=block_k, group=group,
-                               per_split=per_split, affine=offset is not None, interpret=interpret)
-    out = pl.pallas_call(
-        kernel,
-        grid=(-(-N // block_n), splits),
-        in_specs=in_specs,
-        out_specs=out_spec,
-        out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-        name="quant_gemv",
-    )(*inputs)
-    return out if finish else out.sum(axis=0).astype(x.dtype)
+                               affine=offset is not None, interpret=interpret)
+    return _call(kernel, "quant_gemv", x, values, scale, offset, R=MAX_ROWS, block_n=block_n, steps=K // block_k,
+                 splits=splits or default_splits, **launch)
 
 
 def quant_gemv_reference(x, values, scale, offset=None):
