@@ -183,8 +183,7 @@ class Scheduler:
         owners = dict(self._active)
         for ticket in owners.values():
             ticket.launched += k
-            if ticket.launched >= ticket.limit(self.slots.max_len):
-                self._free(ticket)
+            self._free_if_covered(ticket)
         return chunk, owners
 
     def _admit(self, ticket: Ticket, slot: int) -> None:
@@ -194,8 +193,7 @@ class Scheduler:
         ticket.slot, ticket.launched = slot, 1
         self._active[slot] = ticket
         self._deliver(ticket, [prefix.first])
-        if not ticket.ended and ticket.launched >= ticket.limit(self.slots.max_len):
-            self._free(ticket)
+        self._free_if_covered(ticket)
 
     def _deliver(self, ticket: Ticket, tokens: list[int]) -> None:
         """Hand `tokens` to their request in order, up to its last (the rest are discarded), and end the request if
@@ -232,6 +230,11 @@ class Scheduler:
             ticket.ended = True
             self._accepted -= 1
             self._cancelled.discard(ticket)
+
+    def _free_if_covered(self, ticket: Ticket) -> None:
+        """Give the slot back once what is launched for the request covers its length (its ids still come to it)."""
+        if ticket.launched >= ticket.limit(self.slots.max_len):
+            self._free(ticket)
 
     def _free(self, ticket: Ticket) -> None:
         """Give the request's slot back, if it still holds one."""
