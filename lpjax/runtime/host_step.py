@@ -9,10 +9,10 @@ CUDA graphs as they are: a graph one of whose buffers moved is updated first (a 
 written to pinned host memory rather than into a fresh device buffer each call.
 
 A chain pays each program's host cost (argument handling, a CUDA-graph update and launch), so it pays only where
-the GPU runs while the host launches the next program: on one GPU. Measured on H200, bf16, batch 1
-(bench/NOTES.md, 2026-11-30): Llama-2-7B on 1 GPU 4.6 ms a step in programs of 4 stages against 5.2 in one;
-SmolLM2-135M on 1 GPU 1.50 against 2.10 (with the stream donated, as now; 4.1 against 2.4 before); on 2 GPUs one
-program (6.0 against 6.5 as a chain). `default_span` says which.
+the GPU runs while the host launches the next program: on GPUs. Measured on H200, bf16, batch 1 (bench/NOTES.md,
+2026-11-30 and 2026-12-01): Llama-2-7B on 1 GPU 4.6 ms a step in programs of 4 stages against 5.3 in one;
+SmolLM2-135M on 1 GPU 1.50 against 2.10; Llama-2-7B on 2 GPUs 4.2-4.3 against 4.9-5.3 (programs of 2 stages 4.4,
+of 8 4.8). `default_span` says which.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ STEP_SPAN = 4  # stages per program of a chain
 
 
 def default_span(programs: Programs) -> int | None:
-    """`STEP_SPAN` stages per program on one GPU; otherwise the whole step as one program (None): on several GPUs
-    the chain lost, and off GPUs the host waits on each program anyway."""
-    return STEP_SPAN if programs.on_gpu and programs.layout.n_devices == 1 else None
+    """`STEP_SPAN` stages per program on GPUs; otherwise the whole step as one program (None): off GPUs the host
+    waits on each program anyway."""
+    return STEP_SPAN if programs.on_gpu else None
 
 
 def greedy(logits: jax.Array) -> jax.Array:
