@@ -70,16 +70,6 @@ def pallas(x, q):
     return quant_gemv(x, *q.parts, **BLOCKS)
 
 
-def pallas_fma(x, q):
-    """The Pallas GEMV in its FMA form (`quant_gemv(mode="fma")`: no tensor cores)."""
-    return quant_gemv(x, *q.parts, mode="fma", **BLOCKS)
-
-
-# --sweep of the FMA form: (block_n, block_k (None: its default), warps, stages)
-FMA_SWEEP = [(128, None, 4, 3), (256, 4, 4, 3), (128, 8, 4, 4), (64, 16, 4, 3)]
-PALLAS = (pallas, pallas_fma)
-
-
 def held_in_int8(q):
     """int4 values one to a byte (as off GPUs): what the kernel's unpacking of packed int4 costs, by comparison."""
     return q.replace(values=q.values.astype(jnp.int8))
@@ -93,13 +83,11 @@ VARIANTS = {  # name -> (quantization or None, product[, what the weights are he
     "int8 (lpjax: scale after the dot)": (QuantSpec.parse("int8"), product),
     "int8 operand-scaled": (QuantSpec.parse("int8"), operand_scaled),
     "int8 (pallas gemv)": (QuantSpec.parse("int8"), pallas),
-    "int8 (pallas fma)": (QuantSpec.parse("int8"), pallas_fma),
     "int8 g128 (lpjax)": (QuantSpec.parse("int8", 128), product),
     "int8 g128 (pallas gemv)": (QuantSpec.parse("int8", 128), pallas),
     "int4 g128 (lpjax, affine)": (QuantSpec.parse("int4"), product),
     "int4 g128 grouped dots": (QuantSpec.parse("int4"), grouped_dot),
     "int4 g128 (pallas gemv)": (QuantSpec.parse("int4"), pallas),
-    "int4 g128 (pallas fma)": (QuantSpec.parse("int4"), pallas_fma),
     "int4 g32 (lpjax, affine)": (QuantSpec.parse("int4", 32), product),
     "int4 g32 (pallas gemv)": (QuantSpec.parse("int4", 32), pallas),
 }
@@ -147,11 +135,8 @@ def configurations(args, f, spec, K: int, N: int, hold=()) -> list[dict]:
     """The Pallas block settings to time for a variant: the one asked for (`--block-n` ...), or each --sweep entry
     (block_k from its bytes per column; a variant holding its weights otherwise takes the default); one empty setting
     for the other variants."""
-    if f not in PALLAS:
+    if f is not pallas:
         return [{}]
-    if f is pallas_fma:
-        return [dict(block_n=n, block_k=k, num_warps=w, num_stages=st) for n, k, w, st in FMA_SWEEP[:len(FMA_SWEEP)
-                                                                                                 if args.sweep else 1]]
     if not args.sweep or hold:
         return [{k: v for k, v in (("block_n", args.block_n), ("block_k", args.block_k), ("splits", args.splits))
                  if v is not None}]
@@ -210,9 +195,7 @@ def main(argv=None) -> int:
                     with open(f"{args.hlo}-{re.sub(r'[^a-z0-9]+', '_', label)}.txt", "w") as out:
                         out.write(hlo)
                 setting = ""
-                if f is pallas_fma:
-                    setting = " fma " + " ".join(f"{k}={v}" for k, v in blocks.items())
-                elif f is pallas:
+                if f is pallas:
                     bits = 8 if spec.kind == "int8" else 4
                     bn, bk, sp = default_blocks(K, N, spec.group_size or K, bits, blocks.get("block_n"),
                                                 blocks.get("block_k"))

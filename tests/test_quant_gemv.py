@@ -1,6 +1,5 @@
 """The Pallas GEMV of quantized weights (interpret mode here): equal to its jnp reference for int8 per output channel
-and int4 in affine groups, 1 and 8 rows, ragged column blocks, one split and several, float32 and bfloat16, on the
-tensor cores (dot) and in FMAs; the
+and int4 in affine groups, 1 and 8 rows, ragged column blocks, one split and several, float32 and bfloat16; the
 reference equal to `quantize.product`; the kernel lowering to Triton for Llama-2-7B's shapes; and a quantized model
 decoding with it choosing the tokens it chooses without it, sequential and as an LP pair on 2 devices."""
 
@@ -35,8 +34,6 @@ KERNEL_CASES = {
     "1-row-float32-one-split": (1, jnp.float32, dict(block_n=64, block_k=64, splits=1)),
     "8-rows-float32-three-splits": (8, jnp.float32, dict(block_n=32, block_k=128, splits=3)),
     "8-rows-bfloat16-default-blocks": (8, jnp.bfloat16, dict()),
-    "fma-1-row-float32-default-blocks": (1, jnp.float32, dict(mode="fma")),
-    "fma-8-rows-bfloat16-three-splits": (8, jnp.bfloat16, dict(mode="fma", block_n=64, block_k=4, splits=3)),
 }
 
 
@@ -70,8 +67,8 @@ def test_product_takes_the_kernel_for_decode_rows_only_and_names_bad_kernels():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="choose one of xla, pallas"):
         product(x, q, kernel="triton")
-    with pytest.raises(ValueError, match="mode 'mma': choose dot or fma"):
-        quant_gemv(x[:8], *q.parts, mode="mma")
+    with pytest.raises(ValueError, match="blocks 24 x 64 must be powers of 2"):
+        quant_gemv(x[:8], *q.parts, block_k=24)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4-g128"])
@@ -82,10 +79,9 @@ def test_kernel_lowers_to_triton_for_llama_2_7b_shapes(scheme):
         args = [jax.ShapeDtypeStruct((8, K), jnp.bfloat16), jax.ShapeDtypeStruct((K, N), values),
                 jax.ShapeDtypeStruct((G, N), jnp.bfloat16)]
         offset = args[2] if scheme != "int8" else None
-        for mode in ("dot", "fma"):
-            lowered = jax.jit(lambda x, v, s, o, m=mode: quant_gemv(x, v, s, o, interpret=False, mode=m)).trace(
-                *args, offset).lower(lowering_platforms=("cuda",))
-            assert "__gpu$xla.gpu.triton" in lowered.as_text()
+        lowered = jax.jit(lambda x, v, s, o: quant_gemv(x, v, s, o, interpret=False)).trace(
+            *args, offset).lower(lowering_platforms=("cuda",))
+        assert "__gpu$xla.gpu.triton" in lowered.as_text()
         block_n, block_k, splits = default_blocks(K, N, K // G, 8 if scheme == "int8" else 4)
         assert K % block_k == 0 and -(-N // block_n) * splits >= 128  # every SM of an H200 has a program
     # an LP pair's two matrices under the stack's vmap: one kernel over a grid with the pair's axis added

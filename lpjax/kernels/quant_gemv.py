@@ -16,9 +16,8 @@ writes a float32 partial and one small sum finishes (splits fill the GPU's SMs w
 Measured on an H200 (bench/quant_gemv.py, 8 rows), every form of these products is bound by work per weight, not by
 bytes: int8 per channel takes about a bf16 GEMM's time for half the bytes (wqkv: 30.5 us against 32.7), int4 in
 groups of 128 twice that, whether XLA's or this kernel's; building the bf16 values from their bits instead of
-converting them did not help (bench/NOTES.md). `mode="fma"` is the alternative under test: no tensor cores, each
-program keeps x times its tiles as a float32 accumulator [rows, block_k, block_n] of elementwise FMAs and sums it
-over block_k once a group (`_fma_kernel`).
+converting them did not help, and neither did elementwise FMAs without the tensor cores (3x slower) or weights
+held [N, K] (int8 at most ~2 TB/s at 1 row; bench/NOTES.md, 2026-12-01).
 
 Targets the Triton backend (`jax.experimental.pallas.triton`); off GPUs it runs in interpret mode.
 `quant_gemv_reference` is the same math in plain jnp (`quantize.product`'s, in float32).
@@ -74,12 +73,12 @@ def default_blocks(K: int, N: int, group: int, bits: int, block_n: int | None = 
     return block_n, block_k, _counted_splits(-(-N // block_n), K // block_k)
 
 
-def _tile(rows: int, R: int, N: int, block_n: int):
-    """Program (j, ·)'s view of its columns, as both kernels use it: (row_ok [R, 1]: rows of x that exist,
+def _tile(rows: int, N: int, block_n: int):
+    """Program (j, ·)'s view of its columns: (row_ok [MAX_ROWS, 1]: rows of x that exist,
     column_load(ref, row slice): those rows of the ref's [.., block_n] columns of the program, masked where N is
     ragged, store(o_ref, acc): the existing part of the result)."""
     j = pl.program_id(0)
-    row_ok = (jnp.arange(R) < rows)[:, None]
+    row_ok = (jnp.arange(MAX_ROWS) < rows)[:, None]
     col_ok = (j * block_n + jnp.arange(block_n) < N)[None, :]
     ragged = N % block_n != 0
 
@@ -100,7 +99,7 @@ def _kernel(x_ref, w_ref, s_ref, *refs, rows: int, K: int, N: int, block_n: int,
     o_ref = refs[-1]
     s = pl.program_id(1)
     f32, dt = jnp.float32, x_ref.dtype
-    row_ok, column_load, store = _tile(rows, MAX_ROWS, N, block_n)
+    row_ok, column_load, store = _tile(rows, N, block_n)
     per_channel = group == K and not affine
     sub = min(group, block_k)  # inputs a partial product covers: one group, or the whole block inside one
 
@@ -131,48 +130,10 @@ def _kernel(x_ref, w_ref, s_ref, *refs, rows: int, K: int, N: int, block_n: int,
     store(o_ref, acc)
 
 
-FMA_ELEMENTS = 8192  # an FMA program's float32 accumulator [rows, block_k, block_n]: 64 registers a thread at 4 warps
-
-
-def _fma_kernel(x_ref, w_ref, s_ref, *refs, rows: int, R: int, N: int, block_n: int, block_k: int, chunk: int,
-                per_split: int, chunks: int, affine: bool, per_channel: bool):
-    """The FMA form (`mode="fma"`): no tensor cores. A program keeps x (its R rows) times each [block_k, block_n]
-    tile of values as a float32 accumulator [R, block_k, block_n] of elementwise FMAs, and sums it over block_k only
-    once a chunk, which it then scales (a group: its own scale, plus Σx · offset; per channel: the one scale row)."""
-    off_ref = refs[0] if affine else None
-    o_ref = refs[-1]
-    s = pl.program_id(1)
-    f32 = jnp.float32
-    row_ok, column_load, store = _tile(rows, R, N, block_n)
-
-    def x_load(k0, size):
-        return plgpu.load(x_ref.at[:, pl.ds(pl.multiple_of(k0, size), size)], mask=row_ok, other=0).astype(f32)
-
-    def chunk_sum(c):  # Σ over chunk c's inputs of x · values: [R, block_n]
-        def step(t, acc):
-            k0 = c * chunk + t * block_k
-            w = column_load(w_ref, pl.ds(pl.multiple_of(k0, block_k), block_k)).astype(f32)
-            return acc + x_load(k0, block_k)[:, :, None] * w[None]
-
-        acc = jax.lax.fori_loop(0, chunk // block_k, step, jnp.zeros((R, block_k, block_n), f32))
-        return jnp.sum(acc, axis=1)
-
-    def scaled(c, out):
-        g = pl.ds(0 if per_channel else c, 1)
-        out = out + chunk_sum(c) * column_load(s_ref, g).astype(f32)
-        if affine:
-            out = out + jnp.sum(x_load(c * chunk, chunk), axis=1, keepdims=True) * column_load(off_ref, g).astype(f32)
-        return out
-
-    first = s * per_split
-    last = jnp.minimum(first + per_split, chunks)
-    store(o_ref, jax.lax.fori_loop(first, last, scaled, jnp.zeros((R, block_n), f32)))
-
-
-def _call(kernel, name: str, x, values, scale, offset, *, R: int, block_n: int, steps: int, splits: int,
+def _call(kernel, name: str, x, values, scale, offset, *, block_n: int, steps: int, splits: int,
           interpret: bool, num_warps: int, num_stages: int):
     """Run `kernel` (given its `per_split`) over the grid (column blocks, splits of `steps`), reading x in blocks of
-    R rows and the weight's parts in their program's columns. With one split it writes the finished [M, N] in x's
+    MAX_ROWS rows and the weight's parts in their program's columns. With one split it writes the finished [M, N] in x's
     dtype; with more, float32 partials [splits, M, N] that one sum finishes."""
     (M, K), (N, G) = x.shape, (values.shape[1], scale.shape[0])
     per_split = -(-steps // min(splits, steps))
@@ -183,14 +144,14 @@ def _call(kernel, name: str, x, values, scale, offset, *, R: int, block_n: int, 
         return pl.BlockSpec((b, block_n), lambda j, s: (0, j))
 
     inputs = [x, values, scale] + ([] if offset is None else [offset])
-    in_specs = [pl.BlockSpec((R, K), lambda j, s: (0, 0)), columns(K), columns(G)]
+    in_specs = [pl.BlockSpec((MAX_ROWS, K), lambda j, s: (0, 0)), columns(K), columns(G)]
     in_specs += [] if offset is None else [columns(G)]
     if finish:
         out_shape = jax.ShapeDtypeStruct((M, N), x.dtype)
-        out_spec = pl.BlockSpec((R, block_n), lambda j, s: (0, j))
+        out_spec = pl.BlockSpec((MAX_ROWS, block_n), lambda j, s: (0, j))
     else:
         out_shape = jax.ShapeDtypeStruct((splits, M, N), jnp.float32)
-        out_spec = pl.BlockSpec((None, R, block_n), lambda j, s: (s, 0, j))
+        out_spec = pl.BlockSpec((None, MAX_ROWS, block_n), lambda j, s: (s, 0, j))
     out = pl.pallas_call(
         functools.partial(kernel, per_split=per_split),
         grid=(-(-N // block_n), splits),
@@ -204,36 +165,14 @@ def _call(kernel, name: str, x, values, scale, offset, *, R: int, block_n: int, 
     return out if finish else out.sum(axis=0).astype(x.dtype)
 
 
-def _quant_gemv_fma(x, values, scale, offset, *, block_n, block_k, splits, **launch):
-    """`quant_gemv(mode="fma")`: grid (column blocks, splits of the chunks); a chunk is a group, or for one scale per
-    output channel a run of block_k x 64 inputs (the scale, one row, applied per chunk alike)."""
-    M, K = x.shape
-    N, G = values.shape[1], scale.shape[0]
-    R = 1 << (M - 1).bit_length()
-    group = K // G
-    per_channel = G == 1 and offset is None
-    block_n = block_n or BLOCK_N
-    block_k = block_k or largest_power_of_two_dividing(K if per_channel else group,
-                                                        max(1, min(64, FMA_ELEMENTS // (R * block_n))))
-    chunk = largest_power_of_two_dividing(K, block_k * 64) if per_channel else group
-    if chunk % block_k or K % chunk:
-        raise ValueError(f"quantized GEMV kernel (fma): block_k {block_k} must divide the chunk {chunk} of K = {K}")
-    chunks = K // chunk
-    kernel = functools.partial(_fma_kernel, rows=M, R=R, N=N, block_n=block_n, block_k=block_k, chunk=chunk,
-                               chunks=chunks, affine=offset is not None, per_channel=per_channel)
-    return _call(kernel, "quant_gemv_fma", x, values, scale, offset, R=R, block_n=block_n, steps=chunks,
-                 splits=splits or _counted_splits(-(-N // block_n), chunks), **launch)
-
-
 def quant_gemv(x, values, scale, offset=None, *, block_n: int | None = None, block_k: int | None = None,
                splits: int | None = None, interpret: bool | None = None, num_warps: int = 4,
-               num_stages: int = 3, mode: str = "dot"):
+               num_stages: int = 3):
     """x [M, K] @ W [K, N], W ~ values * scale[k // group] (+ offset[k // group]) (see the module docstring).
 
     values [K, N] int8, or int4 (jnp.int4, or int4 values held in int8: the arithmetic is the same); scale and
     offset [G, N] with G dividing K (G = 1 without offset: per output channel, scaled after the sum). M ≤ 16.
-    Blocks default to `default_blocks`; `interpret` defaults to True unless running on a GPU. `mode`: "dot" (the
-    tensor cores, 16 rows a dot) or "fma" (elementwise FMAs, `_quant_gemv_fma`'s blocks). Returns [M, N] in x's
+    Blocks default to `default_blocks`; `interpret` defaults to True unless running on a GPU. Returns [M, N] in x's
     dtype, accumulated in float32."""
     M, K = x.shape
     N = values.shape[1]
@@ -246,10 +185,6 @@ def quant_gemv(x, values, scale, offset=None, *, block_n: int | None = None, blo
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     launch = dict(interpret=interpret, num_warps=num_warps, num_stages=num_stages)
-    if mode == "fma":
-        return _quant_gemv_fma(x, values, scale, offset, block_n=block_n, block_k=block_k, splits=splits, **launch)
-    if mode != "dot":
-        raise ValueError(f"quantized GEMV kernel: mode {mode!r}: choose dot or fma")
     group = K // G
     bits = 4 if jnp.dtype(values.dtype) == jnp.int4 or offset is not None else 8  # int4 may be held in int8
     block_n, block_k, default_splits = default_blocks(K, N, group, bits, block_n, block_k)
@@ -261,7 +196,7 @@ def quant_gemv(x, values, scale, offset=None, *, block_n: int | None = None, blo
                          f"inside one")
     kernel = functools.partial(_kernel, rows=M, K=K, N=N, block_n=block_n, block_k=block_k, group=group,
                                affine=offset is not None, interpret=interpret)
-    return _call(kernel, "quant_gemv", x, values, scale, offset, R=MAX_ROWS, block_n=block_n, steps=K // block_k,
+    return _call(kernel, "quant_gemv", x, values, scale, offset, block_n=block_n, steps=K // block_k,
                  splits=splits or default_splits, **launch)
 
 
