@@ -70,6 +70,21 @@ def pallas(x, q):
     return quant_gemv(x, *q.parts, **BLOCKS)
 
 
+def under_stage_vmap(x, q):
+    """lpjax's product as a stage runs it: vmapped over the stage's stack axis (x shared, the weights stacked), the
+    stack's products summed as an LP pair's residual adds them (one layer: a no-op)."""
+    return jax.vmap(product, in_axes=(None, 0))(x, q).sum(0)
+
+
+def stacked(n: int):
+    """Weights held as a stage holds them: a leading stack axis of n (an LP pair: 2; its two matrices read)."""
+    def hold(q):
+        return jax.tree.map(lambda a: jnp.stack([a] * n), q)
+
+    hold.matrices = n
+    return hold
+
+
 def held_in_int8(q):
     """int4 values one to a byte (as off GPUs): what the kernel's unpacking of packed int4 costs, by comparison."""
     return q.replace(values=q.values.astype(jnp.int8))
@@ -86,6 +101,9 @@ VARIANTS = {  # name -> (quantization or None, product[, what the weights are he
     "int8 g128 (lpjax)": (QuantSpec.parse("int8", 128), product),
     "int8 g128 (pallas gemv)": (QuantSpec.parse("int8", 128), pallas),
     "int4 g128 (lpjax, affine)": (QuantSpec.parse("int4"), product),
+    "int4 g128 (lpjax, a stage of 1 layer)": (QuantSpec.parse("int4"), under_stage_vmap, stacked(1)),
+    "int4 g128 (lpjax, an LP pair: 2 matrices)": (QuantSpec.parse("int4"), under_stage_vmap, stacked(2)),
+    "int8 (lpjax, an LP pair: 2 matrices)": (QuantSpec.parse("int8"), under_stage_vmap, stacked(2)),
     "int4 g128 grouped dots": (QuantSpec.parse("int4"), grouped_dot),
     "int4 g128 (pallas gemv)": (QuantSpec.parse("int4"), pallas),
     "int4 g32 (lpjax, affine)": (QuantSpec.parse("int4", 32), product),
@@ -179,7 +197,8 @@ def main(argv=None) -> int:
         x = jax.random.normal(jax.random.key(99), (args.rows, K), jnp.bfloat16)
         for label, (spec, f, *hold) in variants.items():
             weights = ws if spec is None else [jax.jit(lambda w, spec=spec: quantize(w, spec))(w) for w in ws]
-            read = nbytes(weights[0])  # the narrow weight's bytes, also for a variant that holds it wider
+            # the narrow weight's bytes (also for a variant that holds it wider), times the matrices of a stack
+            read = nbytes(weights[0]) * getattr(hold[0] if hold else None, "matrices", 1)
             if hold:
                 weights = [hold[0](w) for w in weights]
             for blocks in configurations(args, f, spec, K, N, hold):
@@ -190,7 +209,7 @@ def main(argv=None) -> int:
                 except Exception as e:  # a setting Triton cannot compile: say so, go on
                     print(f"{name:8s} {label:34s} {blocks}: {str(e).splitlines()[0][:160]}", flush=True)
                     continue
-                copies = len(re.findall(rf"= bf16\[{K},{N}\]\S* fusion\(", hlo)) // args.inner
+                copies = len(re.findall(rf"= bf16\[(?:\d+,)?{K},{N}\]\S* fusion\(", hlo)) // args.inner
                 if args.hlo and name == "wqkv":
                     with open(f"{args.hlo}-{re.sub(r'[^a-z0-9]+', '_', label)}.txt", "w") as out:
                         out.write(hlo)
