@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from lpjax.errors import LPJaxError
+from lpjax.runtime.host_step import STEP_SPAN, HostStep
 
 PROMPTS = [[1, 60, 61, 62, 63, 64, 65, 66, 67, 68], [1, 90, 91, 92, 93]]
 STEPS = 4
@@ -65,12 +66,13 @@ def test_tied_embeddings_with_a_padded_vocabulary(engines):
 
 def count_collectives(engine) -> set[tuple[str, int, int]]:
     """(path, all-reduces, all-gathers) in the optimised HLO of one decode step, on each decode path users run: the
-    host-called step (logits or next token; a chain of programs of a few stages each, counted over the chain) and
-    the on-device loop (its body holds one step). The calls are `run_all`'s: on the engines it ran, every program
-    is compiled already."""
+    host-called step (logits or next token; one program, as off GPUs, and the chain of `STEP_SPAN`-stage programs
+    GPUs run, counted over the chain) and the on-device loop (its body holds one step). The engine's own calls are
+    `run_all`'s: on the engines it ran, those programs are compiled already."""
     cache = engine.init_cache(len(PROMPTS), CACHE_LENGTH)
     _, cache = engine.decode_step(cache, np.array([5, 6]), 12, np.array([0, 5]))
-    engine.next_token(cache, np.array([5, 6]), 12, np.array([0, 5]))
+    _, cache = engine.next_token(cache, np.array([5, 6]), 12, np.array([0, 5]))
+    HostStep(engine.programs, span=STEP_SPAN).next_token(cache, np.array([5, 6]), 12, np.array([0, 5]))
     greedy_tokens(engine)
     programs: dict[tuple, list[str]] = {}
     for key, compiled in engine.programs.compiled.programs.items():
@@ -79,6 +81,7 @@ def count_collectives(engine) -> set[tuple[str, int, int]]:
         elif key[0] == "decode":
             programs[key] = [compiled.as_text()]
     assert {k[0] for k in programs} == {"step", "next", "decode"}
+    assert {k[3] for k in programs if k[0] == "next"} == {len(engine.programs.layout.stages), STEP_SPAN}  # spans
     return {(k[0], len(re.findall(r"\ball-reduce(?:-start)?\(", "\n".join(hlo))),
              len(re.findall(r"\ball-gather(?:-start)?\(", "\n".join(hlo)))) for k, hlo in programs.items()}
 
