@@ -20,7 +20,6 @@ converting them did not help, and neither did elementwise FMAs without the tenso
 held [N, K] (int8 at most ~2 TB/s at 1 row; bench/NOTES.md, 2026-12-01).
 
 Targets the Triton backend (`jax.experimental.pallas.triton`); off GPUs it runs in interpret mode.
-`quant_gemv_reference` is the same math in plain jnp (`quantize.product`'s, in float32).
 """
 
 from __future__ import annotations
@@ -198,14 +197,3 @@ def quant_gemv(x, values, scale, offset=None, *, block_n: int | None = None, blo
                                affine=offset is not None, interpret=interpret)
     return _call(kernel, "quant_gemv", x, values, scale, offset, block_n=block_n, steps=K // block_k,
                  splits=splits or default_splits, **launch)
-
-
-def quant_gemv_reference(x, values, scale, offset=None):
-    """`quant_gemv` in plain jnp: `quantize.product`'s math (values · scale per group, + offset) in float32."""
-    K, N = values.shape
-    G = scale.shape[0]
-    w = values.astype(jnp.float32).reshape(G, K // G, N) * scale.astype(jnp.float32)[:, None]
-    if offset is not None:
-        w = w + offset.astype(jnp.float32)[:, None]
-    y = jnp.dot(x.astype(jnp.float32), w.reshape(K, N), precision=jax.lax.Precision.HIGHEST)
-    return y.astype(x.dtype)
