@@ -11,6 +11,8 @@ runs one of them in a subprocess), and the single-process readings `bench.quick`
     --batch B[,B...]    batch sizes
     --repeats R         timed runs of every metric (the median is reported)
     --long-repeats R    timed runs of the long metrics (generate_4096)
+    --decode-tokens N   decode steps each decode figure times (default 128, the records' definition; fewer only to
+                        check the harness quickly: each decode record says its count)
     --dtype D           weights and compute, of `lpjax.weights.DTYPES` (default: bfloat16 on GPUs, float32 on CPUs)
     --json-out FILE     records appended as JSON lines
     --quantize int8|int4  weight-only quantized products (the runners that have them); --group-size G: int4's
@@ -28,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench import records
-from bench.records import METRICS
+from bench.records import DECODE_TOKENS, METRICS
 from lpjax.config import PRESETS, ModelConfig, preset, read_hf_config
 from lpjax.errors import LPJaxError
 from lpjax.plan import LPPlan, default_plan, parse_deltas
@@ -73,8 +75,16 @@ def add_runner_args(p: argparse.ArgumentParser, devices_help: str) -> None:
     p.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help=f"subset of {', '.join(UNITS)}")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per metric (median reported)")
     p.add_argument("--long-repeats", type=int, default=1, help="timed runs of generate_4096")
+    add_decode_tokens_arg(p)
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: bfloat16 on GPUs, float32 on CPUs")
     p.add_argument("--json-out", default=None, help="append one JSON line per metric to this file")
+
+
+def add_decode_tokens_arg(p: argparse.ArgumentParser) -> None:
+    """`--decode-tokens`: the harness passes its value to every runner."""
+    p.add_argument("--decode-tokens", type=int, default=DECODE_TOKENS, metavar="N",
+                   help=f"decode steps each decode figure times (default {DECODE_TOKENS}, the records' definition; "
+                        "fewer only to check the harness quickly)")
 
 
 def add_quantize_args(p: argparse.ArgumentParser, scheme: str) -> None:
@@ -95,9 +105,11 @@ def quantize_group(args: argparse.Namespace) -> int:
     return DEFAULT_GROUP_SIZE if args.group_size is None else args.group_size
 
 
-def check_repeats(args: argparse.Namespace) -> None:
+def check_counts(args: argparse.Namespace) -> None:
     if args.repeats < 1 or args.long_repeats < 1:
         raise LPJaxError("--repeats and --long-repeats must be at least 1")
+    if args.decode_tokens < 1:
+        raise LPJaxError(f"--decode-tokens {args.decode_tokens}: must be at least 1")
 
 
 def parse_names(text: str) -> list[str]:

@@ -22,7 +22,8 @@ run; the prompt is every runner's (`bench.common.prompt_ids`). Definitions (reco
                                         first token to the last over 128, stamped by a stopping criterion (CUDA
                                         events, no added sync): generate's own loop. The record's
                                         forward_loop_ms_per_token is the model alone: its decode forward called 128
-                                        times in a Python loop, no generate
+                                        times in a Python loop, no generate (--decode-tokens N: N + 1 tokens timed
+                                        over N, and N calls, for 129 over 128 and 128 calls)
   single_token                ms        after a 256-token prompt: the token ids up, one call of the forward generate
                                         uses (compiled for hf-static-compile), argmax on the device, ids back
   generate_4096               s         wall time of generate(4096 new tokens) after a 128-token prompt
@@ -135,8 +136,9 @@ def apply_lp(model, plan: LPPlan) -> None:
 class Runner:
     """One (model, impl, batch) configuration: generate / forward calls timed on the host with device syncs."""
 
-    def __init__(self, model, impl: str, device: str, config: ModelConfig):
+    def __init__(self, model, impl: str, device: str, config: ModelConfig, decode_tokens: int = DECODE_TOKENS):
         self.model, self.impl, self.device, self.config = model, impl, device, config
+        self.decode_tokens = decode_tokens  # the decode metric's steps
         self.static = impl == "hf-static-compile"
         self.caches: dict[tuple[int, int], object] = {}
         self.fullgraph = True
@@ -154,6 +156,10 @@ class Runner:
         fn()
         self.sync()
         return time.perf_counter() - t0
+
+    def decode_cache_len(self) -> int:
+        """The static cache of the decode metric and of single_token: room for both, in lpjax's cache multiple."""
+        return round_up(max(PROMPT_LEN + self.decode_tokens + 1, SINGLE_TOKEN_AT + 2), CACHE_MULTIPLE)
 
     def cache(self, batch: int, length: int):
         """The static cache of this shape (reused across calls, so the compiled decode graph is too)."""
@@ -214,8 +220,8 @@ class Runner:
         `ids`, and the next cache position [1]."""
         from transformers import DynamicCache
 
-        length = round_up(max(PROMPT_LEN + DECODE_TOKENS + 1, SINGLE_TOKEN_AT + 2), CACHE_MULTIPLE)
-        cache = self.cache(ids.shape[0], length) if self.static else DynamicCache(config=self.model.config)
+        cache = self.cache(ids.shape[0], self.decode_cache_len()) if self.static else \
+            DynamicCache(config=self.model.config)
         with torch.no_grad():
             self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **self.cache_arg(cache))
         return cache, torch.tensor([ids.shape[1]], device=self.device)
@@ -277,21 +283,21 @@ class StepClock:
 
 
 def _decode_samples(r: Runner, batch: int, repeats: int) -> list[float]:
-    """records' decode for generate: one generate of DECODE_TOKENS + 1 tokens; the time from the first token's stamp
-    to the last, over DECODE_TOKENS (StepClock)."""
+    """records' decode for generate: one generate of r.decode_tokens + 1 tokens; the time from the first token's
+    stamp to the last, over r.decode_tokens (StepClock)."""
     ids = prompt_tokens(PROMPT_LEN, batch, r.config, r.device)
-    length = round_up(max(PROMPT_LEN + DECODE_TOKENS + 1, SINGLE_TOKEN_AT + 2), CACHE_MULTIPLE)
-    r.warm_generate(ids, DECODE_TOKENS + 1, length, r.warm_calls)
+    length, new_tokens = r.decode_cache_len(), r.decode_tokens + 1
+    r.warm_generate(ids, new_tokens, length, r.warm_calls)
     samples = []
     for _ in range(repeats):
         clock = StepClock(r.device)
-        r.generate(ids, DECODE_TOKENS + 1, length, clock)
+        r.generate(ids, new_tokens, length, clock)
         samples.append(clock.ms_per_step())
     return samples
 
 
 def _forward_loop_ms(r: Runner, batch: int) -> float:
-    """The model alone, without generate: after a prefill, DECODE_TOKENS calls of the forward generate uses (for
+    """The model alone, without generate: after a prefill, r.decode_tokens calls of the forward generate uses (for
     hf-static-compile its compiled call) in a Python loop, each fed the previous argmax on the device; ms per step.
     Set beside `decode`, it tells generate's own overhead from the model's time."""
     ids = prompt_tokens(PROMPT_LEN, batch, r.config, r.device)
@@ -306,7 +312,7 @@ def _forward_loop_ms(r: Runner, batch: int) -> float:
 
     with torch.no_grad():
         loop(3)  # compile and record the graphs of this call's shapes
-        return 1000 * r.timed(lambda: loop(DECODE_TOKENS)) / DECODE_TOKENS
+        return 1000 * r.timed(lambda: loop(r.decode_tokens)) / r.decode_tokens
 
 
 def _single_token_samples(r: Runner, batch: int, repeats: int) -> list[float]:
@@ -341,11 +347,12 @@ def _prefill_samples(r: Runner, batch: int, length: int, repeats: int) -> list[f
 
 
 def measure(model, impl: str, name: str, config: ModelConfig, plan: LPPlan, batch: int, metrics: list[str],
-            repeats: int, long_repeats: int, device: str, dtype: str, json_out: str | None) -> list[dict]:
+            repeats: int, long_repeats: int, device: str, dtype: str, json_out: str | None,
+            decode_tokens: int = DECODE_TOKENS) -> list[dict]:
     """Every asked metric of one configuration; records emitted as they are measured, and returned."""
     import transformers
 
-    r = Runner(model, impl, device, config)
+    r = Runner(model, impl, device, config, decode_tokens)
     records = []
 
     def done(metric: str, samples: list[float], **extra) -> None:
@@ -358,7 +365,8 @@ def measure(model, impl: str, name: str, config: ModelConfig, plan: LPPlan, batc
     if "decode" in metrics or metrics == ["peak_memory"]:
         samples = _decode_samples(r, batch, repeats if "decode" in metrics else 1)
         if "decode" in metrics:
-            done("decode", samples, forward_loop_ms_per_token=round(_forward_loop_ms(r, batch), 4))
+            done("decode", samples, forward_loop_ms_per_token=round(_forward_loop_ms(r, batch), 4),
+                 decode_tokens=decode_tokens)
     if "single_token" in metrics:
         done("single_token", _single_token_samples(r, batch, repeats))
     if "generate_4096" in metrics:
@@ -398,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.devices != 1:
         raise LPJaxError(f"--devices {args.devices}: the transformers baselines run on one GPU (use bench.torch_tp "
                          "for more)")
-    common.check_repeats(args)
+    common.check_counts(args)
     name, config, directory = common.resolve_model(args.model)
     check_device(args.device, 1)
     common.check_json_out(args.json_out)
@@ -420,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
                 free(args.device)
                 log(f"[{impl}] LP {plan.describe()}, batch {batch}")
                 measure(model, impl, name, config, plan, batch, metrics, args.repeats, args.long_repeats,
-                        args.device, dtype, args.json_out)
+                        args.device, dtype, args.json_out, args.decode_tokens)
                 _drop_compiled(model)
     return 0
 

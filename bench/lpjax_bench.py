@@ -39,10 +39,10 @@ def _prompts(engine: Engine, batch: int, n: int) -> list[list[int]]:
     return [model_prompt(n, engine.config)] * batch
 
 
-def time_decode(engine: Engine, batch: int, repeats: int) -> list[float]:
+def time_decode(engine: Engine, batch: int, repeats: int, tokens: int = DECODE_TOKENS) -> list[float]:
     prompts = _prompts(engine, batch, PROMPT_LEN)
-    engine.generate(prompts, DECODE_TOKENS + 1, eos=())  # compile + warm-up (the first token comes from prefill)
-    return [engine.generate(prompts, DECODE_TOKENS + 1, eos=()).decode_ms_per_step for _ in range(repeats)]
+    engine.generate(prompts, tokens + 1, eos=())  # compile + warm-up (the first token comes from prefill)
+    return [engine.generate(prompts, tokens + 1, eos=()).decode_ms_per_step for _ in range(repeats)]
 
 
 def time_prefill(engine: Engine, batch: int, n: int, repeats: int) -> list[float]:
@@ -86,12 +86,13 @@ def peak_memory_gib(engine: Engine) -> list[float] | None:
     return [max(s["peak_bytes_in_use"] for s in stats) / 2**30]
 
 
-def measure(engine: Engine, batch: int, metrics: list[str], repeats: int, long_repeats: int) -> dict[str, list]:
+def measure(engine: Engine, batch: int, metrics: list[str], repeats: int, long_repeats: int,
+            decode_tokens: int = DECODE_TOKENS) -> dict[str, list]:
     out: dict[str, list] = {}
     for m in metrics:
         log(f"[lpjax] {engine.plan.spec() or 'sequential'} batch {batch}: {m}")
         if m == "decode":
-            out[m] = time_decode(engine, batch, repeats)
+            out[m] = time_decode(engine, batch, repeats, decode_tokens)
         elif m.startswith("prefill_"):
             out[m] = time_prefill(engine, batch, int(m.split("_")[1]), repeats)
         elif m.startswith("generate_"):
@@ -125,7 +126,7 @@ def impl_name(quantize: QuantSpec | None) -> str:
 
 def run(model: str, devices: int, plans: list[LPPlan], batches: list[int], metrics: list[str], repeats: int,
         long_repeats: int, json_out: str | None, dtype: str | None = None, impl: str | None = None,
-        quantize: QuantSpec | None = None, quant_kernel: str = "xla") -> None:
+        quantize: QuantSpec | None = None, quant_kernel: str = "xla", decode_tokens: int = DECODE_TOKENS) -> None:
     """Every plan on `devices` devices, each at every batch size; records emitted per plan."""
     impl = impl or impl_name(quantize)
     for plan in plans:
@@ -133,10 +134,12 @@ def run(model: str, devices: int, plans: list[LPPlan], batches: list[int], metri
                              quant_kernel=quant_kernel)
         log(f"[lpjax] {engine.describe()}")
         for batch in batches:
-            figures = measure(engine, batch, metrics, repeats, long_repeats)
+            figures = measure(engine, batch, metrics, repeats, long_repeats, decode_tokens)
             context = versions(engine)
             for m, v in figures.items():
-                common.emit(make(impl, model, devices, plan.delta, plan.spec(), batch, m, v, **context), json_out)
+                extra = {"decode_tokens": decode_tokens} if m == "decode" else {}
+                common.emit(make(impl, model, devices, plan.delta, plan.spec(), batch, m, v, **context, **extra),
+                            json_out)
         del engine
         gc.collect()
 
@@ -156,7 +159,7 @@ def main(argv=None) -> int:
     if name not in PRESETS:
         raise LPJaxError(f"--model {args.model}: not a preset ({', '.join(PRESETS)})")
     metrics = common.parse_metrics(args.metrics)
-    common.check_repeats(args)
+    common.check_counts(args)
     common.check_json_out(args.json_out)
     plans = common.runner_plans(args, PRESETS[name])
     batches = common.parse_ints(args.batch, "--batch", 1)
@@ -164,7 +167,7 @@ def main(argv=None) -> int:
         raise LPJaxError(f"--devices {args.devices}: only {len(jax.devices())} devices visible")
     enable_compile_cache()
     run(name, args.devices, plans, batches, metrics, args.repeats, args.long_repeats, args.json_out, args.dtype,
-        args.impl_name, quantize, args.quant_kernel)
+        args.impl_name, quantize, args.quant_kernel, args.decode_tokens)
     return 0
 
 

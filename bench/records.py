@@ -3,7 +3,8 @@
     {"impl", "model", "gpus", "lp_delta", "lp", "batch", "metric", "value", "unit", "samples", ...context}
 
 A quantized run's records also say "quantize" ("int8" or "int4") and, for int4, "group_size"; a record without them
-(or with null) measured weights in the compute dtype.
+(or with null) measured weights in the compute dtype. A decode record says "decode_tokens", the steps it timed
+(DECODE_TOKENS unless a runner's --decode-tokens said otherwise; older records lack it and timed DECODE_TOKENS).
 
 The harness (`bench.run`) adds the context every record shares (machine, date, commit); each implementation's
 runner adds its own versions. Files are JSON lines, so runners append and a crash loses nothing already measured.

@@ -30,8 +30,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import records
-from bench.common import DEFAULT_GROUP_SIZE, QUANTIZE_MODES, exit_code, parse_ints, parse_metrics, parse_names
-from bench.records import COMPILE_MODES
+from bench.common import (
+    DEFAULT_GROUP_SIZE,
+    QUANTIZE_MODES,
+    add_decode_tokens_arg,
+    check_counts,
+    exit_code,
+    parse_ints,
+    parse_metrics,
+    parse_names,
+)
+from bench.records import COMPILE_MODES, DECODE_TOKENS
 from bench.report import quantize_label
 from lpjax.config import PRESETS
 from lpjax.errors import LPJaxError
@@ -77,12 +86,13 @@ class Job:
         return ["--quantize", self.quantize] + (["--group-size", str(self.group_size)] if self.quantize == "int4"
                                                 else [])
 
-    def command(self, json_out: Path, repeats: int, long_repeats: int, device: str, compile_mode: str) -> list[str]:
+    def command(self, json_out: Path, repeats: int, long_repeats: int, device: str, compile_mode: str,
+                decode_tokens: int = DECODE_TOKENS) -> list[str]:
         """The runner's command line: the flags every runner shares (`bench.common.add_runner_args`), then its own."""
         cmd = [sys.executable, "-m", IMPLS[self.impl][0], "--model", self.model, "--devices", str(self.gpus),
                "--delta", ",".join(map(str, self.deltas)), "--batch", str(self.batch),
                "--metrics", ",".join(self.metrics), "--repeats", str(repeats), "--long-repeats", str(long_repeats),
-               "--json-out", str(json_out)]
+               "--decode-tokens", str(decode_tokens), "--json-out", str(json_out)]
         if self.impl == "lpjax":
             kernel = ["--quant-kernel", self.quant_kernel] if self.quantize else []
             return cmd + ["--impl-name", self.name()] + self.quantize_flags() + kernel
@@ -209,7 +219,8 @@ def run_job(job: Job, args, context: dict) -> tuple[list[dict], str | None]:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + args.variants[job.variant]).strip()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "records.jsonl"
-        cmd = job.command(out, args.repeats, args.long_repeats, args.device, args.torch_compile_mode)
+        cmd = job.command(out, args.repeats, args.long_repeats, args.device, args.torch_compile_mode,
+                          args.decode_tokens)
         t = time.perf_counter()
         try:
             proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -256,6 +267,7 @@ def parse_args(argv):
     p.add_argument("--variants-only", action="store_true", help="run only the --lpjax-variant jobs")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per metric (median reported)")
     p.add_argument("--long-repeats", type=int, default=1, help="timed runs of the long metrics")
+    add_decode_tokens_arg(p)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: the harness's own test")
     p.add_argument("--machine", default=os.environ.get("LPJAX_MACHINE", "local"),
                    help="machine name: results go to bench/results/<machine>.json")
@@ -282,6 +294,7 @@ def harness(argv=None) -> int:
     models = parse_names(args.models)
     if args.group_size < 1:
         raise LPJaxError(f"--group-size {args.group_size}: must be positive")
+    check_counts(args)
     deltas = model_deltas(models, parse_deltas(args.delta), args.delta_for)
     jobs = plan_jobs(models, parse_ints(args.devices, "--devices", 1), deltas, parse_ints(args.batch, "--batch", 1),
                      impls, metrics, long_metrics, parse_names(args.long_impls), parse_names(args.long_models),

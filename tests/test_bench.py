@@ -14,6 +14,7 @@ from lpjax.errors import LPJaxError
 pytest.importorskip("torch")
 
 METRICS = "decode,single_token"
+DECODE_TOKENS = 8  # each decode figure's steps: 128 is the GPU figures' definition, 8 times the same loop
 
 
 def _records(path):
@@ -23,13 +24,16 @@ def _records(path):
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory):
     """One `bench.run` of every runner, each configuration timed once (a record of one sample is a valid record; a
-    second sample would time each decode loop again for nothing these tests check). torch-compile's programs go
-    through Dynamo and AOT's whole-graph capture to aot_eager instead of inductor: these tests check the records, and
-    inductor's own programs (minutes of C++ compiling on a fresh machine) are checked in test_torch_baselines."""
+    second sample would time each decode loop again for nothing these tests check) over DECODE_TOKENS steps (each
+    of the two PyTorch runners' four gloo processes took 5-6 s of collectives for 2 x 128 steps; the loops are the
+    same for 8). torch-compile's programs go through Dynamo and AOT's whole-graph capture to aot_eager instead of
+    inductor: these tests check the records, and inductor's own programs (minutes of C++ compiling on a fresh
+    machine) are checked in test_torch_baselines."""
     out = tmp_path_factory.mktemp("bench") / "cpu.json"
     cmd = [sys.executable, "-m", "bench.run", "--models", "tiny", "--devices", "2", "--delta", "0,4", "--batch", "1",
            "--impls", "lpjax,torch-tp,torch-compile,hf-eager", "--torch-compile-mode", "default", "--metrics", METRICS,
-           "--long-metrics", "", "--repeats", "1", "--device", "cpu", "--machine", "cpu-test", "--out", str(out)]
+           "--long-metrics", "", "--repeats", "1", "--decode-tokens", str(DECODE_TOKENS), "--device", "cpu",
+           "--machine", "cpu-test", "--out", str(out)]
     from bench.torch_tp.decoder import BACKEND_VARIABLE
 
     env = subprocess_env(**{BACKEND_VARIABLE: "aot_eager"})
@@ -39,7 +43,8 @@ def harness(tmp_path_factory):
 
 
 def test_every_configuration_has_its_records(harness):
-    """Every implementation, Δ and metric is there, and every figure is a positive duration."""
+    """Every implementation, Δ and metric is there, every figure is a positive duration, and every runner timed the
+    decode steps it was asked for."""
     out, _ = harness
     got = _records(out)
     keys = {(r["impl"], r["gpus"], r["lp_delta"], r["metric"]) for r in got}
@@ -53,6 +58,7 @@ def test_every_configuration_has_its_records(harness):
         assert r["value"] > 0 and len(r["samples"]) >= 1 and all(s > 0 for s in r["samples"])  # no metric is a
         # difference of two timings, so none can go negative on a loaded machine
         assert r["lp"] == ("" if r["lp_delta"] == 0 else "2:6")  # Δ=4 of 8 layers ends two before the last
+        assert r.get("decode_tokens") == (DECODE_TOKENS if r["metric"] == "decode" else None)
 
 
 def test_tables_and_plot(harness, tmp_path):

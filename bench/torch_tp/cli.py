@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     name, config, directory = common.resolve_model(args.model)
     check_device(args.device, args.devices)
     common.check_json_out(args.json_out)
-    common.check_repeats(args)
+    common.check_counts(args)
     plans = common.runner_plans(args, config)
     group = common.quantize_group(args)
     quantization = Quantization(args.quantize, group) if args.quantize else None
@@ -59,6 +59,6 @@ def main(argv: list[str] | None = None) -> int:
               default_dtype(args.device, args.dtype), tuple(plans), args.seed,
               tuple(common.parse_ints(args.batch, "--batch", 1)), tuple(common.parse_metrics(args.metrics)),
               args.repeats, args.long_repeats, args.json_out, not args.no_cuda_graph, args.impl_name, args.compile,
-              quantization)
+              quantization, decode_tokens=args.decode_tokens)
     launch(job, bench_rank)
     return 0

@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bench.common import DEFAULT_METRICS
+from bench.records import DECODE_TOKENS
 from bench.torch_tp.context import sync, torch_dtype
 from bench.torch_tp.model import HFState, RankModel, build_rank_model
 from bench.torch_tp.quantize import Quantization
@@ -47,6 +48,7 @@ class Job:
     impl: str = IMPL
     compile_mode: str | None = None  # torch.compile mode of prefill and the decode step (None: eager)
     quantization: Quantization | None = None  # None: weights in the compute dtype
+    decode_tokens: int = DECODE_TOKENS  # decode steps each decode figure times
     tokens: tuple[tuple[int, ...], ...] = ()  # check: the prompt rows
     new_tokens: int = 0  # check: greedy tokens to generate through the cached path
     result_path: str | None = None  # check: where rank 0 saves its result

@@ -3,7 +3,8 @@
 
     prefill_1024, prefill_4096  ms        one prefill of a prompt of that length (cache write + first token), host
                                           clock from a cross-rank sync to the device sync
-    decode                      ms/token  128 graph replays after a 128-token prompt's prefill, CUDA events
+    decode                      ms/token  128 graph replays (--decode-tokens) after a 128-token prompt's prefill,
+                                          CUDA events
     generate_4096               s         wall time: prefill of 128 tokens, 4095 replays, tokens copied to the host
                                           (only when asked; --long-repeats runs, default 1)
     single_token                ms        the token ids [B] copied from the host to the device, one graph replay (the
@@ -25,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from bench.common import emit, host_peak_gib, log
-from bench.records import DECODE_TOKENS, GENERATE_TOKENS, PROMPT_LEN, SINGLE_TOKEN_AT
+from bench.records import GENERATE_TOKENS, PROMPT_LEN, SINGLE_TOKEN_AT
 from bench.torch_tp.context import free, make_record, prompt_tokens, sync
 from bench.torch_tp.decoder import Decoder, alloc_cache, coordinate_descent, generate, run_prefill
 from bench.torch_tp.launch import Job, build
@@ -69,14 +70,14 @@ class _Clock:
         return start.elapsed_time(end)
 
 
-def _decode_samples(m: RankModel, dec: Decoder, clock: _Clock, batch: int, repeats: int) -> list[float]:
+def _decode_samples(m: RankModel, dec: Decoder, clock: _Clock, batch: int, repeats: int, steps: int) -> list[float]:
     prompt = prompt_tokens(PROMPT_LEN, batch, m.config, m.device)
     samples = []
     for i in range(repeats + 1):  # the first run is the warm-up
         dec.start(run_prefill(m, prompt, dec.cache).argmax(dim=-1), PROMPT_LEN)
-        ms = clock.device_ms(lambda: dec.run(DECODE_TOKENS))
+        ms = clock.device_ms(lambda: dec.run(steps))
         if i:
-            samples.append(ms / DECODE_TOKENS)
+            samples.append(ms / steps)
     return samples
 
 
@@ -137,20 +138,22 @@ def _bench_config(rank: int, job: Job, m: RankModel, clock: _Clock, batch: int) 
              **(job.quantization.record() if job.quantization else {"quantize": None, "group_size": None})}
 
     def emit_metric(metric: str, samples: list[float]) -> None:
-        rec = make_record(job.impl, job.model, job.world, m.plan, batch, metric, samples, job.device, **extra)
+        counted = {"decode_tokens": job.decode_tokens} if metric == "decode" else {}
+        rec = make_record(job.impl, job.model, job.world, m.plan, batch, metric, samples, job.device, **extra,
+                          **counted)
         say(f"[torch-tp] batch {batch} {metric}: {rec['value']} {rec['unit']}")
         if rank == 0:
             emit(rec, job.json_out)
 
     only_peak = metrics == {"peak_memory"}  # then the decode workload runs once, untimed, for a meaningful peak
     if metrics & {"decode", "single_token"} or only_peak:
-        longest = max(PROMPT_LEN + DECODE_TOKENS + 1, SINGLE_TOKEN_AT + 3 + job.repeats)
+        longest = max(PROMPT_LEN + job.decode_tokens + 1, SINGLE_TOKEN_AT + 3 + job.repeats)
         t0 = time.perf_counter()
         dec = Decoder(m, batch, round_up(longest, CACHE_MULTIPLE), job.cuda_graph)
         say(f"[torch-tp] batch {batch}: decode step {'captured in a CUDA graph' if dec.graph else 'ready'} "
             f"({time.perf_counter() - t0:.1f} s, cache of {dec.length})")
         if "decode" in metrics or only_peak:
-            samples = _decode_samples(m, dec, clock, batch, 1 if only_peak else job.repeats)
+            samples = _decode_samples(m, dec, clock, batch, 1 if only_peak else job.repeats, job.decode_tokens)
             if not only_peak:
                 emit_metric("decode", samples)
         if "single_token" in metrics:
