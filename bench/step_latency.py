@@ -1,6 +1,7 @@
 """Why a host-called decode step runs as a chain of programs: the same step three ways, host to host.
 
-    python -m bench.step_latency [--model llama2-7b] [--devices 1] [--lp ''] [--repeats 20] [--trace DIR]
+    python -m bench.step_latency [--model llama2-7b] [--devices 1] [--lp ''] [--repeats 20] [--decode-tokens 128] \
+        [--trace DIR]
 
 Each call sends the token ids up, runs one decode step with the greedy choice on the device and brings the next ids
 back (records.SINGLE_TOKEN's definition). Prints one JSON record of medians in ms:
@@ -8,8 +9,8 @@ back (records.SINGLE_TOKEN's definition). Prints one JSON record of medians in m
 - `one_program_pinned_out`: the same program writing its result to pinned host memory (GPUs only);
 - `engine`: `Engine.next_token`, a chain of programs of the host-called step the engine runs (`host_step.default_span`);
 - `chain_4`: the step as a chain of programs of `STEP_SPAN` stages, where the engine runs another span;
-- `loop_per_token`: the on-device decode loop's time per token on the same engine, the floor a host-called step
-  can approach.
+- `loop_per_token`: the on-device decode loop's time per token on the same engine (over --decode-tokens steps), the
+  floor a host-called step can approach.
 `--trace DIR` also records a JAX profiler trace (host and device timelines) of 5 engine calls, for
 `python -m bench.profile`-style reading in TensorBoard or Perfetto. On one H200 (Llama-2-7B, bench/NOTES.md,
 2026-11-30) the one program's CUDA graph was re-recorded on every call (its output buffer moved) and the call
@@ -26,7 +27,7 @@ import time
 import jax
 import numpy as np
 
-from bench.common import prompt_ids
+from bench.common import add_decode_tokens_arg, prompt_ids
 from bench.records import DECODE_TOKENS, PROMPT_LEN, SINGLE_TOKEN_AT
 from lpjax.engine import Engine
 from lpjax.runtime.host_step import STEP_SPAN, HostStep
@@ -44,7 +45,7 @@ def timed(calls: int, call) -> list[float]:
     return total
 
 
-def measure(engine: Engine, calls: int, trace: str | None = None) -> dict:
+def measure(engine: Engine, calls: int, trace: str | None = None, decode_tokens: int = DECODE_TOKENS) -> dict:
     cache = engine.init_cache(1, 2 * SINGLE_TOKEN_AT)
     _, cache, n, pad = engine.prefill(cache, [prompt_ids(SINGLE_TOKEN_AT, engine.config.vocab_size)])
     state = {"cache": cache}
@@ -68,9 +69,9 @@ def measure(engine: Engine, calls: int, trace: str | None = None) -> dict:
                 with jax.profiler.TraceAnnotation("next_token"):
                     tokens, state["cache"] = engine.next_token(state["cache"], tokens, n, pad)
     prompt = [prompt_ids(PROMPT_LEN, engine.config.vocab_size)]
-    engine.generate(prompt, DECODE_TOKENS + 1, eos=())  # compile and warm
+    engine.generate(prompt, decode_tokens + 1, eos=())  # compile and warm
     report["loop_per_token"] = statistics.median(
-        engine.generate(prompt, DECODE_TOKENS + 1, eos=()).decode_ms_per_step for _ in range(3))
+        engine.generate(prompt, decode_tokens + 1, eos=()).decode_ms_per_step for _ in range(3))
     return {k: round(v, 4) for k, v in report.items()}
 
 
@@ -80,12 +81,13 @@ def main() -> None:
     p.add_argument("--devices", type=int, default=1)
     p.add_argument("--lp", default="")
     p.add_argument("--repeats", type=int, default=20, help="timed calls of each variant (median reported)")
+    add_decode_tokens_arg(p)
     p.add_argument("--trace", default=None, help="directory for a JAX profiler trace of 5 engine calls")
     args = p.parse_args()
     engine = Engine.load(f"random:{args.model}", args.lp, args.devices, None)
     print(json.dumps(dict(model=args.model, devices=args.devices, lp=args.lp, jax=jax.__version__,
                           device=engine.mesh.devices.flat[0].device_kind,
-                          **measure(engine, args.repeats, args.trace))), flush=True)
+                          **measure(engine, args.repeats, args.trace, args.decode_tokens))), flush=True)
 
 
 if __name__ == "__main__":
