@@ -233,11 +233,22 @@ def test_smollm2_greedy_chat_tokens_equal_transformers_generate(smollm2, smollm2
         "What is the capital of France?")}])], 24, eos=tok.end_of_turn_ids, pad_id=tok.pad_id, chunk=16).tokens[0])
 
 
-def test_smollm2_chat_on_stdin_keeps_the_history(smollm2, run_main):
+def test_smollm2_chat_on_stdin_keeps_the_history(smollm2, smollm2_engine, run_main, monkeypatch):
+    """The command line's conversation on the real model. Its load of the file (the arguments the session's engine was
+    loaded with) gets that engine, whose programs the tests above compiled: 15 s of CPU less than a second load and
+    trace of 30 layers. The server of tests/test_serve.py loads the file through its own command line."""
     from test_cli import last_json
 
-    rc, out, err = run_main("lpjax.generate", "--model", smollm2, "--chat", "--max-new-tokens", 24, "--json",
-                            stdin="What is the capital of France?\nAnd of Germany?\n")
+    load = Engine.load
+
+    def session_engine(model, lp=None, devices=None, dtype=None, **kwargs):
+        if (model, lp or "", devices, dtype, kwargs.get("quantize")) == (str(smollm2), "", 1, "float32", None):
+            return smollm2_engine  # lp None: the plan the file records, none
+        return load(model, lp, devices, dtype, **kwargs)
+
+    monkeypatch.setattr(Engine, "load", session_engine)
+    rc, out, err = run_main("lpjax.generate", "--model", smollm2, "--dtype", "float32", "--chat", "--max-new-tokens",
+                            24, "--json", stdin="What is the capital of France?\nAnd of Germany?\n")
     assert rc == 0, err
     turns = last_json(out)["turns"]
     assert len(turns) == 2 and "Paris" in turns[0]["text"] and "Berlin" in turns[1]["text"]
