@@ -48,14 +48,16 @@ enable_compile_cache()  # before the first compile: JAX decides once per process
 
 
 # The costliest files first: pytest-xdist (pyproject's addopts) hands each worker whole files in this order, so the
-# last ones to start are quick and no worker runs alone for long at the end. The figures are CPU seconds of each file
-# run alone on a 2-core CPU (2026-11-30); a file not listed counts as COST_UNLISTED, so a new file runs before the
-# quick ones even before it is measured.
-COST_S = {"test_bench.py": 140, "test_gguf.py": 90, "test_torch_baselines.py": 85, "test_serve.py": 80,
-          "test_sharding.py": 60, "test_cli.py": 55, "test_launch.py": 50, "test_engine.py": 45, "test_train.py": 35,
-          "test_multihost.py": 35, "test_quality.py": 35, "test_export.py": 30, "test_distill.py": 25,
-          "test_model.py": 20, "test_weights.py": 15, "test_tokenizer.py": 6, "test_layers.py": 2,
-          "test_plan_config.py": 1, "test_no_torch.py": 1}
+# last ones to start are quick and no worker runs alone for long at the end. The figures are each file's CPU seconds
+# (its processes and theirs) in a whole run of the suite on a 2-core CPU (2026-12-01); a file not listed counts as
+# COST_UNLISTED, so a new file runs before the quick ones even before it is measured.
+COST_S = {"test_bench.py": 130, "test_serve.py": 85, "test_torch_baselines.py": 80, "test_gguf.py": 65,
+          "test_cli.py": 55, "test_launch.py": 53, "test_sharding.py": 46, "test_engine.py": 36,
+          "test_multihost.py": 33, "test_train.py": 21, "test_quant_gemv.py": 20, "test_quantize.py": 18,
+          "test_quality.py": 18, "test_export.py": 18, "test_distill.py": 18, "test_decode_kernel.py": 16,
+          "test_plan_data.py": 15, "test_model.py": 11, "test_slots.py": 10, "test_weights.py": 4,
+          "test_torch_quantize.py": 3, "test_tokenizer.py": 2, "test_plan_config.py": 1, "test_no_torch.py": 1,
+          "test_layers.py": 1}
 COST_UNLISTED = 40
 
 
