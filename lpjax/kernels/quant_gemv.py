@@ -16,8 +16,9 @@ writes a float32 partial and one small sum finishes (splits fill the GPU's SMs w
 Measured on an H200 (bench/quant_gemv.py, 8 rows), every form of these products is bound by work per weight, not by
 bytes: int8 per channel takes about a bf16 GEMM's time for half the bytes (wqkv: 30.5 us against 32.7), int4 in
 groups of 128 twice that, whether XLA's or this kernel's; building the bf16 values from their bits instead of
-converting them did not help, and neither did elementwise FMAs without the tensor cores (3x slower) or weights
-held [N, K] (int8 at most ~2 TB/s at 1 row; bench/NOTES.md, 2026-12-01).
+converting them did not help, and neither did elementwise FMAs without the tensor cores (3x slower), weights held
+[N, K] (int8 at most ~2 TB/s at 1 row), a 2-D accumulator over [K, N], or the weight as the dot's first operand
+(bench/NOTES.md, 2026-12-01).
 
 Targets the Triton backend (`jax.experimental.pallas.triton`); off GPUs it runs in interpret mode.
 """
