@@ -2,6 +2,7 @@
 
     python -m bench.quality_report RUN_DIR --out bench/results/quality
     python -m bench.quality_report RUN_DIR --out bench/results/quality-smollm2 --pretrained [--timings DIR]
+    python -m bench.quality_report RUN_DIR --out bench/results/quality-smollm2 --pretrained --quantize-only
 
 Copies the JSON results and the sweep plots into OUT, draws OUT/finetune.png (held-out perplexity against
 fine-tuning steps: LP on the default range, LP on the searched plan, and the control that trains the same layers
@@ -11,7 +12,9 @@ without LP) and writes OUT/quality.md with the tables the README shows.
 scored on val by `lpjax.eval`). `--timings DIR` takes decode ms/token from DIR/sweep/sweep.json and
 DIR/positions/sweep.json, sweeps of the same plans run elsewhere (for instance on an H200 with random weights of the
 model's shape: speed does not depend on the values), in place of the run's own timings; the plots and the Pareto
-front are then drawn from those, and say where they come from.
+front are then drawn from those, and say where they come from. The quantize stage's evaluations (RUN/quantize: each
+plan and dtype with its weights dequantised, as int8, as int4 in groups, as the file's own blocks) become one more
+table; `--quantize-only` writes just that one, to OUT/quantize.md, with its JSON files in OUT/quantize/.
 """
 
 from __future__ import annotations
@@ -106,6 +109,33 @@ def plot_finetune(ft: dict, path: Path, title: str = "Fine-tuning only the paire
 PRETRAINED_FINETUNES = ("default", "control")
 
 
+def load_quantize(run: Path) -> list[dict]:
+    """The quantize stage's `lpjax.eval` records (RUN/quantize/*.json), in file-name order; an empty file (an
+    evaluation still running) is left out."""
+    records = [tool_json(f) for f in sorted((run / "quantize").glob("*.json"))]
+    return [r for r in records if r is not None]
+
+
+def quantize_table(records: list[dict]) -> str:
+    """One row per evaluation: each plan's rows after its float32 dequantised reference, whose perplexity the
+    others are compared with."""
+    def order(r):
+        return (r["lp"], r["dtype"] != "float32", r["quantize"] is not None, str(r["quantize"]))
+
+    records = sorted(records, key=order)
+    reference = {r["lp"]: r["ppl"] for r in records if r["quantize"] is None and r["dtype"] == "float32"}
+    lines = ["| plan (`--lp`) | `--dtype` | matrices | weights (MB) | val perplexity | against float32 | "
+             "next-token accuracy |", "|---|---|---|---|---|---|---|"]
+    for r in records:
+        q = r["quantize"]
+        held = ("dequantised" if q is None else "the file's own blocks (`--quantize gguf`)" if q == "gguf"
+                else f"`--quantize {q.replace(':', ' --group-size ')}`")
+        cost = 100 * (r["ppl"] / reference[r["lp"]] - 1) if r["lp"] in reference else math.nan
+        lines.append(f"| {r['lp'] or 'sequential'} | {r['dtype']} | {held} | {r['weight_bytes'] / 1e6:.0f} | "
+                     f"{r['ppl']:.4f} | {round(cost, 2) + 0.0:+.2f}% | {r['accuracy']:.4f} |")
+    return "\n".join(lines)
+
+
 def load_pretrained(run: Path, timings: Path | None) -> dict:
     """`bench/quality_smollm2.sh`'s results; with `timings`, the sweeps' decode times replaced by those."""
     out = {"search": tool_json(run / "search.json"), "finetune": {},
@@ -120,6 +150,7 @@ def load_pretrained(run: Path, timings: Path | None) -> dict:
     for name in PRETRAINED_FINETUNES:
         if (run / f"finetune-{name}.json").is_file():
             out["finetune"][name] = tool_json(run / f"finetune-{name}.json")
+    out["quantize"] = load_quantize(run)
     return out
 
 
@@ -152,7 +183,21 @@ def pretrained_report(run: Path, out: Path, timings: Path | None) -> str:
         f"(dev ppl {s['default']['ppl']:.3f}); sequential {s['sequential_ppl']:.3f}. On val: searched "
         f"{ev['searched']['ppl']:.3f} (accuracy {ev['searched']['accuracy']:.4f}), default "
         f"{ev['default']['ppl']:.3f} (accuracy {ev['default']['accuracy']:.4f}).", "",
-        "Fine-tuning:", "", finetune_table(ft), ""])
+        "Fine-tuning:", "", finetune_table(ft), ""]
+        + ([f"Quantized matrices (val.txt's first {res['quantize'][0]['tokens'] + 1} tokens):", "",
+            quantize_table(res["quantize"]), ""] if res["quantize"] else []))
+
+
+def quantize_report(run: Path, out: Path) -> str:
+    """The quantize stage alone: its JSON files copied to OUT/quantize/, and its table."""
+    records = load_quantize(run)
+    if not records:
+        raise ValueError("no RUN/quantize/*.json")
+    (out / "quantize").mkdir(exist_ok=True)
+    for f in sorted((run / "quantize").glob("*.json")):
+        shutil.copy2(f, out / "quantize" / f.name)
+    return (f"Quantized matrices (val.txt's first {records[0]['tokens'] + 1} tokens):\n\n"
+            + quantize_table(records) + "\n")
 
 
 def main(argv=None) -> int:
@@ -162,15 +207,19 @@ def main(argv=None) -> int:
     p.add_argument("--pretrained", action="store_true", help="RUN is bench/quality_smollm2.sh's")
     p.add_argument("--timings", type=Path, default=None,
                    help="with --pretrained: a directory with sweep/ and positions/ sweeps whose decode ms/token to use")
+    p.add_argument("--quantize-only", action="store_true",
+                   help="with --pretrained: only the quantize stage's table, to OUT/quantize.md")
     args = p.parse_args(argv)
     if args.pretrained:
+        name = "quantize.md" if args.quantize_only else "quality.md"
         try:
             args.out.mkdir(parents=True, exist_ok=True)
-            text = pretrained_report(args.run, args.out, args.timings)
+            text = (quantize_report(args.run, args.out) if args.quantize_only
+                    else pretrained_report(args.run, args.out, args.timings))
         except (OSError, ValueError, KeyError) as e:
             print(f"error: {args.run}: incomplete quality run or timings ({e})", file=sys.stderr)
             return 2
-        (args.out / "quality.md").write_text(text)
+        (args.out / name).write_text(text)
         print(text)
         return 0
     try:

@@ -7,14 +7,15 @@
 #   bench/quality_smollm2.sh positions RUN # RUN/positions: where a Δ=8 range sits
 #   bench/quality_smollm2.sh search RUN    # RUN/search.json (dev), RUN/eval_searched.json, RUN/eval_default.json (val)
 #   bench/quality_smollm2.sh finetune RUN  # RUN/finetune-default.json, RUN/finetune-control.json
+#   bench/quality_smollm2.sh quantize RUN  # RUN/quantize/*.json: --quantize's cost on val, sequential and at Δ
 #   bench/quality_smollm2.sh all RUN
 #   python -m bench.quality_report RUN --out bench/results/quality-smollm2 --pretrained
 #
 # The stages only share RUN/corpus, so on a machine with cores to spare they can run side by side.
 # Sizes come from the environment (defaults in brackets below).
 set -euo pipefail
-stage=${1:?usage: bench/quality_smollm2.sh sweep|positions|search|finetune|all RUN_DIR}
-run=${2:?usage: bench/quality_smollm2.sh sweep|positions|search|finetune|all RUN_DIR}
+stage=${1:?usage: bench/quality_smollm2.sh sweep|positions|search|finetune|quantize|all RUN_DIR}
+run=${2:?usage: bench/quality_smollm2.sh sweep|positions|search|finetune|quantize|all RUN_DIR}
 MODEL=${MODEL:-smollm2}
 DELTA=${DELTA:-8}                      # Δ of the position sweep, the plan search and fine-tuning
 WINDOW=${WINDOW:-512}                  # scoring windows (stride: half of it)
@@ -30,6 +31,7 @@ FT_BATCH=${FT_BATCH:-4}
 FT_SEQ=${FT_SEQ:-128}
 FT_EVAL_EVERY=${FT_EVAL_EVERY:-8}
 FT_VAL_WINDOWS=${FT_VAL_WINDOWS:-16}
+QUANT_GROUPS=${QUANT_GROUPS:-64 32}    # int4 group sizes (they must divide SmolLM2's widths, 576 and 1536)
 mkdir -p "$run"
 if [[ ! -f $run/corpus/corpus.json ]]; then
   python -m bench.stdlib_corpus --source pydoc-topics --val-every 4 --out "$run/corpus" > /dev/null
@@ -69,5 +71,24 @@ if [[ $stage == finetune || $stage == all ]]; then
         --val "$run/corpus/val.txt" --steps "$FT_STEPS" --batch-size "$FT_BATCH" --seq-len "$FT_SEQ" --lr 1e-4 \
         --warmup 4 --compute-dtype float32 --eval-every "$FT_EVAL_EVERY" --val-windows "$FT_VAL_WINDOWS" \
         --save-every 0 --out "$run/finetune-$name" --overwrite --json > "$run/finetune-$name.json"
+  done
+fi
+
+if [[ $stage == quantize || $stage == all ]]; then
+  # every quantization on val, scored as the Δ sweep scores, sequential and at the default Δ range: the file's
+  # weights dequantised (float32 and bfloat16), int8 per channel, int4 in groups, and the file's own Q4_1/Q8_0 blocks
+  mkdir -p "$run/quantize"
+  for lp in "" "$default"; do
+    tag=${lp:-sequential}; tag=${tag/:/-}
+    for dtype in float32 bfloat16; do
+      variants=("none" "int8")
+      [[ $dtype == float32 ]] && variants+=("gguf" $(for g in $QUANT_GROUPS; do echo "int4:$g"; done))
+      for v in "${variants[@]}"; do
+        flags=()
+        case $v in none) ;; int4:*) flags=(--quantize int4 --group-size "${v#int4:}") ;; *) flags=(--quantize "$v") ;; esac
+        python -m lpjax.eval --model "$MODEL" --lp "$lp" --dtype "$dtype" "${flags[@]}" --text "$run/corpus/val.txt" \
+            --max-tokens "$SWEEP_TOKENS" "${scoring[@]}" --json > "$run/quantize/${tag}_${dtype}_${v/:/-g}.json"
+      done
+    done
   done
 fi

@@ -191,6 +191,24 @@ def test_timings_measured_elsewhere_replace_the_decode_times_and_redraw_the_fron
         merge_timings(cpu, gpu[:1])
 
 
+def test_the_quantize_table_compares_each_plan_with_its_float32_dequantised_reference():
+    from bench.quality_report import quantize_table
+
+    def record(lp, dtype, quantize, ppl):
+        return {"lp": lp, "dtype": dtype, "quantize": quantize, "ppl": ppl, "accuracy": 0.5, "weight_bytes": 2e6,
+                "tokens": 127}
+
+    rows = quantize_table([record("", "float32", "int8", 10.1), record("2:4", "bfloat16", "int4:64", 12.1),
+                           record("2:4", "float32", None, 11.0), record("", "float32", None, 10.0),
+                           record("", "float32", "gguf", 10.0)]).splitlines()[2:]
+    assert [row.split(" | ")[:3] for row in rows] == [
+        ["| sequential", "float32", "dequantised"],
+        ["| sequential", "float32", "the file's own blocks (`--quantize gguf`)"],
+        ["| sequential", "float32", "`--quantize int8`"], ["| 2:4", "float32", "dequantised"],
+        ["| 2:4", "bfloat16", "`--quantize int4 --group-size 64`"]]
+    assert [row.split(" | ")[5] for row in rows] == ["+0.00%", "+0.00%", "+1.00%", "+0.00%", "+10.00%"]
+
+
 def test_next_token_accuracy_is_the_share_of_scored_tokens_the_argmax_predicts():
     import numpy as np
 

@@ -2,6 +2,7 @@
 [block_k, block_n] (each weight dequantized with its group's scale row and offset, times x[k] as a column), summed
 over k once at the end. The [N, K] probe of 2026-12-01 reached int8 24.8 us / int4 29.8 us on wqkv this way; the
 FMA form that lost (79 us) used a 3-D accumulator [rows, block_k, block_n]."""
+
 import functools
 import json
 import sys
@@ -13,8 +14,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from bench.quant_gemv import timed
 from lpjax.kernels.quant_gemv import quant_gemv
-from lpjax.quantize import dequantize
-from lpjax.quantize import QuantSpec, product, quantize
+from lpjax.quantize import QuantSpec, dequantize, product, quantize
 
 f32 = jnp.float32
 SHAPES = {"wqkv": (4096, 12288), "down": (11008, 4096)}
@@ -57,20 +57,39 @@ def gemv(x, values, scale, offset=None, *, block_n=128, block_k=32, splits=1, wa
     specs = [pl.BlockSpec((1, K), lambda j, s: (0, 0)), cols(K), cols(G)] + ([] if offset is None else [cols(G)])
     finish = splits == 1
     out_shape = jax.ShapeDtypeStruct((1, N) if finish else (splits, 1, N), x.dtype if finish else f32)
-    out_spec = (pl.BlockSpec((1, block_n), lambda j, s: (0, j)) if finish
-                else pl.BlockSpec((None, 1, block_n), lambda j, s: (s, 0, j)))
+    out_spec = (
+        pl.BlockSpec((1, block_n), lambda j, s: (0, j))
+        if finish
+        else pl.BlockSpec((None, 1, block_n), lambda j, s: (s, 0, j))
+    )
     out = pl.pallas_call(
         functools.partial(kernel, K=K, block_k=block_k, group=group, per_split=per_split, affine=offset is not None),
-        grid=(N // block_n, splits), in_specs=specs, out_specs=out_spec, out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages))(*ins)
+        grid=(N // block_n, splits),
+        in_specs=specs,
+        out_specs=out_spec,
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages),
+    )(*ins)
     return out if finish else out.sum(0).astype(x.dtype)
 
 
 def main():
     only = sys.argv[1].split(",") if len(sys.argv) > 1 else None
-    cfgs = [dict(block_n=bn, block_k=bk, splits=sp, warps=w) for bn, bk, sp, w in
-            [(128, 32, 1, 4), (128, 32, 4, 4), (256, 32, 2, 4), (64, 64, 2, 4), (128, 64, 4, 8), (256, 16, 4, 4),
-             (128, 16, 8, 4), (64, 32, 8, 2), (512, 16, 2, 8), (128, 128, 4, 8)]]
+    cfgs = [
+        dict(block_n=bn, block_k=bk, splits=sp, warps=w)
+        for bn, bk, sp, w in [
+            (128, 32, 1, 4),
+            (128, 32, 4, 4),
+            (256, 32, 2, 4),
+            (64, 64, 2, 4),
+            (128, 64, 4, 8),
+            (256, 16, 4, 4),
+            (128, 16, 8, 4),
+            (64, 32, 8, 2),
+            (512, 16, 2, 8),
+            (128, 128, 4, 8),
+        ]
+    ]
     key = jax.random.PRNGKey(0)
     best = {}
     for shape, (K, N) in SHAPES.items():
@@ -78,8 +97,10 @@ def main():
         for name, spec in [("int8", QuantSpec.parse("int8")), ("int4 g128", QuantSpec.parse("int4"))]:
             if only and name not in only:
                 continue
-            ws = [quantize(jax.random.normal(jax.random.PRNGKey(i + 1), (K, N), f32) * 0.02, spec,
-                           jnp.bfloat16) for i in range(16)]
+            ws = [
+                quantize(jax.random.normal(jax.random.PRNGKey(i + 1), (K, N), f32) * 0.02, spec, jnp.bfloat16)
+                for i in range(16)
+            ]
             variants = [("bf16 xla", None), (f"{name} xla (8 padded rows)", None), (f"{name} pallas dot", None)]
             variants += [(f"{name} kn-acc2d", c) for c in cfgs]
             for label, cfg in variants:
@@ -105,8 +126,14 @@ def main():
                     nbytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(weights[0]))
                     if "int4" in label:
                         nbytes -= weights[0].values.size // 2  # packed on GPUs: itemsize reads 1
-                    rec = dict(shape=shape, label=label, cfg=cfg, us=round(t * 1e6, 2),
-                               tbs=round(nbytes / t / 1e12, 2), err=err)
+                    rec = dict(
+                        shape=shape,
+                        label=label,
+                        cfg=cfg,
+                        us=round(t * 1e6, 2),
+                        tbs=round(nbytes / t / 1e12, 2),
+                        err=err,
+                    )
                     k = (shape, label.split(" kn")[0] + (" kn" if cfg else ""))
                     if err < 2e-2 and (k not in best or rec["us"] < best[k]["us"]):
                         best[k] = rec

@@ -1,6 +1,7 @@
 """Probe: the quantized GEMV with the weight as the dot's FIRST operand (y^T = W^T x^T), so the converted tile can
 stay in registers (Hopper's wgmma takes A from registers, B only from shared memory). Weights held [N, K] (K
 contiguous, as GGUF holds them) or lpjax's [K, N] transposed in registers. x^T padded to 16 columns."""
+
 import functools
 import json
 import os
@@ -78,14 +79,22 @@ def gemv(x, values, scale, offset=None, *, nk, block_n=128, block_k=128, splits=
     specs = [pl.BlockSpec((K, 16), lambda j, s: (0, 0)), wspec, pspec] + ([] if offset is None else [pspec])
     finish = splits == 1
     out_shape = jax.ShapeDtypeStruct((N, 16) if finish else (splits, N, 16), x.dtype if finish else f32)
-    out_spec = (pl.BlockSpec((block_n, 16), lambda j, s: (j, 0)) if finish
-                else pl.BlockSpec((None, block_n, 16), lambda j, s: (s, j, 0)))
+    out_spec = (
+        pl.BlockSpec((block_n, 16), lambda j, s: (j, 0))
+        if finish
+        else pl.BlockSpec((None, block_n, 16), lambda j, s: (s, j, 0))
+    )
     out = pl.pallas_call(
-        functools.partial(kernel, K=K, block_k=block_k, group=group, per_split=per_split,
-                          affine=offset is not None, nk=nk),
-        grid=(N // block_n, splits), in_specs=specs, out_specs=out_spec, out_shape=out_shape,
+        functools.partial(
+            kernel, K=K, block_k=block_k, group=group, per_split=per_split, affine=offset is not None, nk=nk
+        ),
+        grid=(N // block_n, splits),
+        in_specs=specs,
+        out_specs=out_spec,
+        out_shape=out_shape,
         interpret=INTERPRET,
-        compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages))(*ins)
+        compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages),
+    )(*ins)
     if not finish:
         out = out.sum(0)
     return out[:, :M].T.astype(x.dtype)
@@ -119,10 +128,23 @@ def to_nk(q):
     return tuple(None if a is None else a.T for a in q.parts)
 
 
-CFGS = [dict(block_n=bn, block_k=bk, splits=sp, warps=w, stages=st) for bn, bk, sp, w, st in
-        [(64, 128, 1, 4, 3), (128, 128, 1, 4, 3), (128, 128, 2, 4, 3), (128, 256, 2, 4, 3), (128, 256, 4, 8, 3),
-         (64, 256, 2, 4, 4), (64, 128, 4, 4, 4), (256, 128, 2, 8, 3), (128, 512, 4, 8, 2), (64, 512, 2, 4, 3),
-         (128, 64, 4, 4, 5), (256, 256, 4, 8, 3)]]
+CFGS = [
+    dict(block_n=bn, block_k=bk, splits=sp, warps=w, stages=st)
+    for bn, bk, sp, w, st in [
+        (64, 128, 1, 4, 3),
+        (128, 128, 1, 4, 3),
+        (128, 128, 2, 4, 3),
+        (128, 256, 2, 4, 3),
+        (128, 256, 4, 8, 3),
+        (64, 256, 2, 4, 4),
+        (64, 128, 4, 4, 4),
+        (256, 128, 2, 8, 3),
+        (128, 512, 4, 8, 2),
+        (64, 512, 2, 4, 3),
+        (128, 64, 4, 4, 5),
+        (256, 256, 4, 8, 3),
+    ]
+]
 
 
 def main():
@@ -133,8 +155,10 @@ def main():
     best = {}
     for shape, (K, N) in shapes.items():
         for name, spec in [("int8", QuantSpec.parse("int8")), ("int4 g128", QuantSpec.parse("int4"))]:
-            ws = [quantize(jax.random.normal(jax.random.PRNGKey(i + 1), (K, N), f32) * 0.02, spec, jnp.bfloat16)
-                  for i in range(n_w)]
+            ws = [
+                quantize(jax.random.normal(jax.random.PRNGKey(i + 1), (K, N), f32) * 0.02, spec, jnp.bfloat16)
+                for i in range(n_w)
+            ]
             ws_nk = [to_nk(q) for q in ws]
             for rows in rows_list:
                 x = jax.random.normal(jax.random.PRNGKey(0), (rows, K), f32).astype(jnp.bfloat16)
@@ -147,13 +171,25 @@ def main():
                     variants += [(f"{name} swap {lay}", c, lay) for lay in ("nk", "kn") for c in cfgs]
                 for label, cfg, lay in variants:
                     if "xla nk" in label and name == "int8":
-                        f, weights = (lambda x, p: (jnp.pad(x, ((0, 8 - x.shape[0]), (0, 0))) @ p[0].astype(x.dtype).T * p[1].T.astype(x.dtype))[:x.shape[0]]), ws_nk
+                        f, weights = (
+                            (
+                                lambda x, p: (
+                                    jnp.pad(x, ((0, 8 - x.shape[0]), (0, 0)))
+                                    @ p[0].astype(x.dtype).T
+                                    * p[1].T.astype(x.dtype)
+                                )[: x.shape[0]]
+                            ),
+                            ws_nk,
+                        )
                     elif "xla nk" in label:
                         f, weights = functools.partial(nk_int4, out="offset-out" in label), ws_nk
                     elif "xla kn offset-out" in label:
                         f, weights = kn_int4_out, ws
                     elif "xla" in label:
-                        f, weights = (lambda x, q: product(jnp.pad(x, ((0, 8 - x.shape[0]), (0, 0))), q)[:x.shape[0]]), ws
+                        f, weights = (
+                            (lambda x, q: product(jnp.pad(x, ((0, 8 - x.shape[0]), (0, 0))), q)[: x.shape[0]]),
+                            ws,
+                        )
                     else:
                         if K % cfg["block_k"] or N % cfg["block_n"]:
                             continue
@@ -171,8 +207,15 @@ def main():
                         nbytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(ws[0]))
                         if "int4" in label:
                             nbytes -= ws[0].values.size // 2
-                        rec = dict(shape=shape, rows=rows, label=label, cfg=cfg, us=round(t * 1e6, 2),
-                                   tbs=round(nbytes / t / 1e12, 2), err=err)
+                        rec = dict(
+                            shape=shape,
+                            rows=rows,
+                            label=label,
+                            cfg=cfg,
+                            us=round(t * 1e6, 2),
+                            tbs=round(nbytes / t / 1e12, 2),
+                            err=err,
+                        )
                         k = (shape, rows, label)
                         if err < 2e-2 and (k not in best or rec["us"] < best[k]["us"]):
                             best[k] = rec
@@ -181,7 +224,9 @@ def main():
                     print(json.dumps(rec), flush=True)
     print("BEST")
     for k, r in sorted(best.items()):
-        print(f"{k[0]:5} rows {k[1]} {r['label']:28} {r['us']:7.1f} us {r['tbs']:5.2f} TB/s err {r['err']:.1e} {r['cfg']}")
+        print(
+            f"{k[0]:5} rows {k[1]} {r['label']:28} {r['us']:7.1f} us {r['tbs']:5.2f} TB/s err {r['err']:.1e} {r['cfg']}"
+        )
 
 
 main()

@@ -1,8 +1,12 @@
+# ruff: noqa: B023, E402, E501, E741  (a lab probe kept as it ran: its closures run inside their loop)
 """Probe (compile only): which forms of the model's int4 product make XLA materialise the dequantized matrix?"""
+
 import re
+
 import jax
 import jax.numpy as jnp
-from lpjax.model import project, normed_project
+
+from lpjax.model import normed_project, project
 from lpjax.quantize import QuantSpec, quantize
 
 bf = jnp.bfloat16
@@ -11,7 +15,9 @@ K = 4096
 
 def big(text):
     out = []
-    for m in re.finditer(r"^\s*(\S+) = (\w+)\[([\d,]+)\]\{([^}]*)\} (fusion|transpose|copy)\(.*?(?:kind=(\w+))?", text, re.M):
+    for m in re.finditer(
+        r"^\s*(\S+) = (\w+)\[([\d,]+)\]\{([^}]*)\} (fusion|transpose|copy)\(.*?(?:kind=(\w+))?", text, re.M
+    ):
         n = 1
         for d in m.group(3).split(","):
             n *= int(d)
@@ -43,11 +49,17 @@ for qname in ("int4", "int8"):
                 def body(i, x):
                     y = f(x, qw)
                     return x + y.reshape(8, 1, -1)[..., :K].astype(x.dtype) * 1e-3
+
                 return jax.lax.fori_loop(0, 4, body, x)
+
             return run
 
-        for label, f in (("plain", plain), ("stage", stage), ("plain in loop", loop(plain)),
-                         ("stage in loop", loop(stage))):
+        for label, f in (
+            ("plain", plain),
+            ("stage", stage),
+            ("plain in loop", loop(plain)),
+            ("stage in loop", loop(stage)),
+        ):
             try:
                 text = jax.jit(f).lower(x, qw).compile().as_text()
                 print(f"{qname:5} {wname:7} {label:14} {big(text)}", flush=True)

@@ -1,7 +1,15 @@
+# ruff: noqa: B023, E402, E501, E741  (a lab probe kept as it ran: its closures run inside their loop)
 """Probe: does the model's int4 decode materialise dequantized matrices, and why? A 4-layer model at a preset's
 widths; per quantization: decode ms/step and the decode programs' fusions whose output has a weight's size."""
-import dataclasses, os, re, sys, json
+
+import dataclasses
+import json
+import os
+import re
+import sys
+
 import jax
+
 from lpjax.engine import Engine
 from lpjax.plan import LPPlan
 from lpjax.quantize import QuantSpec, int4_storage
@@ -15,8 +23,10 @@ platform = jax.devices()[0].platform
 print("int4_storage", platform, int4_storage(platform), flush=True)
 dtype = "bfloat16" if platform == "gpu" else "float32"
 import jax.numpy as jnp
+
 import lpjax.model as M
 from lpjax import quantize as Q
+
 _orig = Q.product
 PATCH = os.environ.get("PATCH", "")
 
@@ -41,8 +51,14 @@ def patched(x, w, kernel="xla"):
         if "offset_out" in PATCH:
             y = x2 @ operand + x2.reshape(-1, G, K // G).sum(-1) @ off
         else:
-            y = x2 @ (operand + (jnp.repeat(off, K // G, axis=0) if "repeat" in PATCH else
-                                 jnp.broadcast_to(off[:, None], (G, K // G, off.shape[-1])).reshape(K, -1)))
+            y = x2 @ (
+                operand
+                + (
+                    jnp.repeat(off, K // G, axis=0)
+                    if "repeat" in PATCH
+                    else jnp.broadcast_to(off[:, None], (G, K // G, off.shape[-1])).reshape(K, -1)
+                )
+            )
     else:
         y = x2 @ operand
     return y.reshape(*lead, *w.shape[1:])
@@ -53,8 +69,14 @@ VARIANTS = [v.split(":") for v in os.environ.get("VARIANTS", "none:xla,int8:xla,
 for q, kern in [(None if a == "none" else a, b) for a, b in VARIANTS]:
     src = RandomSource(name)
     src.config = dataclasses.replace(src.config, n_layers=layers)
-    eng = Engine(src, LPPlan.parse("", layers), make_mesh(1), dtype, quantize=QuantSpec.parse(q, group if q == "int4" else None) if q else None,
-                 quant_kernel=kern)
+    eng = Engine(
+        src,
+        LPPlan.parse("", layers),
+        make_mesh(1),
+        dtype,
+        quantize=QuantSpec.parse(q, group if q == "int4" else None) if q else None,
+        quant_kernel=kern,
+    )
     prompt = list(range(1, 33))
     eng.generate([prompt], 65, eos=())
     ms = sorted(eng.generate([prompt], 65, eos=()).decode_ms_per_step for _ in range(3))[1]
@@ -62,7 +84,7 @@ for q, kern in [(None if a == "none" else a, b) for a, b in VARIANTS]:
     for key, exe in eng.programs.compiled.programs.items():
         try:
             text = exe.as_text()
-        except Exception as e:  # noqa: BLE001
+        except Exception:  # noqa: BLE001
             text = ""
         tag = re.sub(r"\W+", "_", str(key))[:80]
         if "decode" in tag and os.environ.get("DUMP"):
@@ -74,5 +96,17 @@ for q, kern in [(None if a == "none" else a, b) for a, b in VARIANTS]:
                 n *= int(d)
             if n >= 1 << 20:
                 big.setdefault(tag, []).append(f"{m.group(1)} {m.group(2)}[{m.group(3)}] {m.group(4)}")
-    print(json.dumps(dict(quantize=q, kernel=kern, patch=PATCH, xla_flags=os.environ.get("XLA_FLAGS", ""), layers=layers, decode_ms=round(ms, 4),
-                          big_fusions={k: v[:12] for k, v in big.items()})), flush=True)
+    print(
+        json.dumps(
+            dict(
+                quantize=q,
+                kernel=kern,
+                patch=PATCH,
+                xla_flags=os.environ.get("XLA_FLAGS", ""),
+                layers=layers,
+                decode_ms=round(ms, 4),
+                big_fusions={k: v[:12] for k, v in big.items()},
+            )
+        ),
+        flush=True,
+    )

@@ -1,5 +1,6 @@
 """Probe: where a host-called step's host time goes (ids up, each program's dispatch, the result back), and what
 other ways of sending the ids up cost. Random weights, 1 GPU, batch 1, cache slot 256."""
+
 import json
 import statistics
 import sys
@@ -59,7 +60,7 @@ p.put = orig_put
 key = next(k for k in step._chains if k[0] == "next")
 chain = step._chains[key]
 parts = {f"dispatch {i}": [] for i in range(len(chain))} | {"get": [], "put": []}
-for it in range(120):
+for _it in range(120):
     t0 = time.perf_counter()
     ids = p.put(ids_np)
     t1 = time.perf_counter()
