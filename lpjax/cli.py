@@ -11,6 +11,7 @@ import time
 import warnings
 from collections.abc import Callable
 
+from lpjax.compile import ATTENTIONS
 from lpjax.errors import LPJaxError, LPJaxWarning, first_line
 from lpjax.quantize import KINDS, PRODUCT_KERNELS, QuantSpec
 from lpjax.weights import DTYPES
@@ -33,6 +34,9 @@ def add_model_args(p: argparse.ArgumentParser, model_required: bool = True) -> N
                    help="compute/weight dtype (default: the checkpoint's)")
     p.add_argument("--devices", type=int, default=None, help="number of devices to use (default: all visible)")
     p.add_argument("--max-len", type=int, default=None, help="context length limit (default: the model's)")
+    p.add_argument("--attention", choices=ATTENTIONS, default="auto",
+                   help="attention kernels: auto (cuDNN's on GPUs in 16-bit dtypes, else XLA's), xla, cudnn, or "
+                        "pallas (lpjax's decode-attention kernel for decode steps, auto's choice for prefill)")
     add_quantize_args(p)
     p.add_argument("--json", action="store_true", help="end stdout with one JSON line of results")
     g = p.add_argument_group("multi-host (one process per host; see README)")

@@ -12,6 +12,9 @@ from lpjax.errors import LPJaxError, first_line
 PALLAS = "pallas+"  # a resolved `pallas`: the Pallas decode kernel for decode steps, the suffix for the rest
 
 
+ATTENTIONS = ("auto", "xla", "cudnn", "pallas")  # what a tool's --attention asks for (`resolve_attention`)
+
+
 def resolve_attention(requested: str, platform: str, dtype: str) -> str:
     """`auto` is cuDNN's fused attention on GPUs in 16-bit dtypes and XLA's everywhere else. `pallas` is the Pallas
     decode-attention kernel (`lpjax/kernels/decode_attention.py`) for decode steps and auto's choice for prefill:

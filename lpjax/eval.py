@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     contents = [cli.read_text_file(f) for f in args.text]
     engine = Engine.load(args.model, args.lp, args.devices, args.dtype,
                          progress=cli.load_bar() if cli.is_main_process() else None, quantize=quantize,
-                         quant_kernel=args.quant_kernel)
+                         quant_kernel=args.quant_kernel, attention=args.attention)
     window, stride = resolve_window(args.window, args.stride, args.max_len, engine.config.max_seq_len)
     if args.batch_size < 1:
         raise LPJaxError(f"--batch-size {args.batch_size}: must be at least 1")

@@ -92,7 +92,7 @@ def run_once(engine, args, prompts: list[str], history: list[dict[str, str]] | N
         "devices": engine.layout.n_devices, "mesh": {"pair": engine.layout.pair_size, "tp": engine.layout.tp_size},
         "model": engine.source.description, "dtype": engine.dtype_name, "sampling": sampling.describe(),
         "quantize": engine.quantization, "weight_bytes": engine.weight_bytes,
-        "quant_kernel": None if engine.quantize is None else engine.quant_kernel,
+        "quant_kernel": None if engine.quantize is None else engine.quant_kernel, "attention": engine.attention,
     }
     from lpjax.sharding import describe_mesh
 
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = args.prompt or [DEFAULT_PROMPT]
     engine = Engine.load(args.model, "" if default else args.lp, args.devices, args.dtype, seed=args.seed,
                          progress=cli.load_bar() if cli.is_main_process() and not default else None, quantize=quantize,
-                         quant_kernel=args.quant_kernel)
+                         quant_kernel=args.quant_kernel, attention=args.attention)
     cli.say(f"[{engine.describe()}]", file=sys.stderr)
     if args.chat and not args.prompt:
         engine.tokenizer.chat_ids([{"role": "user", "content": "hi"}])  # no chat template: say so before reading

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sock = bind(args.host, args.port)
     engine = Engine.load(args.model, args.lp, args.devices, args.dtype, seed=args.seed, progress=cli.load_bar(),
-                         quantize=quantize, quant_kernel=args.quant_kernel)
+                         quantize=quantize, quant_kernel=args.quant_kernel, attention=args.attention)
     cli.say(f"[{engine.describe()}]", file=sys.stderr)
     context = args.max_len or min(engine.config.max_seq_len, DEFAULT_CONTEXT)
     tok = engine.tokenizer

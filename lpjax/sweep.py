@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     plans = sweep_plans(n_layers, deltas, args.position, args.position_step, args.lp)
     main_process = cli.is_main_process()
     base = Engine.load(args.model, "", args.devices, args.dtype, progress=cli.load_bar() if main_process else None,
-                       quantize=quantize, quant_kernel=args.quant_kernel)
+                       quantize=quantize, quant_kernel=args.quant_kernel, attention=args.attention)
     window, stride = resolve_window(args.window, args.stride, args.max_len, base.config.max_seq_len)
     texts = encode_texts(base.tokenizer, args.text, contents, args.max_tokens)
     prompt = texts[0][: args.prompt_tokens]

@@ -114,3 +114,28 @@ def test_greedy_tokens_with_the_kernel_equal_those_without(checkpoints, engines,
     prompts = [xla.tokenizer.encode(p) for p in PROMPTS]
     want = xla.generate(prompts, 8, eos=()).tokens
     assert pallas.generate(prompts, 8, eos=()).tokens == want
+
+
+@pytest.mark.parametrize("tool, args", [("lpjax.generate", ()), ("lpjax.eval", ("--text", "TEXT")),
+                                        ("lpjax.sweep", ("--text", "TEXT")),
+                                        ("lpjax.plan", ("--text", "TEXT", "--delta", "2"))])
+def test_every_tool_takes_the_kernel_as_a_flag(tool, args, tmp_path, run_main, monkeypatch):
+    """`--attention` on a tool's command line reaches its engine (which resolves it: the test above runs one), and an
+    unknown kernel is refused before anything loads."""
+    from lpjax.engine import Engine
+    from lpjax.errors import LPJaxError
+
+    text = tmp_path / "val.txt"
+    text.write_text("def f(x):\n    return x\n" * 8)
+    asked = []
+
+    def load(*a, attention="auto", **kw):
+        asked.append(attention)
+        raise LPJaxError("stopped after the load's arguments")
+
+    monkeypatch.setattr(Engine, "load", load)
+    extra = [text if a == "TEXT" else a for a in args]
+    rc, _, err = run_main(tool, "--model", "random:tiny", "--attention", "pallas", *extra)
+    assert rc != 0 and "stopped after the load's arguments" in err and asked == ["pallas"]
+    rc, _, err = run_main(tool, "--model", "random:tiny", "--attention", "flash", *extra)
+    assert rc == 2 and "argument --attention: invalid choice: 'flash'" in err and asked == ["pallas"]

@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     space.check(delta)  # before any weight is read
     main_process = cli.is_main_process()
     engine = Engine.load(args.model, "", args.devices, args.dtype, progress=cli.load_bar() if main_process else None,
-                         quantize=quantize, quant_kernel=args.quant_kernel)
+                         quantize=quantize, quant_kernel=args.quant_kernel, attention=args.attention)
     texts = encode_texts(engine.tokenizer, args.text, contents, args.max_tokens)
     window, stride = resolve_window(args.window, args.stride, args.max_len, engine.config.max_seq_len)
     if window > max(map(len, texts)):  # same scores, less padding: no text fills the window
