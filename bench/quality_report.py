@@ -150,7 +150,6 @@ def load_pretrained(run: Path, timings: Path | None) -> dict:
     for name in PRETRAINED_FINETUNES:
         if (run / f"finetune-{name}.json").is_file():
             out["finetune"][name] = tool_json(run / f"finetune-{name}.json")
-    out["quantize"] = load_quantize(run)
     return out
 
 
@@ -184,12 +183,11 @@ def pretrained_report(run: Path, out: Path, timings: Path | None) -> str:
         f"{ev['searched']['ppl']:.3f} (accuracy {ev['searched']['accuracy']:.4f}), default "
         f"{ev['default']['ppl']:.3f} (accuracy {ev['default']['accuracy']:.4f}).", "",
         "Fine-tuning:", "", finetune_table(ft), ""]
-        + ([f"Quantized matrices (val.txt's first {res['quantize'][0]['tokens'] + 1} tokens):", "",
-            quantize_table(res["quantize"]), ""] if res["quantize"] else []))
+        + ([quantize_report(run, out)] if (run / "quantize").is_dir() else []))
 
 
 def quantize_report(run: Path, out: Path) -> str:
-    """The quantize stage alone: its JSON files copied to OUT/quantize/, and its table."""
+    """The quantize stage's results: its JSON files copied to OUT/quantize/, and its table under a heading."""
     records = load_quantize(run)
     if not records:
         raise ValueError("no RUN/quantize/*.json")
