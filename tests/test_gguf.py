@@ -1,5 +1,5 @@
 """GGUF import: small files of every block type written here, bad files, and the real SmolLM2-135M-Instruct file
-against transformers' own load of it (logits, LP plans, chat)."""
+against transformers' own load of it (logits, LP plans, chat), chatted with on stdin and served over HTTP."""
 
 import shutil
 
@@ -233,12 +233,10 @@ def test_smollm2_greedy_chat_tokens_equal_transformers_generate(smollm2, smollm2
         "What is the capital of France?")}])], 24, eos=tok.end_of_turn_ids, pad_id=tok.pad_id, chunk=16).tokens[0])
 
 
-def test_smollm2_chat_on_stdin_keeps_the_history(smollm2, smollm2_engine, run_main, monkeypatch):
-    """The command line's conversation on the real model. Its load of the file (the arguments the session's engine was
-    loaded with) gets that engine, whose programs the tests above compiled: 15 s of CPU less than a second load and
-    trace of 30 layers. The server of tests/test_serve.py loads the file through its own command line."""
-    from test_cli import last_json
-
+@pytest.fixture
+def load_gives_the_session_engine(smollm2, smollm2_engine, monkeypatch):
+    """A command line's load of the file with the arguments the session's engine was loaded with gets that engine,
+    whose programs the tests above compiled: 15 s of CPU less than a second load and trace of 30 layers."""
     load = Engine.load
 
     def session_engine(model, lp=None, devices=None, dtype=None, **kwargs):
@@ -247,9 +245,68 @@ def test_smollm2_chat_on_stdin_keeps_the_history(smollm2, smollm2_engine, run_ma
         return load(model, lp, devices, dtype, **kwargs)
 
     monkeypatch.setattr(Engine, "load", session_engine)
+
+
+def test_smollm2_chat_on_stdin_keeps_the_history(smollm2, load_gives_the_session_engine, run_main):
+    """The command line's conversation on the real model."""
+    from test_cli import last_json
+
     rc, out, err = run_main("lpjax.generate", "--model", smollm2, "--dtype", "float32", "--chat", "--max-new-tokens",
                             24, "--json", stdin="What is the capital of France?\nAnd of Germany?\n")
     assert rc == 0, err
     turns = last_json(out)["turns"]
     assert len(turns) == 2 and "Paris" in turns[0]["text"] and "Berlin" in turns[1]["text"]
     assert turns[1]["prompt_tokens"] > turns[0]["prompt_tokens"] + len(turns[0]["tokens"])  # the history is in it
+
+
+def test_smollm2_served_chat_answers_paris(smollm2, load_gives_the_session_engine, monkeypatch):
+    """`python -m lpjax.serve` on the real model, asked over HTTP by the openai client: the command line's `main` in a
+    thread of this process (its ready line, its slots, scheduler and HTTP server), stopped as SIGTERM stops it. A server
+    process of its own loaded the file again and compiled every program (54 s); this one takes the session's engine,
+    and its context of 128 tokens is the cache `generate` picked for the same chat above, so the chat's prefill is
+    compiled already. tests/test_serve.py starts the command line as a process, on a tiny model."""
+    import queue
+    import threading
+
+    from openai import OpenAI
+
+    from lpjax import cli, serve
+    from lpjax.serving import server
+
+    servers, ready = [], queue.Queue()
+
+    class Kept(server.Server):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            servers.append(self)
+
+    emit = cli.emit_json
+    monkeypatch.setattr(server, "Server", Kept)
+    monkeypatch.setattr(cli, "emit_json", lambda obj: (emit(obj), ready.put(obj)))
+    ended = {}
+
+    def run():
+        try:
+            ended["code"] = serve.main(["--model", str(smollm2), "--max-batch", "1", "--max-len", "128", "--dtype",
+                                        "float32", "--devices", "1", "--port", "0", "--json"])
+        except BaseException as e:  # a failure before the ready line ends the wait for it
+            ended["error"] = e
+            ready.put(None)
+            raise
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        line = ready.get(timeout=600)
+        assert line, f"the server failed: {ended.get('error')!r}"
+        assert line["max_len"] == 128 and line["lp"] == "" and line["max_batch"] == 1
+        client = OpenAI(base_url=line["url"], api_key="unused", max_retries=0, timeout=300)
+        res = client.chat.completions.create(
+            model=line["model"], messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=24, temperature=0)
+        assert "Paris" in res.choices[0].message.content and res.choices[0].finish_reason == "stop"
+    finally:
+        if servers:
+            servers[0].should_exit = True  # what SIGTERM sets
+        thread.join(120)
+    assert not thread.is_alive() and ended == {"code": 0}

@@ -1,6 +1,7 @@
 """`python -m lpjax.serve`: the OpenAI-compatible HTTP API with continuous batching, over real HTTP (the `openai`
-client and raw httpx) against servers started as a user starts them; and its pieces in process (the scheduler over
-decode slots, token ids to text with stop strings)."""
+client and raw httpx) against servers started as a user starts them, on a tiny model; and its pieces in process (the
+scheduler over decode slots, token ids to text with stop strings). The real SmolLM2 model is served in
+tests/test_gguf.py, on the engine its other tests load."""
 
 import json
 import os
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from gguf_helpers import CHAT_TEMPLATE, smollm2_path
+from gguf_helpers import CHAT_TEMPLATE
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTEXT = 128  # --max-len of the main server: the cache length `generate` picks for these short prompts
@@ -383,25 +384,6 @@ def test_bad_flags_end_in_one_error_line(chat_model, tmp_path, case):
     lines = [x for x in p.stderr.strip().splitlines() if x.strip()]
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     assert lines[-1].startswith("error:") and words in lines[-1], p.stderr
-
-
-# ---------------------------------------------------------------------------------------------- a real model
-
-
-def test_smollm2_chat_answers_paris(tmp_path):
-    try:
-        path = smollm2_path()
-    except RuntimeError as e:
-        pytest.fail(str(e))
-    s = ServerProcess(["--model", path, "--max-batch", 1, "--max-len", 256, "--dtype", "float32", "--devices", 1],
-                      tmp_path / "stderr.txt")
-    try:
-        res = s.openai().chat.completions.create(
-            model=s.model, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=24,
-            temperature=0)
-        assert "Paris" in res.choices[0].message.content and res.choices[0].finish_reason == "stop"
-    finally:
-        assert s.stop() == 0
 
 
 # ---------------------------------------------------------------------------------------------- in process
