@@ -1,5 +1,6 @@
-"""The ranks: one process per GPU (spawned with torch.multiprocessing; one rank runs in this process), joined by
-torch.distributed (NCCL on CUDA, gloo on CPU), each running a job's rank function on its shard of the model."""
+"""The ranks: one process per GPU (spawned with torch.multiprocessing; a job of one rank runs in this process), joined
+by torch.distributed (NCCL on CUDA, gloo on CPU), each running a job's rank function on its shard of the model. CPU
+ranks are forked when this process runs torch on one thread (see `start_method`)."""
 
 from __future__ import annotations
 
@@ -75,7 +76,8 @@ def launch(job: Job, rank_main: RankMain) -> None:
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        mp.spawn(_worker, args=(job, rank_main), nprocs=job.world, join=True)
+        mp.start_processes(_worker, args=(job, rank_main), nprocs=job.world, join=True,
+                           start_method=start_method(job))
     except mp.ProcessRaisedException as e:
         text = str(e).strip()
         print(text, file=sys.stderr)
@@ -91,7 +93,17 @@ def launch(job: Job, rank_main: RankMain) -> None:
                 os.environ[k] = v
 
 
+def start_method(job: Job) -> str:
+    """How the ranks start: spawned (a fresh interpreter that imports torch and lpjax again, ~4 s of CPU a rank), or
+    forked from this process, which has them imported (a CPU test's gloo ranks then start in milliseconds). Forked
+    only on CPU (CUDA cannot be used in a forked child) and when this process runs torch on one thread: a child forked
+    after OpenMP ran a team of threads here hangs at its own first parallel region (GNU OpenMP is not fork-safe)."""
+    return "fork" if job.device == "cpu" and torch.get_num_threads() == 1 else "spawn"
+
+
 def _worker(rank: int, job: Job, rank_main: RankMain) -> None:
+    if "torch._dynamo" in sys.modules:  # a forked rank: it compiles its own programs, not on this process's cache
+        torch._dynamo.reset()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.world))
     _run_rank(rank, job, rank_main)
 
