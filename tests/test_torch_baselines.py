@@ -89,8 +89,8 @@ def test_torch_tp_matches_reference_and_decodes_like_the_full_forward(checkpoint
 def test_torch_compile_baseline_matches_reference_and_decodes_like_the_full_forward(checkpoints, world):
     """The torch-compile baseline: prefill and the greedy decode step through torch.compile (inductor's CPU backend
     here, really compiled), with functional collectives over gloo ranks when world > 1. Four layers, a pair between
-    sequential ones: both kinds of stage and a boundary each way between them. Three programs (prefill without and
-    with a cache, the decode step) of 30 C++ kernels in one process, where 8 layers (2:6) took 66 kernels and a
+    sequential ones: both kinds of stage and a boundary each way between them. Two programs (the prefill that writes
+    the cache, the decode step) of 28 C++ kernels in one process, where 8 layers (2:6) took 66 kernels and a
     compiled full forward of the longer sequence 12 more (each kernel about 1 CPU-s to compile on a machine without
     inductor's cache, beside inductor's own work on each program)."""
     directory, model = checkpoints("shardable_4_layers")

@@ -12,7 +12,7 @@ import torch
 
 from bench.common import resolve_model
 from bench.torch_tp.context import check_device, default_dtype, prompt_tokens
-from bench.torch_tp.decoder import Decoder, generate, prefill, run_prefill
+from bench.torch_tp.decoder import Decoder, continue_greedy, prefill, run_prefill
 from bench.torch_tp.launch import Job, build, launch
 from bench.torch_tp.model import check_layout, check_quantization
 from bench.torch_tp.quantize import Quantization
@@ -28,22 +28,24 @@ def _check_rank(rank: int, job: Job) -> None:
     tokens = torch.tensor(job.tokens, dtype=torch.long, device=job.device if job.device == "cpu" else "cuda")
     for plan in job.plans:
         m = build(job, rank, plan)
-        result = {"lp": plan.spec(), "logits": run_prefill(m, tokens, last_only=False).cpu()}
-        if job.new_tokens:
-            T, n = tokens.shape[1], job.new_tokens
-            dec = Decoder(m, tokens.shape[0], round_up(T + n, CACHE_MULTIPLE), job.cuda_graph)
-            new = generate(m, dec, tokens, n)
-            # the same sequence through the full forward, eager: its argmax at each position must be the next new
-            # token. A compiled model's cached path is checked against the plain model, and no program is compiled
-            # for this one more sequence length (inductor compiles each static shape anew: on a CPU without its
-            # cache, a quarter of the check's compile time)
-            full = prefill(m, torch.cat([tokens, new[:, :-1]], dim=1), last_only=False)[:, T - 1:]
-            top, low = full.max(dim=-1).values, full.min(dim=-1).values
-            gap = (top - full.gather(-1, new[..., None])[..., 0]) / (top - low)  # 0 where the choices agree
-            result |= {"generated": new.cpu(), "full_argmax": full.argmax(dim=-1).cpu(), "gap": gap.cpu()}
-            del dec
-        results.append(result)
-        del m
+        if not job.new_tokens:
+            results.append({"lp": plan.spec(), "logits": run_prefill(m, tokens, last_only=False).cpu()})
+            continue
+        T, n = tokens.shape[1], job.new_tokens
+        dec = Decoder(m, tokens.shape[0], round_up(T + n, CACHE_MULTIPLE), job.cuda_graph)
+        # the logits come from the very prefill the greedy steps continue from (its cache written): a compiled
+        # model compiles one prefill program, not one with a cache and one without
+        logits = run_prefill(m, tokens, dec.cache, last_only=False)
+        new = continue_greedy(dec, logits[:, -1].argmax(dim=-1), T, n)
+        # the same sequence through the full forward, eager: its argmax at each position must be the next new
+        # token. A compiled model's cached path is checked against the plain model, and no program is compiled for
+        # this one more sequence length (inductor compiles each static shape anew)
+        full = prefill(m, torch.cat([tokens, new[:, :-1]], dim=1), last_only=False)[:, T - 1:]
+        top, low = full.max(dim=-1).values, full.min(dim=-1).values
+        gap = (top - full.gather(-1, new[..., None])[..., 0]) / (top - low)  # 0 where the choices agree
+        results.append({"lp": plan.spec(), "logits": logits.cpu(), "generated": new.cpu(),
+                        "full_argmax": full.argmax(dim=-1).cpu(), "gap": gap.cpu()})
+        del m, dec
     if rank == 0:
         torch.save(results, job.result_path)
 
@@ -53,8 +55,8 @@ def check(model: str, tokens, lps: tuple[str, ...] | list[str] = ("",), world: i
           compile_mode: str | None = None, quantization: Quantization | None = None) -> list[dict]:
     """For each plan: the full-sequence float32 logits [B, T, V] of `tokens` on `world` ranks and, with
     new_tokens, the greedy tokens of the cached path (prefill + decode steps; graph replays on CUDA) with the
-    argmax of the full forward over the same sequence. `model`: a preset name or an HF checkpoint directory;
-    `quantization`: its products quantized."""
+    argmax of the full forward over the same sequence (the logits are then the prefill's that wrote the cache).
+    `model`: a preset name or an HF checkpoint directory; `quantization`: its products quantized."""
     name, config, directory = resolve_model(str(model))
     check_device(device, world)
     plans = tuple(LPPlan.parse(lp, config.n_layers) for lp in lps)

@@ -269,7 +269,12 @@ def generate(m: RankModel, dec: Decoder, prompt: Tensor, new_tokens: int) -> Ten
     """Greedy: prefill then new_tokens - 1 decode steps. Returns the new tokens [B, new_tokens] (on the device)."""
     if prompt.shape[1] + new_tokens > dec.length:
         raise LPJaxError(f"{prompt.shape[1]} + {new_tokens} tokens do not fit a cache of {dec.length}")
-    first = run_prefill(m, prompt, dec.cache).argmax(dim=-1)
-    dec.start(first, prompt.shape[1])
+    return continue_greedy(dec, run_prefill(m, prompt, dec.cache).argmax(dim=-1), prompt.shape[1], new_tokens)
+
+
+def continue_greedy(dec: Decoder, first: Tensor, pos: int, new_tokens: int) -> Tensor:
+    """After a prefill of `pos` tokens into dec's cache whose greedy next token is `first` [B]: new_tokens - 1
+    decode steps. Returns the new tokens [B, new_tokens], `first` included (on the device)."""
+    dec.start(first, pos)
     dec.run(new_tokens - 1)
     return torch.cat([first[:, None], dec.out[:, : new_tokens - 1]], dim=1)
