@@ -110,8 +110,9 @@ def text_file(tmp_path_factory):
 
 # the command-line tools by the module `python -m` runs
 MAINS = {"lpjax.generate": "lpjax.generate", "lpjax.eval": "lpjax.eval", "lpjax.sweep": "lpjax.sweep",
-         "lpjax.plan": "lpjax.plan.__main__", "lpjax.convert": "lpjax.convert.__main__", "convert": "convert.__main__"}
-DEVICE_FLAG = ("lpjax.generate", "lpjax.eval", "lpjax.sweep", "lpjax.plan")
+         "lpjax.plan": "lpjax.plan.__main__", "lpjax.convert": "lpjax.convert.__main__", "convert": "convert.__main__",
+         "lpjax.serve": "lpjax.serve"}
+DEVICE_FLAG = ("lpjax.generate", "lpjax.eval", "lpjax.sweep", "lpjax.plan", "lpjax.serve")
 
 
 @pytest.fixture

@@ -368,7 +368,9 @@ def test_sigterm_ends_requests_in_flight_and_stops_the_server_cleanly(one_slot_l
 
 
 @pytest.mark.parametrize("case", ["no slots", "port taken", "no such model"])
-def test_bad_flags_end_in_one_error_line(chat_model, tmp_path, case):
+def test_bad_flags_end_in_one_error_line(chat_model, tmp_path, run_main, case):
+    """The command line in this process (`run_main`: its exit code and one-line error as `python -m` gives them; the
+    servers above start it as a process)."""
     import socket
 
     with socket.socket() as taken:
@@ -379,11 +381,10 @@ def test_bad_flags_end_in_one_error_line(chat_model, tmp_path, case):
             "port taken": (["--model", chat_model, "--port", taken.getsockname()[1]], "already in use"),
             "no such model": (["--model", tmp_path / "nothing"], "no such file or directory"),
         }[case]
-        p = subprocess.run([sys.executable, "-m", "lpjax.serve", *map(str, args)], capture_output=True, text=True,
-                           env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT, timeout=300)
-    lines = [x for x in p.stderr.strip().splitlines() if x.strip()]
-    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
-    assert lines[-1].startswith("error:") and words in lines[-1], p.stderr
+        rc, _, err = run_main("lpjax.serve", *args)
+    lines = [x for x in err.strip().splitlines() if x.strip()]
+    assert rc == 2 and "Traceback" not in err, err
+    assert lines[-1].startswith("error:") and words in lines[-1], err
 
 
 # ---------------------------------------------------------------------------------------------- in process
