@@ -6,7 +6,7 @@ import socket
 import subprocess
 import sys
 
-from helpers import ROOT, subprocess_env
+from helpers import CORPUS, ROOT, subprocess_env
 
 # gloo's connection report, which its threads may write interleaved with each other's (split across lines, even
 # between a report's colon and its number)
@@ -33,9 +33,13 @@ def launch(module_args, processes=2, local_devices=2, timeout=300):
     return [o for o, _ in outs]
 
 
-def test_two_processes_equal_one(checkpoints, engines, text_file):
+def test_two_processes_equal_one(checkpoints, engines, tmp_path):
+    """Perplexity over 28 windows (CORPUS once: each window's forward pass runs its collectives between the two
+    processes, ~40 ms apiece) and greedy tokens."""
     from lpjax.quality.perplexity import perplexity
 
+    text_file = tmp_path / "corpus.txt"
+    text_file.write_text(CORPUS)
     directory = checkpoints("shardable")[0]
     outs = launch(["lpjax.eval", "--model", directory, "--lp", "2:6", "--text", text_file, "--window", 48,
                    "--dtype", "float32", "--json"])
