@@ -64,8 +64,9 @@ def time_generate(engine: Engine, batch: int, tokens: int, repeats: int) -> list
 
 
 def time_single_token(engine: Engine, batch: int, calls: int) -> list[float]:
-    """records.SINGLE_TOKEN: `Engine.next_token` after a prompt of SINGLE_TOKEN_AT tokens, each call feeding the
-    token the previous one returned (host -> device -> host), at the same cache slot; host clock around the call."""
+    """records.SINGLE_TOKEN: `Engine.next_token` after a prompt of SINGLE_TOKEN_AT tokens, each call feeding back
+    the token ids the previous one returned, one cache slot on (as torch's graph advances its position); host
+    clock around the call."""
     prompts = _prompts(engine, batch, SINGLE_TOKEN_AT)
     cache = engine.init_cache(batch, engine.cache_length(SINGLE_TOKEN_AT, DECODE_TOKENS, None))  # 384, as torch
     _, cache, n, pad = engine.prefill(cache, prompts)
@@ -73,7 +74,7 @@ def time_single_token(engine: Engine, batch: int, calls: int) -> list[float]:
     out = []
     for i in range(calls + 2):  # the first two compile and warm
         t = time.perf_counter()
-        tokens, cache = engine.next_token(cache, tokens, n, pad)
+        tokens, cache = engine.next_token(cache, tokens, n + i, pad)
         if i >= 2:
             out.append((time.perf_counter() - t) * 1000)
     return out

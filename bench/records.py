@@ -22,8 +22,9 @@ METRICS = {
     "prefill_4096": ("ms", "latency of a 4096-token prompt"),
     "decode": ("ms/token", "128 new tokens after a 128-token prompt, one on-device loop (per step, whole batch)"),
     "generate_4096": ("s", "wall time to generate 4096 tokens after a 128-token prompt (paper's Figure 1)"),
-    "single_token": ("ms", "one decode step called from the host: the current token ids go up, the step runs with "
-                           "the greedy choice on the device, the next token ids come back (cache warm, at 256)"),
+    "single_token": ("ms", "one decode step called from the host, as a streaming chat calls it: the host feeds back "
+                           "the token ids it was handed (the device keeps them, so none go up), the step runs with "
+                           "the greedy choice on the device, the next token ids come back (cache warm, from 256)"),
     "peak_memory": ("GiB", "peak device memory of one GPU (the largest over the GPUs used)"),
 }
 # torch.compile modes of the torch-compile baseline: those without inductor's own CUDA graphs, since the runner

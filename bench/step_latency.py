@@ -3,12 +3,14 @@
     python -m bench.step_latency [--model llama2-7b] [--devices 1] [--lp ''] [--repeats 20] [--decode-tokens 128] \
         [--trace DIR]
 
-Each call sends the token ids up, runs one decode step with the greedy choice on the device and brings the next ids
-back (records.SINGLE_TOKEN's definition). Prints one JSON record of medians in ms:
+Each call feeds back the token ids the last one returned, one cache slot on, runs one decode step with the greedy
+choice on the device and brings the next ids back (records.SINGLE_TOKEN's definition). Prints one JSON record of
+medians in ms:
 - `one_program`: the whole step as one XLA program, its result a fresh device buffer each call;
 - `one_program_pinned_out`: the same program writing its result to pinned host memory (GPUs only);
 - `engine`: `Engine.next_token`, a chain of programs of the host-called step the engine runs (`host_step.default_span`);
 - `chain_4`: the step as a chain of programs of `STEP_SPAN` stages, where the engine runs another span;
+- `engine_ids_up`: `Engine.next_token` fed at the same slot every call, so its ids are uploaded each time;
 - `loop_per_token`: the on-device decode loop's time per token on the same engine (over --decode-tokens steps), the
   floor a host-called step can approach.
 `--trace DIR` also records a JAX profiler trace (host and device timelines) of 5 engine calls, for
@@ -34,12 +36,12 @@ from lpjax.runtime.host_step import STEP_SPAN, HostStep
 
 
 def timed(calls: int, call) -> list[float]:
-    """Host-to-host ms of `calls` calls after 3 warm ones; `call(tokens) -> next token ids on the host`."""
+    """Host-to-host ms of `calls` calls after 3 warm ones; `call(tokens, i) -> next token ids on the host`."""
     total = []
     tokens = np.full(1, 5, np.int32)
     for i in range(calls + 3):
         t0 = time.perf_counter()
-        tokens = call(tokens)
+        tokens = call(tokens, i)
         if i >= 3:
             total.append(1000 * (time.perf_counter() - t0))
     return total
@@ -56,18 +58,18 @@ def measure(engine: Engine, calls: int, trace: str | None = None, decode_tokens:
     if engine.step.span != STEP_SPAN:
         variants[f"chain_{STEP_SPAN}"] = HostStep(engine.programs, span=STEP_SPAN)
     report = {}
-    for name, step in variants.items():
-        def call(tokens, step=step):
-            out, state["cache"] = step.next_token(state["cache"], tokens, n, pad)
+    for name, step, advance in [(k, v, True) for k, v in variants.items()] + [("engine_ids_up", engine.step, False)]:
+        def call(tokens, i, step=step, advance=advance):
+            out, state["cache"] = step.next_token(state["cache"], tokens, n + i * advance, pad)
             return out
 
         report[name] = statistics.median(timed(calls, call))
     if trace:
         with jax.profiler.trace(trace):
             tokens = np.full(1, 5, np.int32)
-            for _ in range(5):
+            for i in range(5):
                 with jax.profiler.TraceAnnotation("next_token"):
-                    tokens, state["cache"] = engine.next_token(state["cache"], tokens, n, pad)
+                    tokens, state["cache"] = engine.next_token(state["cache"], tokens, n + i, pad)
     prompt = [prompt_ids(PROMPT_LEN, engine.config.vocab_size)]
     engine.generate(prompt, decode_tokens + 1, eos=())  # compile and warm
     report["loop_per_token"] = statistics.median(

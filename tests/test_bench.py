@@ -115,13 +115,15 @@ def test_record_file_is_json_lines(harness):
 
 
 def test_step_latency_times_the_one_program_step_and_the_engines_chain():
-    """bench.step_latency runs the host-called step both ways on the same cache (CPU: no pinned-host variant), and
-    the on-device loop beside them (over as few steps as the harness above times)."""
+    """bench.step_latency runs the host-called step both ways on the same cache (CPU: no pinned-host variant), the
+    engine's with its ids uploaded each call too, and the on-device loop beside them (over as few steps as the
+    harness above times)."""
     from bench import step_latency
     from lpjax.engine import Engine
 
     got = step_latency.measure(Engine.load("random:tiny", "", 1, None), calls=2, decode_tokens=DECODE_TOKENS)
-    assert set(got) == {"one_program", "engine", "chain_4", "loop_per_token"}  # tiny's engine runs one program
+    # tiny's engine runs one program
+    assert set(got) == {"one_program", "engine", "chain_4", "engine_ids_up", "loop_per_token"}
     assert all(v > 0 for v in got.values())
 
 

@@ -114,6 +114,33 @@ def test_host_called_step_returns_the_greedy_token_of_its_logits(engines):
     assert again.dtype == np.int32 and again.tolist() == np.argmax(step_logits, axis=-1).tolist()
 
 
+def test_a_step_fed_back_the_token_it_returned_one_slot_on_uploads_nothing(engines, monkeypatch):
+    """A streaming chat feeds back the token it was handed, one slot on: the last step left those ids on the
+    device, so none go up. Any other ids (here the last step again) are uploaded. Both decode as the loop does."""
+    from lpjax.runtime.host_step import HostStep
+
+    engine = engines("gqa_head_dim", "1:5")
+    step = HostStep(engine.programs, span=2)
+    uploads = []
+    put = engine.programs.put
+    monkeypatch.setattr(engine.programs, "put", lambda x: uploads.append(np.asarray(x).tolist()) or put(x))
+    prompts = [engine.tokenizer.encode(p) for p in PROMPTS]
+    cache = engine.init_cache(len(prompts), 64)
+    logits, cache, n, pad = engine.prefill(cache, prompts)
+    tokens = np.argmax(np.asarray(logits), axis=-1).astype(np.int32)
+    steps = [tokens]
+    for t in range(5):
+        before = len(uploads)
+        tokens, cache = step.next_token(cache, tokens, n + t, pad)
+        steps.append(tokens)
+        if t:
+            assert len(uploads) == before, f"step {t} uploaded {uploads[before:]}"
+    again, cache = step.next_token(cache, steps[-2], n + 4, pad)
+    assert uploads[-1] == [*steps[-2].tolist(), *pad.tolist(), n + 4]
+    assert again.tolist() == steps[-1].tolist()
+    assert np.stack(steps, axis=1).tolist() == engine.generate(prompts, 6, eos=()).tokens
+
+
 @pytest.mark.parametrize("devices", [1, 2])
 def test_host_called_steps_run_as_a_chain_of_stage_programs_and_decode_like_the_loop(engines, devices):
     """A host-called step is a chain of programs of a few stages each (the residual stream handed along, each

@@ -7,8 +7,9 @@
                                           CUDA events
     generate_4096               s         wall time: prefill of 128 tokens, 4095 replays, tokens copied to the host
                                           (only when asked; --long-repeats runs, default 1)
-    single_token                ms        the token ids [B] copied from the host to the device, one graph replay (the
-                                          step and its argmax), the next token ids copied back; cache at ~256
+    single_token                ms        one graph replay (the step and its argmax; its input, the token ids the host
+                                          was handed, stays on the device), the next token ids copied back to the
+                                          host; cache from 256
     peak_memory                 GiB       torch.cuda.max_memory_allocated over the configuration's whole run
                                           (weights, caches, graphs, every measured metric), max over ranks; on CPU
                                           the process's peak RSS
@@ -82,18 +83,15 @@ def _decode_samples(m: RankModel, dec: Decoder, clock: _Clock, batch: int, repea
 
 
 def _single_token_samples(m: RankModel, dec: Decoder, clock: _Clock, batch: int, repeats: int) -> list[float]:
-    """records.SINGLE_TOKEN: the current token ids [B] copied from the host into the step's input buffer, one graph
-    replay (the step, greedy argmax included), the next token ids copied back to the host."""
+    """records.SINGLE_TOKEN: one graph replay (the step, greedy argmax included) whose input is the token ids the
+    host was handed last, still in the graph's input buffer; the next token ids copied back to the host."""
     prompt = prompt_tokens(SINGLE_TOKEN_AT, batch, m.config, m.device)
     dec.start(run_prefill(m, prompt, dec.cache).argmax(dim=-1), SINGLE_TOKEN_AT)
     dec.run(2)  # warm
-    current = dec.token.cpu()
 
     def step() -> None:
-        nonlocal current
-        dec.token.copy_(current)
         dec.run(1)
-        current = dec.token.cpu()
+        dec.token.cpu()
 
     return [1000 * clock.wall(step) for _ in range(repeats)]
 

@@ -55,6 +55,7 @@ class HostStep:
         self.pinned = pinned and programs.on_gpu
         self._chains: dict = {}  # per key: [(stage names, their params, program)]
         self._streams: dict[int, jax.Array] = {}  # the residual stream buffer handed along a chain, per batch size
+        self._held: dict[int, tuple[np.ndarray, jax.Array]] = {}  # per batch size: next step's ids (host, device)
 
     def logits(self, cache: Cache, tokens, index: int, pad) -> tuple[np.ndarray, Cache]:
         """Feed `tokens` [B] at cache slot `index`; returns (logits [B, V] on the host, the new cache)."""
@@ -67,17 +68,32 @@ class HostStep:
 
     def run(self, name: str, post: Callable, cache: Cache, tokens, index: int, pad) -> tuple[np.ndarray, Cache]:
         """One step: `tokens` [B] fed at cache slot `index`, then `post(logits [B, V])` on device; returns its
-        result on the host and the new cache (donated). The ids go up as one array [tokens (B), pad (B), index]."""
+        result on the host and the new cache (donated). The ids go up as one array [tokens (B), pad (B), index],
+        unless the device already holds them (`_ids`)."""
         p = self.programs
         tokens = np.asarray(tokens, np.int32)
         B = len(tokens)
-        ids = p.put(np.concatenate([tokens, np.asarray(pad, np.int32), [index]]).astype(np.int32))
+        host_ids = np.concatenate([tokens, np.asarray(pad, np.int32), [index]]).astype(np.int32)
+        feeds = name == "next"  # its last program also leaves the next step's ids on the device
         key = (name, B, cache_shape(cache), self.span, self.pinned)
-        chain = self._chain(key, post, B, cache)
+        chain = self._chain(key, post, B, cache, feeds)
         # the warm-up writes the same cache slot the real run then writes again
-        cache = p.first_run(key, cache, lambda c: self._run_chain(chain, B, c, ids)[1])
-        out, cache = self._run_chain(chain, B, cache, ids)
-        return p.get(out), cache
+        cache = p.first_run(key, cache, lambda c: self._run_chain(chain, B, c, p.put(host_ids))[2])
+        out, next_ids, cache = self._run_chain(chain, B, cache, self._ids(B, host_ids, feeds))
+        out = p.get(out)
+        if feeds:
+            self._held[B] = (np.concatenate([out, host_ids[B:2 * B], [index + 1]]).astype(np.int32), next_ids)
+        return out, cache
+
+    def _ids(self, batch: int, host_ids: np.ndarray, donated: bool) -> jax.Array:
+        """The step's ids on the device: those the last `next_token` left there when they are what the host asks
+        for (a stream feeding back the token it was handed, one slot on), else an upload. The upload is on the
+        step's critical path: ~0.2 ms of a host-called Llama-2-7B step on H200 (bench/NOTES.md, 2026-12-01).
+        A step that donates them takes them out, so a call that fails leaves no deleted buffer behind."""
+        held = self._held.pop(batch, None) if donated else self._held.get(batch)
+        if held is not None and np.array_equal(held[0], host_ids):
+            return held[1]
+        return self.programs.put(host_ids)
 
     def _take_stream(self, batch: int) -> jax.Array:
         """The residual-stream buffer (donated along the chain, so it stays put), taken out while a call holds it:
@@ -86,10 +102,11 @@ class HostStep:
         return stream if stream is not None else self.programs.put(
             np.zeros((stream_rows(batch, 1), 1, self.programs.config.dim), self.programs.dtype))
 
-    def _chain(self, key: tuple, post: Callable, batch: int, cache: Cache) -> list:
+    def _chain(self, key: tuple, post: Callable, batch: int, cache: Cache, feeds: bool) -> list:
         """The programs of a step, compiled once per key. Program i runs `span` stages;
         `prog(params, stream, ids, cache)` returns (the stream, and its stages' new cache); the last returns
-        `post(logits)` instead of the stream."""
+        `post(logits)` instead of the stream, and with `feeds` (post gives the next token ids) it also returns
+        the next step's ids [post's result, pad, index + 1], written over the ids it was handed."""
         if key in self._chains:
             return self._chains[key]
         p, B = self.programs, batch
@@ -109,19 +126,27 @@ class HostStep:
             def body(params, stream, ids, cache, model=model, first=first, last=last):
                 pos = Positions.step(ids[B:2 * B], ids[2 * B])
                 out, cache = model.apply({"params": params}, ids[:B, None] if first else stream, pos, cache, DECODE)
-                return (post(out[:, 0]) if last else out), cache
+                if not last:
+                    return out, cache
+                result = post(out[:, 0])
+                if feeds:
+                    return result, jnp.concatenate([result, ids[B:2 * B], ids[2 * B:] + 1]), cache
+                return result, cache
 
             def build(body=body, params=params, cache_specs=cache_specs, last=last):
+                fed = last and feeds
                 fn = jax.shard_map(body, mesh=p.mesh, in_specs=({k: p.param_specs[k] for k in params}, P(), P(),
                                                                  cache_specs),
-                                   out_specs=(P(), cache_specs), check_vma=False)
+                                   out_specs=(P(),) * (1 + fed) + (cache_specs,), check_vma=False)
                 pinned = last and self.pinned
-                out = NamedSharding(p.mesh, P(), memory_kind="pinned_host") if pinned else None
+                result = NamedSharding(p.mesh, P(), memory_kind="pinned_host") if pinned else None
+                outs = (result,) + (NamedSharding(p.mesh, P()),) * fed + (named(p.mesh, cache_specs),)
                 # keep_unused: the first program never reads the stream it is handed; jax would drop that
                 # donation, and the stream it returns would land at a new address each call, so every later
-                # program's CUDA graph would be updated (XLA compares the buffers' addresses on every call)
-                return jax.jit(fn, donate_argnums=(3,) if last else (1, 3), keep_unused=True,
-                               out_shardings=(out, named(p.mesh, cache_specs)) if pinned else None)
+                # program's CUDA graph would be updated (XLA compares the buffers' addresses on every call).
+                # The fed ids are donated for the same reason: they come back where they were.
+                donated = (2,) * fed + (3,) if last else (1, 3)
+                return jax.jit(fn, donate_argnums=donated, keep_unused=True, out_shardings=outs if pinned else None)
 
             sub_cache = {k: cache[k] for k in names}
             chain.append((names, params, p.compile(key + (start,), build, params, stream, ids, sub_cache)))
@@ -130,13 +155,14 @@ class HostStep:
         return chain
 
     def _run_chain(self, chain: list, B: int, cache: Cache, ids: jax.Array):
-        """One step of `B` rows through `chain`: (the last program's result, the new cache)."""
+        """One step of `B` rows through `chain`: (the last program's result, the next step's ids where the chain
+        feeds them, else None, the new cache)."""
         cache, stream = dict(cache), self._take_stream(B)
         for i, (names, params, program) in enumerate(chain):
             last = i == len(chain) - 1
-            out, new = program(params, stream, ids, {k: cache[k] for k in names})
+            out, *fed, new = program(params, stream, ids, {k: cache[k] for k in names})
             cache.update(new)
             if not last:
                 stream = out
         self._streams[B] = stream
-        return out, cache
+        return out, (fed[0] if fed else None), cache
